@@ -1,0 +1,101 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import SystemPackage
+
+/// Where stored chunks live. The local directory store is the only one today; the protocol is
+/// the seam for shared or object storage later.
+protocol ChunkStore: Sendable {
+    func contains(_ id: ChunkID) -> Bool
+    /// Every stored chunk id; also removes temporary files left by dead writers.
+    func all() throws -> Set<ChunkID>
+    /// Stores a chunk under its id. Visible only once whole; not yet durable (see `sync`).
+    func write(_ id: ChunkID, _ bytes: [UInt8]) throws
+    func read(_ id: ChunkID) throws -> [UInt8]
+    /// Removes a chunk; returns the bytes it took.
+    func remove(_ id: ChunkID) throws -> Int
+    /// Makes every chunk written so far durable.
+    func sync() throws
+}
+
+/// `chunks/ab/abcd…`: one file per chunk, in 256 folders by the first byte of the id.
+final class LocalChunkStore: ChunkStore {
+    let root: String
+
+    init(root: String) { self.root = root }
+
+    static func create(root: String) throws {
+        try FileSystem.makeDirectory(root)
+        for i in 0..<256 { try FileSystem.makeDirectory(root + "/" + hexByte(i)) }
+    }
+
+    private static func hexByte(_ i: Int) -> String {
+        let s = String(i, radix: 16)
+        return s.count == 1 ? "0" + s : s
+    }
+
+    func path(_ id: ChunkID) -> String {
+        let hex = id.hex
+        return root + "/" + hex.prefix(2) + "/" + hex
+    }
+
+    func contains(_ id: ChunkID) -> Bool { FileSystem.exists(path(id)) }
+
+    func all() throws -> Set<ChunkID> {
+        var ids = Set<ChunkID>()
+        for i in 0..<256 {
+            let dir = root + "/" + Self.hexByte(i)
+            for name in try FileSystem.list(dir) {
+                if let id = ChunkID(hex: name) {
+                    ids.insert(id)
+                } else if FileSystem.isStaleTemporary(name) {
+                    FileSystem.remove(dir + "/" + name)
+                }
+            }
+        }
+        return ids
+    }
+
+    func write(_ id: ChunkID, _ bytes: [UInt8]) throws {
+        let final = path(id)
+        let tmp = FileSystem.parent(of: final) + "/" + FileSystem.temporaryName()
+        do {
+            let file = try PosixFile(path: tmp, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o600)
+            try bytes.withUnsafeBytes { raw in try file.write(raw, at: 0) }
+        } catch {
+            unlink(tmp)
+            throw LifeboatError.io(error, "cannot write chunk", final)
+        }
+        do { try FileSystem.rename(tmp, final) } catch { unlink(tmp); throw error }
+    }
+
+    func read(_ id: ChunkID) throws -> [UInt8] {
+        let path = path(id)
+        do {
+            return try PosixFile(path: path, flags: O_RDONLY).readAll()
+        } catch {
+            if (error as? Errno) == .noSuchFileOrDirectory {
+                throw LifeboatError(.damaged, "chunk \(id.hex) is missing from the repository (\(path))")
+            }
+            throw LifeboatError.io(error, "cannot read chunk", path)
+        }
+    }
+
+    func remove(_ id: ChunkID) throws -> Int {
+        let path = path(id)
+        var st = stat()
+        let size = lstat(path, &st) == 0 ? Int(st.st_blocks) * 512 : 0
+        if unlink(path) != 0 && errno != ENOENT {
+            throw LifeboatError.io(Errno(rawValue: errno), "cannot remove chunk", path)
+        }
+        return size
+    }
+
+    func sync() throws {
+        do {
+            try PosixFile(path: root, flags: O_RDONLY | O_DIRECTORY).syncFileSystem()
+        } catch {
+            throw LifeboatError.io(error, "cannot sync", root)
+        }
+    }
+}

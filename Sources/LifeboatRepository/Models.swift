@@ -1,0 +1,145 @@
+import Foundation
+
+/// repo/config.json: what a reader needs to interpret everything else.
+public struct RepositoryConfig: Codable, Sendable {
+    public var format: Int = 1
+    public var id: String
+    public var chunkSize: Int
+    public var compression: Compression
+    public var encryption: KeyWrapping?
+
+    public struct Compression: Codable, Sendable {
+        public var algorithm: String = "zstd"
+        public var level: Int
+    }
+
+    public var isEncrypted: Bool { encryption != nil }
+}
+
+/// One disk of a machine: a raw image file or a block device.
+public struct MachineDisk: Codable, Sendable, Equatable {
+    /// Short name, used for the index file and the restored file (`NAME.raw`).
+    public var name: String
+    public var path: String
+}
+
+/// A protected machine and its recovery-server settings (used by failover; stored and shown now).
+public struct Machine: Codable, Sendable, Equatable {
+    public var name: String
+    public var disks: [MachineDisk]
+    public var vcpus: Int
+    public var memoryMiB: Int
+    public var macs: [String]
+    public var ip: String?
+    public var gateway: String?
+    public var testIP: String?
+    /// Recovery point objective in seconds: a point older than this breaks compliance.
+    public var rpoSeconds: Int?
+    public var description: String?
+    public var created: Date
+
+    public init(name: String, disks: [MachineDisk], vcpus: Int = 1, memoryMiB: Int = 512, macs: [String] = [],
+                ip: String? = nil, gateway: String? = nil, testIP: String? = nil, rpoSeconds: Int? = nil,
+                description: String? = nil, created: Date = Date()) {
+        self.name = name
+        self.disks = disks
+        self.vcpus = vcpus
+        self.memoryMiB = memoryMiB
+        self.macs = macs
+        self.ip = ip
+        self.gateway = gateway
+        self.testIP = testIP
+        self.rpoSeconds = rpoSeconds
+        self.description = description
+        self.created = created
+    }
+
+    /// Machine names become directory names: letters, digits, '-' and '_', starting with a letter or digit.
+    public static func validate(name: String) throws {
+        let allowed = name.utf8.allSatisfy { c in
+            (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5a) || (c >= 0x61 && c <= 0x7a) || c == 0x2d || c == 0x5f
+        }
+        guard !name.isEmpty, name.count <= 64, allowed, let first = name.utf8.first, first != 0x2d, first != 0x5f else {
+            throw LifeboatError(.invalidArgument,
+                "invalid machine name '\(name)': use 1-64 letters, digits, '-' or '_', starting with a letter or digit")
+        }
+    }
+}
+
+/// One disk as captured in a recovery point.
+public struct PointDisk: Codable, Sendable, Equatable {
+    public var name: String
+    /// Where it was read from.
+    public var path: String
+    public var size: Int
+    /// Bytes holding data (not holes) in this point.
+    public var dataBytes: Int
+    /// Bytes of chunks this point added to the repository (before compression).
+    public var newBytes: Int
+    /// Bytes those new chunks take in the repository.
+    public var storedBytes: Int
+    /// Set when the size differs from the previous point's.
+    public var previousSize: Int?
+}
+
+/// An immutable image of all disks of one machine at one time.
+public struct RecoveryPoint: Codable, Sendable, Equatable {
+    public var id: String
+    public var machine: String
+    public var time: Date
+    /// `consistent` when no disk changed while it was read; `changed-during-backup` otherwise
+    /// (the image is then like a crash of a running machine, possibly torn across the read).
+    public var consistency: String
+    public var parent: String?
+    public var chunkSize: Int
+    public var disks: [PointDisk]
+    public var bytesRead: Int
+    public var seconds: Double
+
+    public var newBytes: Int { disks.reduce(0) { $0 + $1.newBytes } }
+    public var storedBytes: Int { disks.reduce(0) { $0 + $1.storedBytes } }
+    public var size: Int { disks.reduce(0) { $0 + $1.size } }
+}
+
+/// Times in manifests: ISO 8601 UTC with milliseconds (`2026-11-21T23:57:15.123Z`).
+public enum Timestamp {
+    public static func format(_ date: Date) -> String {
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        return formatter.string(from: date)
+    }
+
+    public static func parse(_ text: String) -> Date? {
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        if let date = formatter.date(from: text) { return date }
+        formatter.formatOptions = [.withInternetDateTime]
+        return formatter.date(from: text)
+    }
+}
+
+extension JSONEncoder {
+    public static var lifeboat: JSONEncoder {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+        encoder.dateEncodingStrategy = .custom { date, encoder in
+            var container = encoder.singleValueContainer()
+            try container.encode(Timestamp.format(date))
+        }
+        return encoder
+    }
+}
+
+extension JSONDecoder {
+    public static var lifeboat: JSONDecoder {
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .custom { decoder in
+            let text = try decoder.singleValueContainer().decode(String.self)
+            guard let date = Timestamp.parse(text) else {
+                throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "not an ISO 8601 time: \(text)"))
+            }
+            return date
+        }
+        return decoder
+    }
+}

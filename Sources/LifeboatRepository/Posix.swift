@@ -1,0 +1,261 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import SystemPackage
+
+// The repository's one choke point for POSIX calls: every call retries EINTR and turns
+// a failure into `Errno`, which callers wrap into a `LifeboatError` naming the path.
+
+private let SEEK_DATA: CInt = 3  // <unistd.h> under _GNU_SOURCE, which Swift's Glibc module omits
+private let SEEK_HOLE: CInt = 4
+
+@_silgen_name("syncfs") private func c_syncfs(_ fd: CInt) -> CInt
+
+@inline(__always)
+func retryingErrno<T: FixedWidthInteger>(_ body: () -> T) throws -> T {
+    while true {
+        let result = body()
+        if result >= 0 { return result }
+        let code = Errno(rawValue: errno)
+        if code == .interrupted { continue }
+        throw code
+    }
+}
+
+/// An open file descriptor that closes itself.
+final class PosixFile: @unchecked Sendable {
+    // @unchecked: the descriptor is immutable after init; pread/pwrite on one fd are thread-safe.
+    let fd: CInt
+    let path: String
+
+    init(path: String, flags: CInt, mode: mode_t = 0o644) throws {
+        self.path = path
+        self.fd = try retryingErrno { open(path, flags | O_CLOEXEC, mode) }
+    }
+
+    deinit { close(fd) }
+
+    static func openForReading(_ path: String, what: String) throws -> PosixFile {
+        do { return try PosixFile(path: path, flags: O_RDONLY) } catch {
+            throw LifeboatError.io(error, "cannot open \(what)", path)
+        }
+    }
+
+    /// Reads exactly `buffer.count` bytes at `offset` unless the file ends first; returns bytes read.
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws -> Int {
+        var done = 0
+        while done < buffer.count {
+            let n = try retryingErrno {
+                pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset + done))
+            }
+            if n == 0 { break }
+            done += n
+        }
+        return done
+    }
+
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: Int) throws {
+        var done = 0
+        while done < buffer.count {
+            let n = try retryingErrno {
+                pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset + done))
+            }
+            done += n
+        }
+    }
+
+    func readAll() throws -> [UInt8] {
+        let size = try self.size()
+        var bytes = [UInt8](repeating: 0, count: size)
+        let n = try bytes.withUnsafeMutableBytes { try read(into: $0, at: 0) }
+        if n < size { bytes.removeLast(size - n) }
+        return bytes
+    }
+
+    func sync() throws { _ = try retryingErrno { fsync(fd) } }
+
+    func syncFileSystem() throws { _ = try retryingErrno { c_syncfs(fd) } }
+
+    func truncate(to size: Int) throws { _ = try retryingErrno { ftruncate(fd, off_t(size)) } }
+
+    func stat() throws -> Glibc.stat {
+        var st = Glibc.stat()
+        _ = try retryingErrno { fstat(fd, &st) }
+        return st
+    }
+
+    /// Size in bytes; for block devices, the device size.
+    func size() throws -> Int {
+        let st = try stat()
+        if (st.st_mode & S_IFMT) == S_IFBLK {
+            let end = try retryingErrno { lseek(fd, 0, SEEK_END) }
+            return Int(end)
+        }
+        return Int(st.st_size)
+    }
+
+    /// The byte ranges holding data, from SEEK_DATA/SEEK_HOLE; `nil` when the file
+    /// system cannot tell (then every byte counts as data).
+    func dataRanges(size: Int) -> [Range<Int>]? {
+        var ranges: [Range<Int>] = []
+        var offset = 0
+        while offset < size {
+            let start = lseek(fd, off_t(offset), SEEK_DATA)
+            if start < 0 {
+                if errno == ENXIO { break }  // no more data after offset
+                return nil
+            }
+            let end = lseek(fd, start, SEEK_HOLE)
+            if end < 0 { return nil }
+            let upper = min(Int(end), size)
+            if Int(start) < upper { ranges.append(Int(start)..<upper) }
+            offset = Int(end)
+        }
+        return ranges
+    }
+
+    func advise(sequential: Bool) {
+        _ = posix_fadvise(fd, 0, 0, sequential ? POSIX_FADV_SEQUENTIAL : POSIX_FADV_RANDOM)
+    }
+}
+
+enum FileSystem {
+    static func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
+
+    static func isDirectory(_ path: String) -> Bool {
+        var st = stat()
+        return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
+    }
+
+    static func makeDirectory(_ path: String, mode: mode_t = 0o700) throws {
+        if mkdir(path, mode) != 0 && errno != EEXIST {
+            throw LifeboatError.io(Errno(rawValue: errno), "cannot create directory", path)
+        }
+    }
+
+    static func makeDirectories(_ path: String) throws {
+        var current = path.hasPrefix("/") ? "" : "."
+        for part in path.split(separator: "/") {
+            current += "/" + part
+            if !isDirectory(current) { try makeDirectory(current, mode: 0o755) }
+        }
+    }
+
+    /// Names in a directory, without "." and "..".
+    static func list(_ path: String) throws -> [String] {
+        guard let dir = opendir(path) else {
+            throw LifeboatError.io(Errno(rawValue: errno), "cannot list", path)
+        }
+        defer { closedir(dir) }
+        var names: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(cString: raw.bindMemory(to: CChar.self).baseAddress!)
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
+
+    static func syncDirectory(_ path: String) throws {
+        do {
+            let dir = try PosixFile(path: path, flags: O_RDONLY | O_DIRECTORY)
+            try dir.sync()
+        } catch {
+            throw LifeboatError.io(error, "cannot sync directory", path)
+        }
+    }
+
+    static func rename(_ from: String, _ to: String) throws {
+        if Glibc.rename(from, to) != 0 {
+            throw LifeboatError.io(Errno(rawValue: errno), "cannot rename \(from) to", to)
+        }
+    }
+
+    static func remove(_ path: String) { unlink(path) }
+
+    /// Removes a directory tree (no symlink following). Errors are ignored: used for clean-up.
+    static func removeTree(_ path: String) {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return }
+        if (st.st_mode & S_IFMT) == S_IFDIR {
+            for name in (try? list(path)) ?? [] { removeTree(path + "/" + name) }
+            rmdir(path)
+        } else {
+            unlink(path)
+        }
+    }
+
+    /// Writes `bytes` to `path` atomically: temporary name, fsync, rename, fsync of the directory.
+    static func writeAtomically(_ bytes: [UInt8], to path: String, syncDirectory: Bool = true) throws {
+        let dir = parent(of: path)
+        let tmp = dir + "/" + temporaryName()
+        do {
+            let file = try PosixFile(path: tmp, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o600)
+            try bytes.withUnsafeBytes { raw in try file.write(raw, at: 0) }
+            try file.sync()
+        } catch {
+            unlink(tmp)
+            throw LifeboatError.io(error, "cannot write", path)
+        }
+        do { try rename(tmp, path) } catch { unlink(tmp); throw error }
+        if syncDirectory { try FileSystem.syncDirectory(dir) }
+    }
+
+    static func parent(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        return slash == path.startIndex ? "/" : String(path[..<slash])
+    }
+
+    /// `.tmp-PID-RANDOM`: the PID lets clean-up tell a live writer's files from a dead one's.
+    static func temporaryName() -> String {
+        ".tmp-\(getpid())-\(String(UInt64.random(in: 0...UInt64.max), radix: 36))"
+    }
+
+    /// True for a temporary name whose writing process is gone.
+    static func isStaleTemporary(_ name: String) -> Bool {
+        guard name.hasPrefix(".tmp-") else { return false }
+        let parts = name.split(separator: "-")
+        guard parts.count >= 3, let pid = pid_t(parts[1]) else { return true }
+        if pid == getpid() { return false }
+        return kill(pid, 0) != 0 && errno == ESRCH
+    }
+}
+
+/// An advisory lock (flock) on a file; released when the object goes away or the process dies.
+final class FileLock {
+    private let file: PosixFile
+
+    enum Mode { case shared, exclusive }
+
+    /// Returns nil when `wait` is false and someone else holds a conflicting lock.
+    init?(path: String, mode: Mode, wait: Bool) throws {
+        do { file = try PosixFile(path: path, flags: O_RDWR | O_CREAT, mode: 0o600) } catch {
+            throw LifeboatError.io(error, "cannot open lock file", path)
+        }
+        var operation = mode == .shared ? LOCK_SH : LOCK_EX
+        if !wait { operation |= LOCK_NB }
+        while flock(file.fd, operation) != 0 {
+            if errno == EINTR { continue }
+            if errno == EWOULDBLOCK { return nil }
+            throw LifeboatError.io(Errno(rawValue: errno), "cannot lock", path)
+        }
+    }
+
+    /// Records the holder's PID in the lock file, for the message a second process prints.
+    func recordOwner() {
+        let text = Array("\(getpid())\n".utf8)
+        try? file.truncate(to: 0)
+        text.withUnsafeBytes { raw in try? file.write(raw, at: 0) }
+    }
+
+    static func owner(of path: String) -> String? {
+        guard let file = try? PosixFile(path: path, flags: O_RDONLY), let bytes = try? file.readAll() else { return nil }
+        let text = String(decoding: bytes, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        return text.isEmpty ? nil : text
+    }
+
+    deinit { flock(file.fd, LOCK_UN) }
+}
+
+import Foundation

@@ -1,0 +1,81 @@
+import Synchronization
+
+/// Bytes done out of a total, updated by workers and read by whoever shows progress.
+public final class ProgressMeter: Sendable {
+    private let totalBytes = Atomic<Int>(0)
+    private let doneBytes = Atomic<Int>(0)
+
+    public init() {}
+
+    public var total: Int { totalBytes.load(ordering: .relaxed) }
+    public var done: Int { doneBytes.load(ordering: .relaxed) }
+
+    func start(total: Int) {
+        totalBytes.store(total, ordering: .relaxed)
+        doneBytes.store(0, ordering: .relaxed)
+    }
+
+    func add(_ bytes: Int) { doneBytes.add(bytes, ordering: .relaxed) }
+}
+
+/// Runs `body(worker)` on every core at once and rethrows the first error any worker threw.
+/// Workers poll `shouldStop` between items so the others stop early after a failure.
+final class ParallelWork: Sendable {
+    private let firstError = Mutex<(any Error)?>(nil)
+    private let failed = Atomic<Bool>(false)
+    private let next = Atomic<Int>(0)
+    let count: Int
+
+    init(count: Int) { self.count = count }
+
+    static var workerCount: Int { max(1, System.coreCount) }
+
+    /// The next item to work on, or nil when all are taken or a worker failed.
+    func take() -> Int? {
+        if failed.load(ordering: .relaxed) { return nil }
+        let i = next.add(1, ordering: .relaxed).oldValue
+        return i < count ? i : nil
+    }
+
+    func fail(_ error: any Error) {
+        firstError.withLock { if $0 == nil { $0 = error } }
+        failed.store(true, ordering: .relaxed)
+    }
+
+    /// Calls `worker` once per core; each call loops over `take()`.
+    func run(_ worker: @Sendable (ParallelWork) throws -> Void) throws {
+        DispatchQueue.concurrentPerform(iterations: min(Self.workerCount, max(count, 1))) { _ in
+            do { try worker(self) } catch { fail(error) }
+        }
+        if let error = firstError.withLock({ $0 }) { throw error }
+    }
+}
+
+/// A fixed-size array that workers fill at distinct indexes without locking.
+final class SlotArray<Element: Sendable>: @unchecked Sendable {
+    // @unchecked: each slot is written by exactly one worker, and read only after `run` returns.
+    private let storage: UnsafeMutableBufferPointer<Element>
+
+    init(count: Int, initial: Element) {
+        storage = .allocate(capacity: count)
+        storage.initialize(repeating: initial)
+    }
+
+    deinit { storage.deallocate() }
+
+    subscript(i: Int) -> Element {
+        get { storage[i] }
+        set { storage[i] = newValue }
+    }
+
+    var array: [Element] { Array(storage) }
+}
+
+enum System {
+    static var coreCount: Int { Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))) }
+}
+
+import Dispatch
+#if canImport(Glibc)
+import Glibc
+#endif

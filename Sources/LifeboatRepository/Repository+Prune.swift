@@ -1,0 +1,94 @@
+import Foundation
+
+public struct PruneResult: Sendable, Codable {
+    public struct Kept: Sendable, Codable {
+        public var point: String
+        public var reasons: [String]
+    }
+    public var kept: [Kept]
+    public var removed: [String]
+    public var dryRun: Bool
+}
+
+/// What `gc` found and did.
+public struct GCResult: Sendable, Codable {
+    public var referenced: Int
+    public var removed: Int
+    public var bytesFreed: Int
+    public var dryRun: Bool
+}
+
+extension Repository {
+    /// Deletes the machine's recovery points that no rule of `policy` keeps. Their chunks stay
+    /// until `gc`. Each point disappears at once (one rename) and is then deleted.
+    public func prune(_ machine: String, policy: RetentionPolicy, dryRun: Bool = false) throws -> PruneResult {
+        guard !policy.isEmpty else {
+            throw LifeboatError(.invalidArgument, "prune needs at least one --keep-* rule, or every point would go")
+        }
+        let lock = try repositoryLock(.shared, wait: true)
+        let points = try self.points(machine)
+        let reasons = policy.keep(points.map { ($0.id, $0.time) })
+        let kept = points.filter { reasons[$0.id] != nil }.map { PruneResult.Kept(point: $0.id, reasons: reasons[$0.id]!) }
+        let removed = points.filter { reasons[$0.id] == nil }.map(\.id)
+        if !dryRun {
+            let dir = pointsPath(machine)
+            for id in removed {
+                let trash = dir + "/" + FileSystem.temporaryName()
+                try FileSystem.rename(dir + "/" + id, trash)
+                try FileSystem.syncDirectory(dir)
+                FileSystem.removeTree(trash)
+            }
+        }
+        withExtendedLifetime(lock) {}
+        return PruneResult(kept: kept, removed: removed, dryRun: dryRun)
+    }
+
+    /// Deletes every stored chunk no recovery point uses (mark and sweep).
+    ///
+    /// Runs under the repository's exclusive lock, which backups hold shared: it waits for
+    /// running backups to finish, and backups wait for it, so a chunk a backup counts on is
+    /// never deleted under it. Any unreadable index stops it before it deletes anything.
+    /// - Parameter waiting: called once if gc has to wait for running backups.
+    public func gc(dryRun: Bool = false, waiting: () -> Void = {}) throws -> GCResult {
+        var lock = try repositoryLock(.exclusive, wait: false)
+        if lock == nil {
+            waiting()
+            lock = try repositoryLock(.exclusive, wait: true)
+        }
+        var referenced = Set<ChunkID>()
+        for machine in try machines() {
+            for point in try points(machine.name) {
+                for disk in point.disks {
+                    for id in try index(point, disk: disk.name).ids where !id.isZero { referenced.insert(id) }
+                }
+            }
+        }
+        let stored = try store.all()
+        var removed = 0, freed = 0
+        for id in stored where !referenced.contains(id) {
+            removed += 1
+            if !dryRun { freed += try store.remove(id) }
+        }
+        withExtendedLifetime(lock) {}
+        return GCResult(referenced: referenced.count, removed: removed, bytesFreed: freed, dryRun: dryRun)
+    }
+
+    /// Bytes the repository takes on disk (allocated blocks), and its chunk count.
+    public func usage() throws -> (bytes: Int, chunks: Int) {
+        (Self.allocatedBytes(root), try store.all().count)
+    }
+
+    static func allocatedBytes(_ path: String) -> Int {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return 0 }
+        var total = Int(st.st_blocks) * 512
+        if (st.st_mode & S_IFMT) == S_IFDIR {
+            for name in (try? FileSystem.list(path)) ?? [] { total += allocatedBytes(path + "/" + name) }
+        }
+        return total
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif

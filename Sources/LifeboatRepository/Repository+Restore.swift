@@ -1,0 +1,109 @@
+import Foundation
+import Synchronization
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What restoring one disk did.
+public struct RestoreResult: Sendable, Codable {
+    public var disk: String
+    public var path: String
+    public var size: Int
+    /// Bytes written to the target; for an existing target, only the chunks that differed.
+    public var bytesWritten: Int
+    /// True when the target existed and was updated in place.
+    public var inPlace: Bool
+}
+
+extension Repository {
+    /// Writes one disk of a recovery point to `path`.
+    ///
+    /// A new file is written under a temporary name with holes for zero chunks, then renamed.
+    /// An existing file or block device of the same size is updated in place: every chunk is
+    /// read and compared first, and only chunks that differ are written (failback relies on this).
+    /// An existing regular file of another size is resized first.
+    /// - Throws: `.damaged` naming the chunk and its disk offset when a chunk cannot be read back.
+    public func restore(_ point: RecoveryPoint, disk: String, to path: String, progress: ProgressMeter = ProgressMeter()) throws -> RestoreResult {
+        guard point.disks.contains(where: { $0.name == disk }) else {
+            let names = point.disks.map(\.name).joined(separator: ", ")
+            throw LifeboatError(.notFound, "recovery point \(point.id) of \(point.machine) has no disk \(disk): its disks are \(names)")
+        }
+        let index = try self.index(point, disk: disk)
+        progress.start(total: index.diskSize)
+        var st = stat()
+        if stat(path, &st) == 0 {
+            let kind = st.st_mode & S_IFMT
+            guard kind == S_IFREG || kind == S_IFBLK else {
+                throw LifeboatError(.invalidArgument, "restore target \(path) is neither a regular file nor a block device")
+            }
+            let file: PosixFile
+            do { file = try PosixFile(path: path, flags: O_RDWR) } catch { throw LifeboatError.io(error, "cannot open restore target", path) }
+            let size = try file.size()
+            if size != index.diskSize {
+                guard kind == S_IFREG else {
+                    throw LifeboatError(.invalidArgument, "block device \(path) holds \(size) bytes but disk \(disk) needs \(index.diskSize): use a device of that size")
+                }
+                do { try file.truncate(to: index.diskSize) } catch { throw LifeboatError.io(error, "cannot resize", path) }
+            }
+            let written = try write(index, disk: disk, to: file, compareFirst: true, progress: progress)
+            do { try file.sync() } catch { throw LifeboatError.io(error, "cannot sync", path) }
+            return RestoreResult(disk: disk, path: path, size: index.diskSize, bytesWritten: written, inPlace: true)
+        }
+        let dir = FileSystem.parent(of: path)
+        guard FileSystem.isDirectory(dir) else {
+            throw LifeboatError(.notFound, "restore folder \(dir) does not exist: create it first")
+        }
+        let tmp = dir + "/" + FileSystem.temporaryName()
+        do {
+            let file = try PosixFile(path: tmp, flags: O_RDWR | O_CREAT | O_EXCL, mode: 0o600)
+            do { try file.truncate(to: index.diskSize) } catch { throw LifeboatError.io(error, "cannot create", path) }
+            let written = try write(index, disk: disk, to: file, compareFirst: false, progress: progress)
+            do { try file.sync() } catch { throw LifeboatError.io(error, "cannot sync", path) }
+            try FileSystem.rename(tmp, path)
+            return RestoreResult(disk: disk, path: path, size: index.diskSize, bytesWritten: written, inPlace: false)
+        } catch {
+            unlink(tmp)
+            throw LifeboatError.io(error, "cannot write", path)
+        }
+    }
+
+    private func write(_ index: DiskIndex, disk: String, to file: PosixFile, compareFirst: Bool, progress: ProgressMeter) throws -> Int {
+        let written = Atomic<Int>(0)
+        let work = ParallelWork(count: index.ids.count)
+        let codec = self.codec, store = self.store
+        try work.run { work in
+            let current = UnsafeMutableRawBufferPointer.allocate(byteCount: index.chunkSize, alignment: 4096)
+            let wanted = UnsafeMutableRawBufferPointer.allocate(byteCount: index.chunkSize, alignment: 4096)
+            defer { current.deallocate(); wanted.deallocate() }
+            while let i = work.take() {
+                let offset = i * index.chunkSize
+                let length = index.length(ofChunk: i)
+                defer { progress.add(length) }
+                let id = index.ids[i]
+                if compareFirst {
+                    let have = UnsafeMutableRawBufferPointer(rebasing: current[0..<length])
+                    do { _ = try file.read(into: have, at: offset) } catch { throw LifeboatError.io(error, "cannot read", file.path) }
+                    let matches = id.isZero ? UnsafeRawBufferPointer(have).isAllZero : codec.id(of: UnsafeRawBufferPointer(have)) == id
+                    if matches { continue }
+                } else if id.isZero {
+                    continue  // a hole in the new file
+                }
+                let out = UnsafeMutableRawBufferPointer(rebasing: wanted[0..<length])
+                if id.isZero {
+                    out.initializeMemory(as: UInt8.self, repeating: 0)
+                } else {
+                    do {
+                        let n = try codec.decode(try store.read(id), id: id, into: out)
+                        guard n == length else { throw LifeboatError(.damaged, "chunk \(id.hex) has the wrong length") }
+                    } catch let error as LifeboatError {
+                        throw LifeboatError(.damaged, "\(error.message) (disk \(disk) at offset \(offset)); nothing wrong was written: try another point")
+                    }
+                }
+                do { try file.write(UnsafeRawBufferPointer(out), at: offset) } catch { throw LifeboatError.io(error, "cannot write", file.path) }
+                written.add(length, ordering: .relaxed)
+            }
+        }
+        return written.load(ordering: .relaxed)
+    }
+}

@@ -1,0 +1,268 @@
+import Foundation
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The cold store: chunks plus manifests, self-describing and portable.
+///
+/// ```
+/// config.json
+/// chunks/ab/abcd…                        stored chunks (see ChunkCodec)
+/// machines/NAME/machine.json             machine and recovery-server settings
+/// machines/NAME/points/ID/point.json     a recovery point
+/// machines/NAME/points/ID/DISK.idx       its disks' chunk ids (see DiskIndex)
+/// ```
+/// A `Repository` value is cheap and thread-safe; operations that change it take file locks,
+/// so several processes can use one repository at once.
+public final class Repository: Sendable {
+    public static let defaultChunkSize = 256 * 1024
+    public static let defaultCompressionLevel = 1
+
+    public let root: String
+    public let config: RepositoryConfig
+    let codec: ChunkCodec
+    let store: any ChunkStore
+
+    private init(root: String, config: RepositoryConfig, keys: RepositoryKeys?) {
+        self.root = root
+        self.config = config
+        self.codec = ChunkCodec(compressionLevel: Int32(config.compression.level), keys: keys)
+        self.store = LocalChunkStore(root: root + "/chunks")
+    }
+
+    /// Creates an empty repository at `root` (the folder may exist if empty).
+    /// - Parameters:
+    ///   - password: when given, the repository is encrypted with a random master key wrapped by it.
+    ///   - chunkSize: fixed chunk size in bytes, a power of two between 4 KiB and 16 MiB.
+    /// - Throws: `.alreadyExists` when a repository or other files are there.
+    public static func create(at root: String, password: String? = nil, chunkSize: Int = defaultChunkSize,
+                              compressionLevel: Int = defaultCompressionLevel) throws -> Repository {
+        guard chunkSize >= 4096, chunkSize <= 16 << 20, chunkSize & (chunkSize - 1) == 0 else {
+            throw LifeboatError(.invalidArgument, "invalid chunk size \(chunkSize): use a power of two from 4096 to 16777216")
+        }
+        if FileSystem.exists(root + "/config.json") {
+            throw LifeboatError(.alreadyExists, "a repository already exists at \(root)")
+        }
+        if FileSystem.exists(root) {
+            guard FileSystem.isDirectory(root) else {
+                throw LifeboatError(.invalidArgument, "\(root) exists and is not a directory: choose another --repo")
+            }
+            let names = try FileSystem.list(root)
+            guard names.isEmpty else {
+                throw LifeboatError(.alreadyExists, "\(root) is not empty: choose an empty or new folder for the repository")
+            }
+        } else {
+            try FileSystem.makeDirectories(root)
+        }
+        var master: [UInt8]? = nil
+        var wrapping: KeyWrapping? = nil
+        if let password {
+            guard !password.isEmpty else { throw LifeboatError(.invalidArgument, "the password is empty: give a non-empty password") }
+            var key = [UInt8](repeating: 0, count: 64)
+            var generator = SystemRandomNumberGenerator()
+            for i in key.indices { key[i] = generator.next() }
+            master = key
+            wrapping = try KeyWrapping.create(master: key, password: password)
+        }
+        let config = RepositoryConfig(id: UUID().uuidString.lowercased(), chunkSize: chunkSize,
+                                      compression: .init(level: compressionLevel), encryption: wrapping)
+        try LocalChunkStore.create(root: root + "/chunks")
+        try FileSystem.makeDirectory(root + "/machines")
+        // config.json last: a folder without it is not a repository yet.
+        try FileSystem.writeAtomically(Array(try JSONEncoder.lifeboat.encode(config)), to: root + "/config.json")
+        return Repository(root: root, config: config, keys: master.map(RepositoryKeys.init(master:)))
+    }
+
+    /// Opens the repository at `root`.
+    /// - Parameter password: asked only when the repository is encrypted.
+    /// - Throws: `.notFound` when there is no repository; `.authentication` on a wrong password.
+    public static func open(at root: String, password: () throws -> String? = { nil }) throws -> Repository {
+        let configPath = root + "/config.json"
+        guard FileSystem.exists(root) else {
+            throw LifeboatError(.notFound, "no repository at \(root): create one with 'lifeboat init' or pass --repo")
+        }
+        guard FileSystem.exists(configPath) else {
+            throw LifeboatError(.notFound, "\(root) is not a Lifeboat repository (no config.json): check --repo or $LIFEBOAT_REPO")
+        }
+        let config: RepositoryConfig
+        do {
+            config = try JSONDecoder.lifeboat.decode(RepositoryConfig.self, from: Data(try PosixFile.openForReading(configPath, what: "repository config").readAll()))
+        } catch let error as LifeboatError {
+            throw error
+        } catch {
+            throw LifeboatError(.damaged, "\(configPath) is not a valid repository config: \(error)")
+        }
+        guard config.format == 1 else {
+            throw LifeboatError(.unsupported, "repository format \(config.format) at \(root) is newer than this lifeboat understands: upgrade lifeboat")
+        }
+        var keys: RepositoryKeys? = nil
+        if let wrapping = config.encryption {
+            guard let password = try password() else {
+                throw LifeboatError(.authentication, "repository \(root) is encrypted: set $LIFEBOAT_PASSWORD or pass --password-file")
+            }
+            keys = RepositoryKeys(master: try wrapping.unwrap(password: password))
+        }
+        return Repository(root: root, config: config, keys: keys)
+    }
+
+    // MARK: Paths
+
+    var machinesPath: String { root + "/machines" }
+    func machinePath(_ name: String) -> String { machinesPath + "/" + name }
+    func pointsPath(_ machine: String) -> String { machinePath(machine) + "/points" }
+    func pointPath(_ machine: String, _ id: String) -> String { pointsPath(machine) + "/" + id }
+    func indexPath(_ machine: String, _ id: String, disk: String) -> String { pointPath(machine, id) + "/" + disk + ".idx" }
+
+    // MARK: Machines
+
+    /// Registers a machine. Disk names are made unique from the paths' file names.
+    /// - Throws: `.alreadyExists` when the name is taken; `.invalidArgument` for a bad name or disk.
+    public func protect(_ machine: Machine) throws {
+        try Machine.validate(name: machine.name)
+        guard !machine.disks.isEmpty else {
+            throw LifeboatError(.invalidArgument, "machine \(machine.name) needs at least one --disk PATH")
+        }
+        for disk in machine.disks { try DiskSource.check(path: disk.path) }
+        let dir = machinePath(machine.name)
+        if FileSystem.exists(dir + "/machine.json") {
+            throw LifeboatError(.alreadyExists, "machine \(machine.name) is already protected: pick another name or 'lifeboat unprotect \(machine.name)' first")
+        }
+        try FileSystem.makeDirectory(dir)
+        try FileSystem.makeDirectory(pointsPath(machine.name))
+        try save(machine)
+    }
+
+    /// Rewrites a machine's settings.
+    public func save(_ machine: Machine) throws {
+        try FileSystem.writeAtomically(Array(try JSONEncoder.lifeboat.encode(machine)), to: machinePath(machine.name) + "/machine.json")
+    }
+
+    /// Disk names from paths: the file name without extension, made unique with a suffix.
+    public static func diskNames(for paths: [String]) -> [MachineDisk] {
+        var used = Set<String>()
+        return paths.enumerated().map { index, path in
+            var base = String(path.split(separator: "/").last ?? "disk")
+            if let dot = base.lastIndex(of: "."), dot != base.startIndex { base = String(base[..<dot]) }
+            base = String(base.map { $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" ? $0 : "_" })
+            if base.isEmpty { base = "disk\(index)" }
+            var name = base
+            var n = 1
+            while used.contains(name) { name = "\(base)-\(n)"; n += 1 }
+            used.insert(name)
+            return MachineDisk(name: name, path: path)
+        }
+    }
+
+    public func machine(_ name: String) throws -> Machine {
+        try Machine.validate(name: name)
+        let path = machinePath(name) + "/machine.json"
+        guard FileSystem.exists(path) else {
+            throw LifeboatError(.notFound, "no machine named \(name) in \(root): see 'lifeboat machines'")
+        }
+        return try decode(Machine.self, path)
+    }
+
+    public func machines() throws -> [Machine] {
+        try FileSystem.list(machinesPath).filter { !$0.hasPrefix(".") }.sorted()
+            .filter { FileSystem.exists(machinePath($0) + "/machine.json") }
+            .map { try machine($0) }
+    }
+
+    /// Forgets a machine. Refuses while recovery points exist unless `purge` (then they go too;
+    /// their chunks stay until `gc`).
+    public func unprotect(_ name: String, purge: Bool) throws {
+        _ = try machine(name)
+        let points = try self.points(name)
+        if !points.isEmpty && !purge {
+            throw LifeboatError(.invalidState, "machine \(name) has \(points.count) recovery point(s): pass --purge to delete them too")
+        }
+        guard let lock = try FileLock(path: machinePath(name) + "/backup.lock", mode: .exclusive, wait: false) else {
+            throw LifeboatError(.busy, "machine \(name) is being backed up: wait for the backup to finish")
+        }
+        let trash = machinesPath + "/" + FileSystem.temporaryName()
+        try FileSystem.rename(machinePath(name), trash)
+        try FileSystem.syncDirectory(machinesPath)
+        withExtendedLifetime(lock) {}
+        FileSystem.removeTree(trash)
+    }
+
+    // MARK: Points
+
+    /// The machine's recovery points, oldest first.
+    public func points(_ machine: String) throws -> [RecoveryPoint] {
+        _ = try self.machine(machine)
+        let dir = pointsPath(machine)
+        var points: [RecoveryPoint] = []
+        for name in try FileSystem.list(dir) {
+            if name.hasPrefix(".") {
+                if FileSystem.isStaleTemporary(name) { FileSystem.removeTree(dir + "/" + name) }
+                continue
+            }
+            points.append(try decode(RecoveryPoint.self, dir + "/" + name + "/point.json"))
+        }
+        return points.sorted { ($0.time, $0.id) < ($1.time, $1.id) }
+    }
+
+    /// Resolves `latest`, an id, or nil (latest).
+    /// - Throws: `.notFound` naming the machine when it has no points or no such point.
+    public func point(_ machine: String, _ id: String?) throws -> RecoveryPoint {
+        let points = try self.points(machine)
+        guard let last = points.last else {
+            throw LifeboatError(.notFound, "machine \(machine) has no recovery points yet: take one with 'lifeboat backup \(machine)'")
+        }
+        guard let id, id != "latest" else { return last }
+        guard let point = points.first(where: { $0.id == id }) else {
+            throw LifeboatError(.notFound, "machine \(machine) has no recovery point \(id): see 'lifeboat points \(machine)'")
+        }
+        return point
+    }
+
+    public func index(_ point: RecoveryPoint, disk: String) throws -> DiskIndex {
+        let path = indexPath(point.machine, point.id, disk: disk)
+        do {
+            return try DiskIndex(decoding: try PosixFile(path: path, flags: O_RDONLY).readAll(), path: path)
+        } catch {
+            throw LifeboatError(.damaged, "index \(path) cannot be read (\((error as? Errno)?.lifeboatText ?? "\(error)")): the point is damaged")
+        }
+    }
+
+    /// Reads one chunk's plaintext into `buffer`; returns its length.
+    public func readChunk(_ id: ChunkID, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        try codec.decode(try store.read(id), id: id, into: buffer)
+    }
+
+    func decode<T: Decodable>(_ type: T.Type, _ path: String) throws -> T {
+        let bytes = try PosixFile.openForReading(path, what: "file").readAll()
+        do {
+            return try JSONDecoder.lifeboat.decode(type, from: Data(bytes))
+        } catch {
+            throw LifeboatError(.damaged, "\(path) is damaged: \(error)")
+        }
+    }
+
+    /// Held for the length of work that must not overlap a `gc` (backups take it shared).
+    func repositoryLock(_ mode: FileLock.Mode, wait: Bool) throws -> FileLock? {
+        try FileLock(path: root + "/lock", mode: mode, wait: wait)
+    }
+}
+
+/// Checks on a disk path before reading it.
+enum DiskSource {
+    static func check(path: String) throws {
+        var st = stat()
+        guard stat(path, &st) == 0 else {
+            throw LifeboatError(.notFound, "disk \(path) does not exist: give the path of a raw image file or block device")
+        }
+        let kind = st.st_mode & S_IFMT
+        if kind == S_IFDIR {
+            throw LifeboatError(.invalidArgument, "disk \(path) is a directory: give a raw image file or block device")
+        }
+        guard kind == S_IFREG || kind == S_IFBLK else {
+            throw LifeboatError(.invalidArgument, "disk \(path) is neither a regular file nor a block device")
+        }
+        guard access(path, R_OK) == 0 else {
+            throw LifeboatError(.io, "disk \(path) is not readable: run as root or fix its permissions")
+        }
+    }
+}

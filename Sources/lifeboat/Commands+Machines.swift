@@ -1,0 +1,119 @@
+import ArgumentParser
+import Foundation
+import LifeboatRepository
+
+extension Lifeboat {
+    struct Init: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create an empty repository.")
+        @OptionGroup var repository: RepositoryOptions
+        @Flag(help: "Encrypt chunks with AES-256-GCM under a key wrapped by the password.")
+        var encrypt = false
+        @Option(help: "Chunk size in bytes (power of two).")
+        var chunkSize = Repository.defaultChunkSize
+
+        func run() throws {
+            var password: String? = nil
+            if encrypt {
+                guard let given = try repository.password(confirm: true) else {
+                    throw LifeboatError(.invalidArgument, "--encrypt needs a password: set $LIFEBOAT_PASSWORD, pass --password-file or run on a terminal")
+                }
+                password = given
+            }
+            let repo = try Repository.create(at: repository.path, password: password, chunkSize: chunkSize)
+            print("created \(repo.config.isEncrypted ? "encrypted " : "")repository \(repo.root) (chunk size \(Format.bytes(chunkSize)))")
+        }
+    }
+
+    struct Protect: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Register a machine, its disks and its recovery-server settings.")
+        @OptionGroup var repository: RepositoryOptions
+        @Argument(help: "Machine name.") var name: String
+        @Option(name: .customLong("disk"), help: "Raw image file or block device (repeat for more disks).") var disks: [String] = []
+        @Option(help: "vCPUs of the recovery VM.") var vcpus = 1
+        @Option(help: "Memory of the recovery VM in MiB.") var memory = 512
+        @Option(help: "MAC address of the recovery VM's NIC (default: a random 52:54:00 one).") var mac: String?
+        @Option(help: "Production IP, ADDR/PREFIX.") var ip: String?
+        @Option(help: "Production gateway.") var gateway: String?
+        @Option(help: "IP on the test network, ADDR/PREFIX.") var testIp: String?
+        @Option(help: "Recovery point objective, e.g. 15m, 4h, 1d.") var rpo: String?
+        @Option(help: "Free text.") var description: String?
+
+        func validate() throws {
+            guard vcpus >= 1 else { throw ValidationError("--vcpus must be at least 1") }
+            guard memory >= 16 else { throw ValidationError("--memory is in MiB and must be at least 16") }
+            if let mac, !Network.isMAC(mac) { throw ValidationError("--mac \(mac) is not a MAC address like 52:54:00:12:34:56") }
+            for (flag, value) in [("--ip", ip), ("--test-ip", testIp)] {
+                if let value, !Network.isCIDR(value) { throw ValidationError("\(flag) \(value) is not ADDR/PREFIX like 192.168.50.10/24") }
+            }
+            if let gateway, !Network.isIPv4(gateway) { throw ValidationError("--gateway \(gateway) is not an IPv4 address") }
+        }
+
+        func run() throws {
+            let repo = try repository.open()
+            let rpoSeconds = try rpo.map { Int(try DurationText.parse($0)) }
+            let disks = Repository.diskNames(for: disks.map { $0.hasPrefix("/") ? $0 : FileManager.default.currentDirectoryPath + "/" + $0 })
+            let machine = Machine(name: name, disks: disks, vcpus: vcpus, memoryMiB: memory, macs: [mac ?? Network.randomMAC()],
+                                  ip: ip, gateway: gateway, testIP: testIp, rpoSeconds: rpoSeconds, description: description)
+            try repo.protect(machine)
+            print("protected \(name): " + disks.map { "\($0.name)=\($0.path)" }.joined(separator: ", "))
+        }
+    }
+
+    struct Machines: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List protected machines.")
+        @OptionGroup var repository: RepositoryOptions
+        @OptionGroup var output: OutputOptions
+
+        func run() throws {
+            let repo = try repository.open()
+            let machines = try repo.machines()
+            if output.json { return try JSON.print(machines) }
+            var rows: [[String]] = []
+            for machine in machines {
+                let last = try repo.points(machine.name).last
+                rows.append([
+                    machine.name, machine.disks.map(\.name).joined(separator: ","), "\(machine.vcpus)", "\(machine.memoryMiB)",
+                    machine.ip ?? "-", machine.rpoSeconds.map { DurationText.format(Double($0)) } ?? "-",
+                    last.map { Format.time($0.time) } ?? "never",
+                ])
+            }
+            print(Format.table(["NAME", "DISKS", "VCPUS", "MEMORY_MIB", "IP", "RPO", "LAST_POINT"], rows))
+        }
+    }
+
+    struct Unprotect: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Forget a machine (refuses while it has points, unless --purge).")
+        @OptionGroup var repository: RepositoryOptions
+        @Argument var name: String
+        @Flag(help: "Delete its recovery points too (their chunks go at the next gc).") var purge = false
+
+        func run() throws {
+            try repository.open().unprotect(name, purge: purge)
+            print("unprotected \(name)")
+        }
+    }
+}
+
+enum Network {
+    static func isIPv4(_ text: String) -> Bool {
+        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
+        return parts.count == 4 && parts.allSatisfy { part in
+            !part.isEmpty && part.count <= 3 && part.allSatisfy(\.isNumber) && Int(part)! <= 255
+        }
+    }
+
+    static func isCIDR(_ text: String) -> Bool {
+        let parts = text.split(separator: "/")
+        guard parts.count == 2, let prefix = Int(parts[1]), (1...32).contains(prefix) else { return false }
+        return isIPv4(String(parts[0]))
+    }
+
+    static func isMAC(_ text: String) -> Bool {
+        let parts = text.split(separator: ":")
+        return parts.count == 6 && parts.allSatisfy { $0.count == 2 && $0.allSatisfy(\.isHexDigit) }
+    }
+
+    static func randomMAC() -> String {
+        "52:54:00:" + (0..<3).map { _ in String(format: "%02x", Int.random(in: 0...255)) }.joined(separator: ":")
+    }
+}

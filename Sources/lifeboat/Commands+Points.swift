@@ -1,0 +1,154 @@
+import ArgumentParser
+import Foundation
+import LifeboatRepository
+
+extension Lifeboat {
+    struct Backup: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Take a recovery point of all of a machine's disks.")
+        @OptionGroup var repository: RepositoryOptions
+        @Argument var name: String
+        @OptionGroup var output: OutputOptions
+
+        func run() throws {
+            let repo = try repository.open()
+            let progress = ProgressMeter()
+            let point = try Terminal.withProgress("backup \(name)", progress) { try repo.backup(name, progress: progress) }
+            if output.json { return try JSON.print(point) }
+            for disk in point.disks {
+                if let old = disk.previousSize {
+                    print("note: disk \(disk.name) changed size from \(old) to \(disk.size) bytes; the point records the new size")
+                }
+            }
+            let rate = point.seconds > 0 ? Double(point.size) / point.seconds : 0
+            print("recovery point \(point.id) of \(name): \(Format.bytes(point.size)) of disk, \(Format.bytes(point.bytesRead)) read, "
+                + "\(Format.bytes(point.newBytes)) new, \(Format.bytes(point.storedBytes)) stored, "
+                + String(format: "%.1f s", point.seconds) + " (\(Format.rate(rate))), \(point.consistency)")
+        }
+    }
+
+    struct Points: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List a machine's recovery points, oldest first.")
+        @OptionGroup var repository: RepositoryOptions
+        @Argument var name: String
+        @OptionGroup var output: OutputOptions
+
+        func run() throws {
+            let points = try repository.open().points(name)
+            if output.json { return try JSON.print(points) }
+            print(Format.table(["ID", "TIME", "DISKS", "NEW", "STORED", "CONSISTENCY"], points.map { point in
+                [point.id, Format.time(point.time), point.disks.map { "\($0.name):\(Format.bytes($0.size))" }.joined(separator: ","),
+                 Format.bytes(point.newBytes), Format.bytes(point.storedBytes), point.consistency]
+            }))
+        }
+    }
+
+    struct Restore: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Write a recovery point's disks as raw files (sparse; existing same-size files get only the differing chunks).")
+        @OptionGroup var repository: RepositoryOptions
+        @Argument var name: String
+        @Option(help: "Point id or 'latest'.") var point = "latest"
+        @Option(help: "Folder to write DISK.raw files into.") var to: String
+        @Option(help: "Only this disk.") var disk: String?
+        @OptionGroup var output: OutputOptions
+
+        func run() throws {
+            let repo = try repository.open()
+            let point = try repo.point(name, point)
+            guard FileManager.default.fileExists(atPath: to) else {
+                throw LifeboatError(.notFound, "restore folder \(to) does not exist: create it first")
+            }
+            let disks = point.disks.filter { disk == nil || $0.name == disk }
+            if let disk, disks.isEmpty {
+                throw LifeboatError(.notFound, "recovery point \(point.id) of \(name) has no disk \(disk): its disks are \(point.disks.map(\.name).joined(separator: ", "))")
+            }
+            var results: [RestoreResult] = []
+            for pointDisk in disks {
+                let progress = ProgressMeter()
+                let target = to + "/" + pointDisk.name + ".raw"
+                results.append(try Terminal.withProgress("restore \(pointDisk.name)", progress) {
+                    try repo.restore(point, disk: pointDisk.name, to: target, progress: progress)
+                })
+            }
+            if output.json { return try JSON.print(results) }
+            for result in results {
+                print("restored \(result.disk) of \(name) point \(point.id) to \(result.path): \(Format.bytes(result.size)), "
+                    + "\(result.bytesWritten) bytes written" + (result.inPlace ? " (only the chunks that differed)" : ""))
+            }
+        }
+    }
+
+    struct Verify: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Re-read every chunk the points use and report damage.")
+        @OptionGroup var repository: RepositoryOptions
+        @Argument(help: "Machine (default: all).") var name: String?
+        @Option(help: "Only this point.") var point: String?
+        @OptionGroup var output: OutputOptions
+
+        func validate() throws {
+            if point != nil && name == nil { throw ValidationError("--point needs a machine name") }
+        }
+
+        func run() throws {
+            let repo = try repository.open()
+            let progress = ProgressMeter()
+            let report = try Terminal.withProgress("verify", progress, unit: .items) {
+                try repo.verify(machine: name, point: point, progress: progress)
+            }
+            if output.json {
+                try JSON.print(report)
+            } else {
+                for damaged in report.damagedChunks {
+                    print("DAMAGED chunk \(damaged.id): \(damaged.reason)")
+                    for use in damaged.usages {
+                        print("  used by \(use.machine) point \(use.point) disk \(use.disk) at offset \(use.offset)")
+                    }
+                }
+                for message in report.damagedPoints { print("DAMAGED \(message)") }
+                print("verified \(report.points) point(s), \(report.chunks) chunk(s), \(Format.bytes(report.bytes)): "
+                    + (report.isClean ? "no damage" : "\(report.damagedChunks.count) damaged chunk(s), \(report.damagedPoints.count) damaged point file(s)"))
+            }
+            if !report.isClean { throw ExitCode(3) }
+        }
+    }
+
+    struct Prune: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Delete recovery points no --keep-* rule keeps (chunks go at the next gc).")
+        @OptionGroup var repository: RepositoryOptions
+        @Argument var name: String
+        @Option var keepLast = 0
+        @Option var keepHourly = 0
+        @Option var keepDaily = 0
+        @Option var keepWeekly = 0
+        @Option var keepMonthly = 0
+        @Option(help: "Keep every point younger than this, counted back from the newest (e.g. 7d).") var keepWithin: String?
+        @Flag var dryRun = false
+        @OptionGroup var output: OutputOptions
+
+        func run() throws {
+            let policy = RetentionPolicy(last: keepLast, hourly: keepHourly, daily: keepDaily, weekly: keepWeekly,
+                                         monthly: keepMonthly, within: try keepWithin.map(DurationText.parse))
+            let result = try repository.open().prune(name, policy: policy, dryRun: dryRun)
+            if output.json { return try JSON.print(result) }
+            for kept in result.kept { print("keep   \(kept.point)  (\(kept.reasons.joined(separator: ", ")))") }
+            for id in result.removed { print((dryRun ? "would remove " : "remove ") + id) }
+            print("\(result.kept.count) kept, \(result.removed.count) \(dryRun ? "would be " : "")removed; run 'lifeboat gc' to free their chunks")
+        }
+    }
+
+    struct GC: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "gc", abstract: "Delete chunks no recovery point uses (waits for running backups).")
+        @OptionGroup var repository: RepositoryOptions
+        @Flag var dryRun = false
+        @OptionGroup var output: OutputOptions
+
+        func run() throws {
+            let result = try repository.open().gc(dryRun: dryRun) {
+                FileHandle.standardError.write(Data("gc: waiting for running backups to finish\n".utf8))
+            }
+            if output.json { return try JSON.print(result) }
+            print("\(result.referenced) chunk(s) in use; \(result.removed) unreferenced chunk(s) "
+                + (dryRun ? "would be removed" : "removed, \(Format.bytes(result.bytesFreed)) freed"))
+        }
+    }
+}

@@ -1,0 +1,30 @@
+import ArgumentParser
+import Foundation
+import LifeboatRepository
+
+@main
+struct Entrypoint {
+    static func main() {
+        do {
+            var command = try Lifeboat.parseAsRoot()
+            try command.run()
+        } catch let error as LifeboatError {
+            Terminal.clearProgressLine()
+            FileHandle.standardError.write(Data("lifeboat: \(error.message)\n".utf8))
+            Foundation.exit(error.code == .damaged ? 3 : 1)
+        } catch {
+            Lifeboat.exit(withError: error)
+        }
+    }
+}
+
+struct Lifeboat: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "lifeboat",
+        abstract: "Disaster recovery for Linux/KVM: deduplicated recovery points in a cold repository.",
+        subcommands: [
+            Init.self, Protect.self, Machines.self, Unprotect.self, Backup.self, Points.self,
+            Restore.self, Verify.self, Prune.self, GC.self,
+        ]
+    )
+}

@@ -1,0 +1,135 @@
+import Foundation
+import Testing
+@testable import LifeboatRepository
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@Suite("Backup and restore")
+struct BackupRestoreTests {
+    let chunk = Repository.defaultChunkSize
+
+    @Test("sparse and dense disks round-trip byte-identical, two disks in one machine")
+    func roundTrip() throws {
+        let scratch = Scratch()
+        let sparse = scratch.file("sparse.raw"), dense = scratch.file("dense.img")
+        try Disk.make(sparse, size: 64 << 20, writes: [(0, Bytes.text(300_000, seed: 1)), (40 << 20, Bytes.random(1 << 20, seed: 2)),
+                                                       ((64 << 20) - 5000, Bytes.random(5000, seed: 3))])
+        try Disk.make(dense, size: 8 << 20 + 12345, writes: [(0, Bytes.random(8 << 20 + 12345, seed: 4))])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        try repo.protect(Machine(name: "web1", disks: Repository.diskNames(for: [sparse, dense])))
+        let point = try repo.backup("web1")
+        #expect(point.disks.map(\.name) == ["sparse", "dense"])
+        #expect(point.disks[0].dataBytes < 4 << 20, "holes are not counted as data")
+        let out = scratch.file("out")
+        try FileSystem.makeDirectory(out)
+        for disk in point.disks {
+            let result = try repo.restore(point, disk: disk.name, to: out + "/\(disk.name).raw")
+            #expect(!result.inPlace)
+        }
+        #expect(Disk.contents(out + "/sparse.raw") == Disk.contents(sparse))
+        #expect(Disk.contents(out + "/dense.raw") == Disk.contents(dense))
+        var st = stat()
+        stat(out + "/sparse.raw", &st)
+        #expect(Int(st.st_blocks) * 512 < 8 << 20, "the restored sparse disk keeps its holes")
+    }
+
+    @Test("an unchanged second backup stores next to nothing; 1% changed stores about 1%")
+    func incremental() throws {
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        let size = 64 << 20
+        try Disk.make(disk, size: size, writes: [(0, Bytes.random(size, seed: 9))])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        try repo.protect(Machine(name: "db", disks: Repository.diskNames(for: [disk])))
+        let first = try repo.backup("db")
+        #expect(first.newBytes == size)
+        let second = try repo.backup("db")
+        #expect(second.newBytes == 0)
+        #expect(second.storedBytes == 0)
+        #expect(second.parent == first.id)
+        // 1% of the disk in 64 KiB writes, one per chunk-aligned slot.
+        let writes = (0..<10).map { ($0 * 24 * chunk + 4096, Bytes.random(64 << 10, seed: UInt64($0) + 77)) }
+        Disk.patch(disk, writes: Array(writes))
+        let third = try repo.backup("db")
+        #expect(third.newBytes == writes.count * chunk)
+        #expect(third.storedBytes <= writes.count * chunk + 4096)
+        let out = scratch.file("third.raw")
+        _ = try repo.restore(third, disk: "disk", to: out)
+        #expect(Disk.contents(out) == Disk.contents(disk))
+        // The first point is still there, unchanged.
+        _ = try repo.restore(first, disk: "disk", to: scratch.file("first.raw"))
+        #expect(Disk.contents(scratch.file("first.raw")) == Bytes.random(size, seed: 9))
+    }
+
+    @Test("restoring onto an existing same-size disk writes only the chunks that differ")
+    func restoreInPlace() throws {
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        try Disk.make(disk, size: 16 << 20, writes: [(0, Bytes.random(16 << 20, seed: 5))])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        try repo.protect(Machine(name: "m", disks: Repository.diskNames(for: [disk])))
+        let point = try repo.backup("m")
+        Disk.patch(disk, writes: [(100, [1, 2, 3]), (5 << 20, Bytes.random(10, seed: 6)), (12 << 20, [UInt8](repeating: 0, count: chunk))])
+        let result = try repo.restore(point, disk: "disk", to: disk)
+        #expect(result.inPlace)
+        #expect(result.bytesWritten == 3 * chunk)
+        #expect(Disk.contents(disk) == Bytes.random(16 << 20, seed: 5))
+        #expect(try repo.restore(point, disk: "disk", to: disk).bytesWritten == 0)
+    }
+
+    @Test("a disk whose size changed is taken at its new size and the change is recorded")
+    func sizeChange() throws {
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        try Disk.make(disk, size: 4 << 20, writes: [(0, Bytes.random(1 << 20, seed: 1))])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        try repo.protect(Machine(name: "m", disks: Repository.diskNames(for: [disk])))
+        _ = try repo.backup("m")
+        truncate(disk, 6 << 20 + 512)
+        let second = try repo.backup("m")
+        #expect(second.disks[0].size == 6 << 20 + 512)
+        #expect(second.disks[0].previousSize == 4 << 20)
+        _ = try repo.restore(second, disk: "disk", to: scratch.file("r.raw"))
+        #expect(Disk.contents(scratch.file("r.raw")) == Disk.contents(disk))
+    }
+
+    @Test("encrypted chunks hold no plaintext; the right password reads them, a wrong one fails cleanly")
+    func encryption() throws {
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        let secret = Array(String(repeating: "TOP-SECRET-PAYROLL-RECORD ", count: 20000).utf8)
+        try Disk.make(disk, size: 8 << 20, writes: [(0, secret)])
+        let repo = try Repository.create(at: scratch.file("repo"), password: "correct horse")
+        try repo.protect(Machine(name: "hr", disks: Repository.diskNames(for: [disk])))
+        let point = try repo.backup("hr")
+        let needle = Array("TOP-SECRET".utf8)
+        for path in try repo.chunkFiles() {
+            let bytes = Disk.contents(path)
+            #expect(!bytes.windows(ofCount: needle.count).contains { $0.elementsEqual(needle) })
+        }
+        // Ids are keyed: the plain SHA-256 of a chunk is not its name.
+        let firstChunk = Array(secret.prefix(chunk))
+        let plainID = firstChunk.withUnsafeBytes { ChunkCodec(compressionLevel: 1, keys: nil).id(of: $0) }
+        #expect(try !repo.chunkFiles().contains { $0.hasSuffix(plainID.hex) })
+        #expect(throws: LifeboatError.self) { try Repository.open(at: scratch.file("repo")) { "wrong" } }
+        do {
+            _ = try Repository.open(at: scratch.file("repo")) { "wrong" }
+        } catch let error as LifeboatError {
+            #expect(error.code == .authentication)
+            #expect(error.message.contains("wrong password"))
+        }
+        #expect(throws: LifeboatError.self) { try Repository.open(at: scratch.file("repo")) { nil } }
+        let reopened = try Repository.open(at: scratch.file("repo")) { "correct horse" }
+        _ = try reopened.restore(point, disk: "disk", to: scratch.file("r.raw"))
+        #expect(Disk.contents(scratch.file("r.raw")) == Disk.contents(disk))
+        #expect(try reopened.verify().isClean)
+    }
+}
+
+extension Array where Element == UInt8 {
+    func windows(ofCount n: Int) -> [ArraySlice<UInt8>] {
+        guard count >= n else { return [] }
+        return stride(from: 0, through: count - n, by: 1).lazy.filter { self[$0] == UInt8(ascii: "T") }.map { self[$0..<($0 + n)] }
+    }
+}
