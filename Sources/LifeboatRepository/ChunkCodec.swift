@@ -35,6 +35,12 @@ final class ChunkCodec: Sendable {
         self.keys = keys
     }
 
+    init(compression: RepositoryConfig.Compression, keys: RepositoryKeys?) {
+        zstd = Zstd(level: Int32(compression.level), hashLog: Int32(compression.hashLog ?? 0),
+                    chainLog: Int32(compression.chainLog ?? 0), minMatch: Int32(compression.minMatch ?? 0))
+        self.keys = keys
+    }
+
     var isEncrypted: Bool { keys != nil }
 
     /// The id of a plaintext chunk.
@@ -46,73 +52,68 @@ final class ChunkCodec: Sendable {
         return SHA256.hash(data: data).withUnsafeBytes { ChunkID(bytes: $0) }
     }
 
-    /// Encodes a chunk for storage: compressed when that saves space, then encrypted if the repository is.
-    func encode(_ data: UnsafeRawBufferPointer, id: ChunkID) throws -> [UInt8] {
-        let bound = Zstd.bound(data.count)
-        var body = [UInt8](repeating: 0, count: bound)
+    /// Bytes of scratch space `encode` needs for a chunk of `chunkSize`.
+    static func scratchSize(chunkSize: Int) -> Int { headerSize + max(Zstd.bound(chunkSize), chunkSize) + 12 + 16 }
+
+    /// Encodes a chunk for storage into `scratch` (see `scratchSize`): compressed when that
+    /// saves space, then encrypted if the repository is. Returns the stored bytes, inside `scratch`.
+    func encode(_ data: UnsafeRawBufferPointer, id: ChunkID, scratch: UnsafeMutableRawBufferPointer) throws -> UnsafeRawBufferPointer {
+        let body = UnsafeMutableRawBufferPointer(rebasing: scratch[Self.headerSize...])
         var flags: UInt8 = 0
-        let compressed = try body.withUnsafeMutableBytes { out in try zstd.compress(data, into: out) }
-        if compressed < data.count {
-            body.removeLast(bound - compressed)
+        var length = try zstd.compress(data, into: body)
+        if length < data.count {
             flags |= Self.flagZstd
         } else {
-            body = Array(data)
+            body.copyMemory(from: data)
+            length = data.count
         }
-        if keys != nil { flags |= Self.flagEncrypted }
-        var header = Self.header(flags: flags, rawLength: data.count, payloadLength: 0)
-        let payload: [UInt8]
         if let keys {
-            let payloadLength = 12 + body.count + 16
-            header = Self.header(flags: flags, rawLength: data.count, payloadLength: payloadLength)
-            let box = try AES.GCM.seal(body, using: keys.encryption, authenticating: header + id.bytes)
-            payload = Array(box.combined!)
+            flags |= Self.flagEncrypted
+            Self.writeHeader(flags: flags, rawLength: data.count, payloadLength: 12 + length + 16, into: scratch)
+            let aad = Array(UnsafeRawBufferPointer(rebasing: scratch[0..<Self.headerSize])) + id.bytes
+            let box = try AES.GCM.seal(UnsafeRawBufferPointer(rebasing: body[0..<length]), using: keys.encryption, authenticating: aad)
+            let combined = box.combined!
+            combined.withUnsafeBytes { body.copyMemory(from: $0) }
+            length = combined.count
         } else {
-            header = Self.header(flags: flags, rawLength: data.count, payloadLength: body.count)
-            payload = body
+            Self.writeHeader(flags: flags, rawLength: data.count, payloadLength: length, into: scratch)
         }
-        return header + payload
+        return UnsafeRawBufferPointer(rebasing: scratch[0..<(Self.headerSize + length)])
     }
 
     /// Decodes a stored chunk into `output` (at least the chunk's raw length) and checks that
     /// its content matches `id`. Returns the plaintext length.
-    func decode(_ stored: [UInt8], id: ChunkID, into output: UnsafeMutableRawBufferPointer) throws -> Int {
+    /// - Throws: `.damaged` naming the chunk.
+    func decode(_ stored: UnsafeRawBufferPointer, id: ChunkID, into output: UnsafeMutableRawBufferPointer) throws -> Int {
         func damaged(_ why: String) -> LifeboatError {
             LifeboatError(.damaged, "chunk \(id.hex) is damaged: \(why)")
         }
-        guard stored.count >= Self.headerSize, Array(stored[0..<4]) == Self.magic, stored[4] == 1 else {
+        guard stored.count >= Self.headerSize, stored[0] == Self.magic[0], stored[1] == Self.magic[1],
+              stored[2] == Self.magic[2], stored[3] == Self.magic[3], stored[4] == 1 else {
             throw damaged("bad header")
         }
         let flags = stored[5]
-        let rawLength = Int(Self.readU32(stored, 8))
-        let payloadLength = Int(Self.readU32(stored, 12))
+        let rawLength = Int(UInt32(littleEndian: stored.loadUnaligned(fromByteOffset: 8, as: UInt32.self)))
+        let payloadLength = Int(UInt32(littleEndian: stored.loadUnaligned(fromByteOffset: 12, as: UInt32.self)))
         guard stored.count == Self.headerSize + payloadLength, rawLength <= output.count else {
             throw damaged("wrong length")
         }
-        var body = Array(stored[Self.headerSize...])
+        let payload = UnsafeRawBufferPointer(rebasing: stored[Self.headerSize...])
+        let length: Int
         if flags & Self.flagEncrypted != 0 {
             guard let keys else { throw damaged("encrypted chunk in an unencrypted repository") }
+            let plain: Data
             do {
-                let box = try AES.GCM.SealedBox(combined: body)
-                body = Array(try AES.GCM.open(box, using: keys.encryption, authenticating: Array(stored[0..<Self.headerSize]) + id.bytes))
+                let box = try AES.GCM.SealedBox(combined: payload)
+                plain = try AES.GCM.open(box, using: keys.encryption,
+                                         authenticating: Array(UnsafeRawBufferPointer(rebasing: stored[0..<Self.headerSize])) + id.bytes)
             } catch {
                 throw damaged("authentication failed")
             }
-        } else if keys != nil {
-            throw damaged("unencrypted chunk in an encrypted repository")
-        }
-        let length: Int
-        if flags & Self.flagZstd != 0 {
-            do {
-                length = try body.withUnsafeBytes { input in
-                    try zstd.decompress(input, into: UnsafeMutableRawBufferPointer(rebasing: output[0..<rawLength]))
-                }
-            } catch {
-                throw damaged("cannot decompress (\(error))")
-            }
+            length = try plain.withUnsafeBytes { try unpack($0, flags: flags, rawLength: rawLength, into: output, damaged) }
         } else {
-            guard body.count == rawLength else { throw damaged("wrong length") }
-            body.withUnsafeBytes { output.copyMemory(from: $0) }
-            length = body.count
+            guard keys == nil else { throw damaged("unencrypted chunk in an encrypted repository") }
+            length = try unpack(payload, flags: flags, rawLength: rawLength, into: output, damaged)
         }
         guard length == rawLength else { throw damaged("wrong length after decompression") }
         guard self.id(of: UnsafeRawBufferPointer(rebasing: output[0..<length])) == id else {
@@ -121,15 +122,28 @@ final class ChunkCodec: Sendable {
         return length
     }
 
-    private static func header(flags: UInt8, rawLength: Int, payloadLength: Int) -> [UInt8] {
-        var header = magic + [1, flags, 0, 0]
-        header += withUnsafeBytes(of: UInt32(rawLength).littleEndian, Array.init)
-        header += withUnsafeBytes(of: UInt32(payloadLength).littleEndian, Array.init)
-        return header
+    private func unpack(_ body: UnsafeRawBufferPointer, flags: UInt8, rawLength: Int, into output: UnsafeMutableRawBufferPointer,
+                        _ damaged: (String) -> LifeboatError) throws -> Int {
+        if flags & Self.flagZstd == 0 {
+            guard body.count == rawLength else { throw damaged("wrong length") }
+            output.copyMemory(from: body)
+            return body.count
+        }
+        do {
+            return try zstd.decompress(body, into: UnsafeMutableRawBufferPointer(rebasing: output[0..<rawLength]))
+        } catch {
+            throw damaged("cannot decompress (\(error))")
+        }
     }
 
-    static func readU32(_ bytes: [UInt8], _ offset: Int) -> UInt32 {
-        UInt32(bytes[offset]) | UInt32(bytes[offset + 1]) << 8 | UInt32(bytes[offset + 2]) << 16 | UInt32(bytes[offset + 3]) << 24
+    private static func writeHeader(flags: UInt8, rawLength: Int, payloadLength: Int, into buffer: UnsafeMutableRawBufferPointer) {
+        for i in 0..<4 { buffer[i] = magic[i] }
+        buffer[4] = 1
+        buffer[5] = flags
+        buffer[6] = 0
+        buffer[7] = 0
+        buffer.storeBytes(of: UInt32(rawLength).littleEndian, toByteOffset: 8, as: UInt32.self)
+        buffer.storeBytes(of: UInt32(payloadLength).littleEndian, toByteOffset: 12, as: UInt32.self)
     }
 }
 

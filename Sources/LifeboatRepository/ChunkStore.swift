@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import SystemPackage
+import Foundation
 
 /// Where stored chunks live. The local directory store is the only one today; the protocol is
 /// the seam for shared or object storage later.
@@ -10,7 +11,7 @@ protocol ChunkStore: Sendable {
     /// Every stored chunk id; also removes temporary files left by dead writers.
     func all() throws -> Set<ChunkID>
     /// Stores a chunk under its id. Visible only once whole; not yet durable (see `sync`).
-    func write(_ id: ChunkID, _ bytes: [UInt8]) throws
+    func write(_ id: ChunkID, _ bytes: UnsafeRawBufferPointer) throws
     func read(_ id: ChunkID) throws -> [UInt8]
     /// Removes a chunk; returns the bytes it took.
     func remove(_ id: ChunkID) throws -> Int
@@ -56,12 +57,13 @@ final class LocalChunkStore: ChunkStore {
         return ids
     }
 
-    func write(_ id: ChunkID, _ bytes: [UInt8]) throws {
+    func write(_ id: ChunkID, _ bytes: UnsafeRawBufferPointer) throws {
         let final = path(id)
         let tmp = FileSystem.parent(of: final) + "/" + FileSystem.temporaryName()
         do {
             let file = try PosixFile(path: tmp, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o600)
-            try bytes.withUnsafeBytes { raw in try file.write(raw, at: 0) }
+            try file.write(bytes, at: 0)
+            file.startWriteback()
         } catch {
             unlink(tmp)
             throw LifeboatError.io(error, "cannot write chunk", final)

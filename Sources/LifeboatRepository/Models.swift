@@ -11,6 +11,10 @@ public struct RepositoryConfig: Codable, Sendable {
     public struct Compression: Codable, Sendable {
         public var algorithm: String = "zstd"
         public var level: Int
+        /// zstd parameter overrides for new chunks (readers do not need them).
+        public var hashLog: Int?
+        public var chainLog: Int?
+        public var minMatch: Int?
     }
 
     public var isEncrypted: Bool { encryption != nil }

@@ -10,6 +10,8 @@ private let SEEK_DATA: CInt = 3  // <unistd.h> under _GNU_SOURCE, which Swift's 
 private let SEEK_HOLE: CInt = 4
 
 @_silgen_name("syncfs") private func c_syncfs(_ fd: CInt) -> CInt
+@_silgen_name("sync_file_range") private func c_sync_file_range(_ fd: CInt, _ offset: Int64, _ count: Int64, _ flags: CUnsignedInt) -> CInt
+private let SYNC_FILE_RANGE_WRITE: CUnsignedInt = 2
 
 @inline(__always)
 func retryingErrno<T: FixedWidthInteger>(_ body: () -> T) throws -> T {
@@ -76,6 +78,10 @@ final class PosixFile: @unchecked Sendable {
 
     func syncFileSystem() throws { _ = try retryingErrno { c_syncfs(fd) } }
 
+    /// Starts writing the file's dirty pages back without waiting, so a later `syncfs` has
+    /// little left to do. Best effort.
+    func startWriteback() { _ = c_sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) }
+
     func truncate(to size: Int) throws { _ = try retryingErrno { ftruncate(fd, off_t(size)) } }
 
     func stat() throws -> Glibc.stat {
@@ -112,6 +118,11 @@ final class PosixFile: @unchecked Sendable {
             offset = Int(end)
         }
         return ranges
+    }
+
+    /// Asks the kernel to start reading `range` into the page cache now (does not wait).
+    func prefetch(_ range: Range<Int>) {
+        _ = posix_fadvise(fd, off_t(range.lowerBound), off_t(range.count), POSIX_FADV_WILLNEED)
     }
 
     func advise(sequential: Bool) {

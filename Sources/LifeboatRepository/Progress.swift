@@ -28,7 +28,8 @@ final class ParallelWork: Sendable {
 
     init(count: Int) { self.count = count }
 
-    static var workerCount: Int { max(1, System.coreCount) }
+    /// One more worker than cores, so that a worker waiting for the disk does not leave a core idle.
+    static var workerCount: Int { max(1, System.coreCount) + 1 }
 
     /// The next item to work on, or nil when all are taken or a worker failed.
     func take() -> Int? {
@@ -43,10 +44,19 @@ final class ParallelWork: Sendable {
     }
 
     /// Calls `worker` once per core; each call loops over `take()`.
-    func run(_ worker: @Sendable (ParallelWork) throws -> Void) throws {
-        DispatchQueue.concurrentPerform(iterations: min(Self.workerCount, max(count, 1))) { _ in
-            do { try worker(self) } catch { fail(error) }
+    func run(_ worker: @escaping @Sendable (ParallelWork) throws -> Void) throws {
+        let threads = min(Self.workerCount, max(count, 1))
+        let group = DispatchGroup()
+        for _ in 0..<threads {
+            group.enter()
+            let thread = Thread { [self] in
+                do { try worker(self) } catch { fail(error) }
+                group.leave()
+            }
+            thread.stackSize = 1 << 20
+            thread.start()
         }
+        group.wait()
         if let error = firstError.withLock({ $0 }) { throw error }
     }
 }
@@ -76,6 +86,7 @@ enum System {
 }
 
 import Dispatch
+import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif

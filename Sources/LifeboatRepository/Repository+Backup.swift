@@ -114,13 +114,22 @@ extension Repository {
         let newBytes = Atomic<Int>(0), storedBytes = Atomic<Int>(0), dataBytes = Atomic<Int>(0), readBytes = Atomic<Int>(0)
         let work = ParallelWork(count: count)
         let codec = self.codec, store = self.store
+        // Read ahead of the workers so that they rarely wait for the disk: every `window` bytes,
+        // ask for the window that starts `window` ahead.
+        let window = 32 << 20
+        let chunksPerWindow = max(1, window / chunkSize)
+        file.prefetch(0..<min(size, window))
         try work.run { work in
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
-            defer { buffer.deallocate() }
+            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkCodec.scratchSize(chunkSize: chunkSize), alignment: 64)
+            defer { buffer.deallocate(); scratch.deallocate() }
             while let i = work.take() {
                 let offset = i * chunkSize
                 let length = min(chunkSize, size - offset)
                 defer { progress.add(length) }
+                if i % chunksPerWindow == 0, offset + window < size {
+                    file.prefetch((offset + window)..<min(size, offset + 2 * window))
+                }
                 if let dataRanges, !Self.overlaps(dataRanges, offset..<(offset + length)) { continue }
                 let chunk = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
                 let n: Int
@@ -137,7 +146,7 @@ extension Repository {
                 let id = codec.id(of: data)
                 ids[i] = id
                 if known.insert(id) {
-                    let encoded = try codec.encode(data, id: id)
+                    let encoded = try codec.encode(data, id: id, scratch: scratch)
                     do { try store.write(id, encoded) } catch {
                         known.remove(id)
                         throw error

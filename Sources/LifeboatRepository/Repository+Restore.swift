@@ -94,7 +94,7 @@ extension Repository {
                     out.initializeMemory(as: UInt8.self, repeating: 0)
                 } else {
                     do {
-                        let n = try codec.decode(try store.read(id), id: id, into: out)
+                        let n = try store.read(id).withUnsafeBytes { try codec.decode($0, id: id, into: out) }
                         guard n == length else { throw LifeboatError(.damaged, "chunk \(id.hex) has the wrong length") }
                     } catch let error as LifeboatError {
                         throw LifeboatError(.damaged, "\(error.message) (disk \(disk) at offset \(offset)); nothing wrong was written: try another point")

@@ -10,6 +10,8 @@ extension Lifeboat {
         var encrypt = false
         @Option(help: "Chunk size in bytes (power of two).")
         var chunkSize = Repository.defaultChunkSize
+        @Option(help: "zstd level for new chunks (negative = faster, larger).")
+        var compressionLevel = Repository.defaultCompressionLevel
 
         func run() throws {
             var password: String? = nil
@@ -19,7 +21,8 @@ extension Lifeboat {
                 }
                 password = given
             }
-            let repo = try Repository.create(at: repository.path, password: password, chunkSize: chunkSize)
+            let repo = try Repository.create(at: repository.path, password: password, chunkSize: chunkSize,
+                                             compressionLevel: compressionLevel)
             print("created \(repo.config.isEncrypted ? "encrypted " : "")repository \(repo.root) (chunk size \(Format.bytes(chunkSize)))")
         }
     }

@@ -7,7 +7,8 @@ import Glibc
 
 @Suite("Backup and restore")
 struct BackupRestoreTests {
-    let chunk = Repository.defaultChunkSize
+    /// Small chunks, so that these tests' disks hold many.
+    let chunk = 256 * 1024
 
     @Test("sparse and dense disks round-trip byte-identical, two disks in one machine")
     func roundTrip() throws {
@@ -40,7 +41,7 @@ struct BackupRestoreTests {
         let disk = scratch.file("disk.raw")
         let size = 64 << 20
         try Disk.make(disk, size: size, writes: [(0, Bytes.random(size, seed: 9))])
-        let repo = try Repository.create(at: scratch.file("repo"))
+        let repo = try Repository.create(at: scratch.file("repo"), chunkSize: chunk)
         try repo.protect(Machine(name: "db", disks: Repository.diskNames(for: [disk])))
         let first = try repo.backup("db")
         #expect(first.newBytes == size)
@@ -67,7 +68,7 @@ struct BackupRestoreTests {
         let scratch = Scratch()
         let disk = scratch.file("disk.raw")
         try Disk.make(disk, size: 16 << 20, writes: [(0, Bytes.random(16 << 20, seed: 5))])
-        let repo = try Repository.create(at: scratch.file("repo"))
+        let repo = try Repository.create(at: scratch.file("repo"), chunkSize: chunk)
         try repo.protect(Machine(name: "m", disks: Repository.diskNames(for: [disk])))
         let point = try repo.backup("m")
         Disk.patch(disk, writes: [(100, [1, 2, 3]), (5 << 20, Bytes.random(10, seed: 6)), (12 << 20, [UInt8](repeating: 0, count: chunk))])
@@ -109,7 +110,7 @@ struct BackupRestoreTests {
             #expect(!bytes.windows(ofCount: needle.count).contains { $0.elementsEqual(needle) })
         }
         // Ids are keyed: the plain SHA-256 of a chunk is not its name.
-        let firstChunk = Array(secret.prefix(chunk))
+        let firstChunk = Array(Disk.contents(disk).prefix(repo.config.chunkSize))
         let plainID = firstChunk.withUnsafeBytes { ChunkCodec(compressionLevel: 1, keys: nil).id(of: $0) }
         #expect(try !repo.chunkFiles().contains { $0.hasSuffix(plainID.hex) })
         #expect(throws: LifeboatError.self) { try Repository.open(at: scratch.file("repo")) { "wrong" } }
