@@ -15,135 +15,208 @@ struct RepositoryKeys: Sendable {
     }
 }
 
+/// Where the frames of one stored chunk are, read from its header and frame table and checked
+/// against the chunk id. Lets a reader fetch and decode one frame without the rest.
+public struct ChunkLayout: Sendable {
+    public let id: ChunkID
+    public let rawLength: Int
+    public let frameSize: Int
+    /// Per frame: byte range in the stored chunk, and the digest of its plaintext.
+    let frames: [(range: Range<Int>, digest: ChunkID)]
+    let compressed: Bool
+    let encrypted: Bool
+
+    public var frameCount: Int { frames.count }
+    public func storedRange(ofFrame k: Int) -> Range<Int> { frames[k].range }
+    public func rawLength(ofFrame k: Int) -> Int { min(frameSize, rawLength - k * frameSize) }
+    /// Bytes of header and frame table: reading this many bytes first is enough to parse the layout.
+    public var tableSize: Int { ChunkCodec.headerSize + frames.count * ChunkCodec.tableEntrySize }
+}
+
 /// Turns plaintext chunks into stored chunk files and back, and names them.
 ///
-/// A stored chunk is a 16-byte header followed by the payload:
-/// `"LBCK" | version 1 | flags | 0 0 | raw length (u32 LE) | payload length (u32 LE)`.
-/// Flags: bit 0 = zstd frame, bit 1 = AES-256-GCM (payload = nonce | ciphertext | tag,
-/// with the header and the chunk id as associated data, so a chunk cannot be swapped for another).
+/// A chunk is cut into frames of `frameSize` bytes, each compressed (and encrypted) on its own,
+/// so that reading 4 KiB of a disk decodes one frame, not the whole chunk. The id is a two-level
+/// hash: `H(H(frame 0) | H(frame 1) | …)` with H = SHA-256, or HMAC-SHA-256 under the id key in
+/// an encrypted repository; it depends on the plaintext alone, so equal chunks share one id.
+///
+/// Stored chunk: a 16-byte header, a frame table, then the frames.
+/// Header: `"LBCK" | version 1 | flags | log2(frame size) | 0 | raw length (u32 LE) | frame count (u32 LE)`.
+/// Flags: bit 0 = frames are zstd (a frame whose stored size equals its raw size is stored plain),
+/// bit 1 = AES-256-GCM (each frame: nonce | ciphertext | tag, with the chunk id and frame number
+/// as associated data). Table: per frame, stored length (u32 LE) and plaintext digest (32 bytes).
 final class ChunkCodec: Sendable {
     static let headerSize = 16
+    static let tableEntrySize = 36
     static let magic: [UInt8] = Array("LBCK".utf8)
     private static let flagZstd: UInt8 = 1
     private static let flagEncrypted: UInt8 = 2
+    private static let sealOverhead = 12 + 16
 
     let zstd: Zstd
     let keys: RepositoryKeys?
+    let frameSize: Int
 
-    init(compressionLevel: Int32, keys: RepositoryKeys?) {
-        zstd = Zstd(level: compressionLevel)
-        self.keys = keys
-    }
-
-    init(compression: RepositoryConfig.Compression, keys: RepositoryKeys?) {
+    init(compression: RepositoryConfig.Compression, frameSize: Int, keys: RepositoryKeys?) {
         zstd = Zstd(level: Int32(compression.level), hashLog: Int32(compression.hashLog ?? 0),
                     chainLog: Int32(compression.chainLog ?? 0), minMatch: Int32(compression.minMatch ?? 0))
         self.keys = keys
+        self.frameSize = frameSize
     }
 
     var isEncrypted: Bool { keys != nil }
 
-    /// The id of a plaintext chunk.
-    func id(of data: UnsafeRawBufferPointer) -> ChunkID {
+    private func digest(_ data: UnsafeRawBufferPointer) -> ChunkID {
         if let keys {
-            let mac = HMAC<SHA256>.authenticationCode(for: data, using: keys.id)
-            return mac.withUnsafeBytes { ChunkID(bytes: $0) }
+            return HMAC<SHA256>.authenticationCode(for: data, using: keys.id).withUnsafeBytes { ChunkID(bytes: $0) }
         }
         return SHA256.hash(data: data).withUnsafeBytes { ChunkID(bytes: $0) }
     }
 
-    /// Bytes of scratch space `encode` needs for a chunk of `chunkSize`.
-    static func scratchSize(chunkSize: Int) -> Int { headerSize + max(Zstd.bound(chunkSize), chunkSize) + 12 + 16 }
+    private func frameCount(_ length: Int) -> Int { max(1, (length + frameSize - 1) / frameSize) }
 
-    /// Encodes a chunk for storage into `scratch` (see `scratchSize`): compressed when that
-    /// saves space, then encrypted if the repository is. Returns the stored bytes, inside `scratch`.
-    func encode(_ data: UnsafeRawBufferPointer, id: ChunkID, scratch: UnsafeMutableRawBufferPointer) throws -> UnsafeRawBufferPointer {
-        let body = UnsafeMutableRawBufferPointer(rebasing: scratch[Self.headerSize...])
-        var flags: UInt8 = 0
-        var length = try zstd.compress(data, into: body)
-        if length < data.count {
-            flags |= Self.flagZstd
-        } else {
-            body.copyMemory(from: data)
-            length = data.count
-        }
-        if let keys {
-            flags |= Self.flagEncrypted
-            Self.writeHeader(flags: flags, rawLength: data.count, payloadLength: 12 + length + 16, into: scratch)
-            let aad = Array(UnsafeRawBufferPointer(rebasing: scratch[0..<Self.headerSize])) + id.bytes
-            let box = try AES.GCM.seal(UnsafeRawBufferPointer(rebasing: body[0..<length]), using: keys.encryption, authenticating: aad)
-            let combined = box.combined!
-            combined.withUnsafeBytes { body.copyMemory(from: $0) }
-            length = combined.count
-        } else {
-            Self.writeHeader(flags: flags, rawLength: data.count, payloadLength: length, into: scratch)
-        }
-        return UnsafeRawBufferPointer(rebasing: scratch[0..<(Self.headerSize + length)])
+    private func frame(_ k: Int, of data: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer {
+        UnsafeRawBufferPointer(rebasing: data[(k * frameSize)..<min(data.count, (k + 1) * frameSize)])
     }
 
-    /// Decodes a stored chunk into `output` (at least the chunk's raw length) and checks that
-    /// its content matches `id`. Returns the plaintext length.
-    /// - Throws: `.damaged` naming the chunk.
-    func decode(_ stored: UnsafeRawBufferPointer, id: ChunkID, into output: UnsafeMutableRawBufferPointer) throws -> Int {
-        func damaged(_ why: String) -> LifeboatError {
-            LifeboatError(.damaged, "chunk \(id.hex) is damaged: \(why)")
+    /// The id of a plaintext chunk.
+    func id(of data: UnsafeRawBufferPointer) -> ChunkID {
+        id(ofDigests: (0..<frameCount(data.count)).map { digest(frame($0, of: data)) })
+    }
+
+    private func id(ofDigests digests: [ChunkID]) -> ChunkID {
+        var table = [UInt8]()
+        table.reserveCapacity(digests.count * 32)
+        for d in digests { table += d.bytes }
+        return table.withUnsafeBytes { digest($0) }
+    }
+
+    /// Bytes of scratch space `encode` needs for a chunk of `chunkSize`.
+    func scratchSize(chunkSize: Int) -> Int {
+        let frames = frameCount(chunkSize)
+        return Self.headerSize + frames * (Self.tableEntrySize + Self.sealOverhead) + max(Zstd.bound(frameSize), frameSize) * frames
+    }
+
+    /// Encodes a chunk for storage into `scratch` (see `scratchSize`). Returns the stored bytes, inside `scratch`.
+    func encode(_ data: UnsafeRawBufferPointer, id: ChunkID, scratch: UnsafeMutableRawBufferPointer) throws -> UnsafeRawBufferPointer {
+        let count = frameCount(data.count)
+        var flags = Self.flagZstd
+        if keys != nil { flags |= Self.flagEncrypted }
+        scratch.copyMemory(from: UnsafeRawBufferPointer(start: Self.magic, count: 4))
+        scratch[4] = 1
+        scratch[5] = flags
+        scratch[6] = UInt8(frameSize.trailingZeroBitCount)
+        scratch[7] = 0
+        scratch.storeBytes(of: UInt32(data.count).littleEndian, toByteOffset: 8, as: UInt32.self)
+        scratch.storeBytes(of: UInt32(count).littleEndian, toByteOffset: 12, as: UInt32.self)
+        var offset = Self.headerSize + count * Self.tableEntrySize
+        for k in 0..<count {
+            let plain = frame(k, of: data)
+            let out = UnsafeMutableRawBufferPointer(rebasing: scratch[offset...])
+            var length = try zstd.compress(plain, into: out)
+            if length >= plain.count {
+                out.copyMemory(from: plain)
+                length = plain.count
+            }
+            if let keys {
+                let box = try AES.GCM.seal(UnsafeRawBufferPointer(rebasing: out[0..<length]), using: keys.encryption,
+                                           authenticating: Self.frameAAD(id: id, frame: k))
+                let combined = box.combined!
+                combined.withUnsafeBytes { out.copyMemory(from: $0) }
+                length = combined.count
+            }
+            let entry = Self.headerSize + k * Self.tableEntrySize
+            scratch.storeBytes(of: UInt32(length).littleEndian, toByteOffset: entry, as: UInt32.self)
+            digest(plain).write(to: UnsafeMutableRawBufferPointer(rebasing: scratch[(entry + 4)..<(entry + 36)]))
+            offset += length
         }
-        guard stored.count >= Self.headerSize, stored[0] == Self.magic[0], stored[1] == Self.magic[1],
-              stored[2] == Self.magic[2], stored[3] == Self.magic[3], stored[4] == 1 else {
-            throw damaged("bad header")
+        return UnsafeRawBufferPointer(rebasing: scratch[0..<offset])
+    }
+
+    private static func frameAAD(id: ChunkID, frame: Int) -> [UInt8] {
+        id.bytes + withUnsafeBytes(of: UInt32(frame).littleEndian, Array.init)
+    }
+
+    /// Parses and checks a chunk's header and frame table (`bytes` may hold more than that).
+    /// - Throws: `.damaged` naming the chunk when the table does not hash to `id`.
+    func layout(_ bytes: UnsafeRawBufferPointer, id: ChunkID, storedSize: Int) throws -> ChunkLayout {
+        func damaged(_ why: String) -> LifeboatError { LifeboatError(.damaged, "chunk \(id.hex) is damaged: \(why)") }
+        guard bytes.count >= Self.headerSize, bytes[0] == Self.magic[0], bytes[1] == Self.magic[1],
+              bytes[2] == Self.magic[2], bytes[3] == Self.magic[3], bytes[4] == 1 else { throw damaged("bad header") }
+        let flags = bytes[5]
+        guard bytes[6] < 31, 1 << Int(bytes[6]) == frameSize else { throw damaged("frame size differs from the repository's") }
+        let rawLength = Int(UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: 8, as: UInt32.self)))
+        let count = Int(UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: 12, as: UInt32.self)))
+        guard count == frameCount(rawLength), bytes.count >= Self.headerSize + count * Self.tableEntrySize else {
+            throw damaged("bad frame table")
         }
-        let flags = stored[5]
-        let rawLength = Int(UInt32(littleEndian: stored.loadUnaligned(fromByteOffset: 8, as: UInt32.self)))
-        let payloadLength = Int(UInt32(littleEndian: stored.loadUnaligned(fromByteOffset: 12, as: UInt32.self)))
-        guard stored.count == Self.headerSize + payloadLength, rawLength <= output.count else {
-            throw damaged("wrong length")
+        guard (flags & Self.flagEncrypted != 0) == (keys != nil) else {
+            throw damaged(keys == nil ? "encrypted chunk in an unencrypted repository" : "unencrypted chunk in an encrypted repository")
         }
-        let payload = UnsafeRawBufferPointer(rebasing: stored[Self.headerSize...])
+        var frames: [(range: Range<Int>, digest: ChunkID)] = []
+        frames.reserveCapacity(count)
+        var offset = Self.headerSize + count * Self.tableEntrySize
+        for k in 0..<count {
+            let entry = Self.headerSize + k * Self.tableEntrySize
+            let length = Int(UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: entry, as: UInt32.self)))
+            let digest = ChunkID(bytes: UnsafeRawBufferPointer(rebasing: bytes[(entry + 4)..<(entry + 36)]))
+            frames.append((offset..<(offset + length), digest))
+            offset += length
+        }
+        guard offset == storedSize else { throw damaged("wrong length") }
+        guard self.id(ofDigests: frames.map(\.digest)) == id else { throw damaged("frame table does not match its id") }
+        return ChunkLayout(id: id, rawLength: rawLength, frameSize: frameSize, frames: frames,
+                           compressed: flags & Self.flagZstd != 0, encrypted: flags & Self.flagEncrypted != 0)
+    }
+
+    /// Decodes frame `k` from its stored bytes into `output` and checks it against the table.
+    /// Returns the plaintext length.
+    func decodeFrame(_ k: Int, of layout: ChunkLayout, stored: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) throws -> Int {
+        let id = layout.id
+        func damaged(_ why: String) -> LifeboatError { LifeboatError(.damaged, "chunk \(id.hex) is damaged: \(why) in frame \(k)") }
+        let rawLength = layout.rawLength(ofFrame: k)
+        guard output.count >= rawLength else { throw damaged("output too small") }
+        let out = UnsafeMutableRawBufferPointer(rebasing: output[0..<rawLength])
+        func unpack(_ body: UnsafeRawBufferPointer) throws -> Int {
+            if body.count == rawLength {
+                out.copyMemory(from: body)
+                return rawLength
+            }
+            guard layout.compressed else { throw damaged("wrong length") }
+            do { return try zstd.decompress(body, into: out) } catch { throw damaged("cannot decompress (\(error))") }
+        }
         let length: Int
-        if flags & Self.flagEncrypted != 0 {
-            guard let keys else { throw damaged("encrypted chunk in an unencrypted repository") }
+        if let keys {
             let plain: Data
             do {
-                let box = try AES.GCM.SealedBox(combined: payload)
-                plain = try AES.GCM.open(box, using: keys.encryption,
-                                         authenticating: Array(UnsafeRawBufferPointer(rebasing: stored[0..<Self.headerSize])) + id.bytes)
+                plain = try AES.GCM.open(try AES.GCM.SealedBox(combined: stored), using: keys.encryption,
+                                         authenticating: Self.frameAAD(id: id, frame: k))
             } catch {
                 throw damaged("authentication failed")
             }
-            length = try plain.withUnsafeBytes { try unpack($0, flags: flags, rawLength: rawLength, into: output, damaged) }
+            length = try plain.withUnsafeBytes { try unpack($0) }
         } else {
-            guard keys == nil else { throw damaged("unencrypted chunk in an encrypted repository") }
-            length = try unpack(payload, flags: flags, rawLength: rawLength, into: output, damaged)
+            length = try unpack(stored)
         }
         guard length == rawLength else { throw damaged("wrong length after decompression") }
-        guard self.id(of: UnsafeRawBufferPointer(rebasing: output[0..<length])) == id else {
-            throw damaged("content does not match its id")
+        guard digest(UnsafeRawBufferPointer(out)) == layout.frames[k].digest else {
+            throw damaged("content does not match its digest")
         }
         return length
     }
 
-    private func unpack(_ body: UnsafeRawBufferPointer, flags: UInt8, rawLength: Int, into output: UnsafeMutableRawBufferPointer,
-                        _ damaged: (String) -> LifeboatError) throws -> Int {
-        if flags & Self.flagZstd == 0 {
-            guard body.count == rawLength else { throw damaged("wrong length") }
-            output.copyMemory(from: body)
-            return body.count
+    /// Decodes a whole stored chunk into `output`, checking every frame. Returns the plaintext length.
+    func decode(_ stored: UnsafeRawBufferPointer, id: ChunkID, into output: UnsafeMutableRawBufferPointer) throws -> Int {
+        let layout = try self.layout(stored, id: id, storedSize: stored.count)
+        guard output.count >= layout.rawLength else {
+            throw LifeboatError(.damaged, "chunk \(id.hex) is damaged: longer than a chunk")
         }
-        do {
-            return try zstd.decompress(body, into: UnsafeMutableRawBufferPointer(rebasing: output[0..<rawLength]))
-        } catch {
-            throw damaged("cannot decompress (\(error))")
+        for k in 0..<layout.frameCount {
+            let range = layout.storedRange(ofFrame: k)
+            _ = try decodeFrame(k, of: layout, stored: UnsafeRawBufferPointer(rebasing: stored[range]),
+                                into: UnsafeMutableRawBufferPointer(rebasing: output[(k * frameSize)...]))
         }
-    }
-
-    private static func writeHeader(flags: UInt8, rawLength: Int, payloadLength: Int, into buffer: UnsafeMutableRawBufferPointer) {
-        for i in 0..<4 { buffer[i] = magic[i] }
-        buffer[4] = 1
-        buffer[5] = flags
-        buffer[6] = 0
-        buffer[7] = 0
-        buffer.storeBytes(of: UInt32(rawLength).littleEndian, toByteOffset: 8, as: UInt32.self)
-        buffer.storeBytes(of: UInt32(payloadLength).littleEndian, toByteOffset: 12, as: UInt32.self)
+        return layout.rawLength
     }
 }
 

@@ -13,6 +13,8 @@ protocol ChunkStore: Sendable {
     /// Stores a chunk under its id. Visible only once whole; not yet durable (see `sync`).
     func write(_ id: ChunkID, _ bytes: UnsafeRawBufferPointer) throws
     func read(_ id: ChunkID) throws -> [UInt8]
+    /// Opens a stored chunk for reading parts of it.
+    func open(_ id: ChunkID) throws -> PosixFile
     /// Removes a chunk; returns the bytes it took.
     func remove(_ id: ChunkID) throws -> Int
     /// Makes every chunk written so far durable.
@@ -72,9 +74,15 @@ final class LocalChunkStore: ChunkStore {
     }
 
     func read(_ id: ChunkID) throws -> [UInt8] {
+        do { return try open(id).readAll() } catch let error as LifeboatError { throw error } catch {
+            throw LifeboatError.io(error, "cannot read chunk", path(id))
+        }
+    }
+
+    func open(_ id: ChunkID) throws -> PosixFile {
         let path = path(id)
         do {
-            return try PosixFile(path: path, flags: O_RDONLY).readAll()
+            return try PosixFile(path: path, flags: O_RDONLY)
         } catch {
             if (error as? Errno) == .noSuchFileOrDirectory {
                 throw LifeboatError(.damaged, "chunk \(id.hex) is missing from the repository (\(path))")

@@ -5,6 +5,8 @@ public struct RepositoryConfig: Codable, Sendable {
     public var format: Int = 1
     public var id: String
     public var chunkSize: Int
+    /// Chunks are compressed (and encrypted) in independent frames of this size (see ChunkCodec).
+    public var frameSize: Int
     public var compression: Compression
     public var encryption: KeyWrapping?
 

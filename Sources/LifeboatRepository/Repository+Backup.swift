@@ -121,7 +121,7 @@ extension Repository {
         file.prefetch(0..<min(size, window))
         try work.run { work in
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
-            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkCodec.scratchSize(chunkSize: chunkSize), alignment: 64)
+            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: codec.scratchSize(chunkSize: chunkSize), alignment: 64)
             defer { buffer.deallocate(); scratch.deallocate() }
             while let i = work.take() {
                 let offset = i * chunkSize

@@ -20,6 +20,8 @@ public final class Repository: Sendable {
     public static let defaultChunkSize = 1 << 20
     /// zstd 3: the smallest repository of the levels measured; level 1 is ~25% faster, ~9% larger.
     public static let defaultCompressionLevel = 3
+    /// 256 KiB: a random 4 KiB read decodes at most this much (docs/FORMAT.md, "Choices").
+    public static let defaultFrameSize = 256 * 1024
 
     public let root: String
     public let config: RepositoryConfig
@@ -29,7 +31,7 @@ public final class Repository: Sendable {
     private init(root: String, config: RepositoryConfig, keys: RepositoryKeys?) {
         self.root = root
         self.config = config
-        self.codec = ChunkCodec(compression: config.compression, keys: keys)
+        self.codec = ChunkCodec(compression: config.compression, frameSize: config.frameSize, keys: keys)
         self.store = LocalChunkStore(root: root + "/chunks")
     }
 
@@ -39,9 +41,13 @@ public final class Repository: Sendable {
     ///   - chunkSize: fixed chunk size in bytes, a power of two between 4 KiB and 16 MiB.
     /// - Throws: `.alreadyExists` when a repository or other files are there.
     public static func create(at root: String, password: String? = nil, chunkSize: Int = defaultChunkSize,
-                              compressionLevel: Int = defaultCompressionLevel) throws -> Repository {
+                              frameSize: Int? = nil, compressionLevel: Int = defaultCompressionLevel) throws -> Repository {
         guard chunkSize >= 4096, chunkSize <= 16 << 20, chunkSize & (chunkSize - 1) == 0 else {
             throw LifeboatError(.invalidArgument, "invalid chunk size \(chunkSize): use a power of two from 4096 to 16777216")
+        }
+        let frameSize = frameSize ?? min(chunkSize, defaultFrameSize)
+        guard frameSize >= 4096, frameSize <= chunkSize, frameSize & (frameSize - 1) == 0 else {
+            throw LifeboatError(.invalidArgument, "invalid frame size \(frameSize): use a power of two from 4096 up to the chunk size")
         }
         if FileSystem.exists(root + "/config.json") {
             throw LifeboatError(.alreadyExists, "a repository already exists at \(root)")
@@ -73,7 +79,7 @@ public final class Repository: Sendable {
             // stores ~1% less than plain level 3 at the same speed.
             (compression.hashLog, compression.chainLog, compression.minMatch) = (17, 16, 4)
         }
-        let config = RepositoryConfig(id: UUID().uuidString.lowercased(), chunkSize: chunkSize,
+        let config = RepositoryConfig(id: UUID().uuidString.lowercased(), chunkSize: chunkSize, frameSize: frameSize,
                                       compression: compression, encryption: wrapping)
         try LocalChunkStore.create(root: root + "/chunks")
         try FileSystem.makeDirectory(root + "/machines")
@@ -236,8 +242,44 @@ public final class Repository: Sendable {
     }
 
     /// Reads one chunk's plaintext into `buffer`; returns its length.
+    /// - Throws: `.damaged` naming the chunk when it is missing or does not match its id.
     public func readChunk(_ id: ChunkID, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
         try store.read(id).withUnsafeBytes { try codec.decode($0, id: id, into: buffer) }
+    }
+
+    /// Reads and checks a chunk's header and frame table, for reading single frames.
+    public func chunkLayout(_ id: ChunkID) throws -> ChunkLayout {
+        let file = try store.open(id)
+        let size: Int
+        do { size = try file.size() } catch { throw LifeboatError.io(error, "cannot read chunk", file.path) }
+        func readHead(_ count: Int) throws -> [UInt8] {
+            var head = [UInt8](repeating: 0, count: min(size, count))
+            do { _ = try head.withUnsafeMutableBytes { try file.read(into: $0, at: 0) } } catch {
+                throw LifeboatError.io(error, "cannot read chunk", file.path)
+            }
+            return head
+        }
+        var head = try readHead(4096)
+        if head.count >= ChunkCodec.headerSize {  // a table longer than 4 KiB (small frames): read all of it
+            let frames = Int(UInt32(littleEndian: head.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 12, as: UInt32.self) }))
+            let tableSize = ChunkCodec.headerSize + frames * ChunkCodec.tableEntrySize
+            if tableSize > head.count && tableSize <= size { head = try readHead(tableSize) }
+        }
+        return try head.withUnsafeBytes { try codec.layout($0, id: id, storedSize: size) }
+    }
+
+    /// Reads frame `k` of a chunk into `buffer` (at least `layout.frameSize` bytes); returns its length.
+    /// A 4 KiB read of a disk needs one such frame, never the whole chunk.
+    public func readFrame(_ k: Int, of layout: ChunkLayout, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        let file = try store.open(layout.id)
+        let range = layout.storedRange(ofFrame: k)
+        var stored = [UInt8](repeating: 0, count: range.count)
+        let n: Int
+        do { n = try stored.withUnsafeMutableBytes { try file.read(into: $0, at: range.lowerBound) } } catch {
+            throw LifeboatError.io(error, "cannot read chunk", file.path)
+        }
+        guard n == range.count else { throw LifeboatError(.damaged, "chunk \(layout.id.hex) is damaged: shorter than its frame table says") }
+        return try stored.withUnsafeBytes { try codec.decodeFrame(k, of: layout, stored: $0, into: buffer) }
     }
 
     func decode<T: Decodable>(_ type: T.Type, _ path: String) throws -> T {

@@ -10,6 +10,8 @@ extension Lifeboat {
         var encrypt = false
         @Option(help: "Chunk size in bytes (power of two).")
         var chunkSize = Repository.defaultChunkSize
+        @Option(help: "Size of the independently compressed frames inside a chunk (default 256 KiB).")
+        var frameSize: Int?
         @Option(help: "zstd level for new chunks (negative = faster, larger).")
         var compressionLevel = Repository.defaultCompressionLevel
 
@@ -22,7 +24,7 @@ extension Lifeboat {
                 password = given
             }
             let repo = try Repository.create(at: repository.path, password: password, chunkSize: chunkSize,
-                                             compressionLevel: compressionLevel)
+                                             frameSize: frameSize, compressionLevel: compressionLevel)
             print("created \(repo.config.isEncrypted ? "encrypted " : "")repository \(repo.root) (chunk size \(Format.bytes(chunkSize)))")
         }
     }

@@ -111,7 +111,7 @@ struct BackupRestoreTests {
         }
         // Ids are keyed: the plain SHA-256 of a chunk is not its name.
         let firstChunk = Array(Disk.contents(disk).prefix(repo.config.chunkSize))
-        let plainID = firstChunk.withUnsafeBytes { ChunkCodec(compressionLevel: 1, keys: nil).id(of: $0) }
+        let plainID = firstChunk.withUnsafeBytes { ChunkCodec(compression: .init(level: 1), frameSize: repo.config.frameSize, keys: nil).id(of: $0) }
         #expect(try !repo.chunkFiles().contains { $0.hasSuffix(plainID.hex) })
         #expect(throws: LifeboatError.self) { try Repository.open(at: scratch.file("repo")) { "wrong" } }
         do {
