@@ -7,6 +7,7 @@ let package = Package(
     products: [
         .executable(name: "lifeboat", targets: ["lifeboat"]),
         .library(name: "LifeboatRepository", targets: ["LifeboatRepository"]),
+        .library(name: "LifeboatFS", targets: ["LifeboatFS"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -28,16 +29,27 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
+        .target(
+            name: "LifeboatFS",
+            dependencies: [
+                "LifeboatRepository", "CFuse",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
         .executableTarget(
             name: "lifeboat",
             dependencies: [
-                "LifeboatRepository",
+                "LifeboatRepository", "LifeboatFS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .testTarget(
             name: "LifeboatRepositoryTests",
             dependencies: ["LifeboatRepository"]
+        ),
+        .testTarget(
+            name: "LifeboatFSTests",
+            dependencies: ["LifeboatFS", "LifeboatRepository"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -24,7 +24,7 @@ struct Lifeboat: ParsableCommand {
         abstract: "Disaster recovery for Linux/KVM: deduplicated recovery points in a cold repository.",
         subcommands: [
             Init.self, Protect.self, Machines.self, Unprotect.self, Backup.self, Points.self,
-            Restore.self, Verify.self, Prune.self, GC.self,
+            Restore.self, Verify.self, Prune.self, GC.self, Mount.self, Unmount.self, Browse.self, Unbrowse.self,
         ]
     )
 }

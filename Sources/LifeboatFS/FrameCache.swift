@@ -1,0 +1,108 @@
+import Dispatch
+import Foundation
+import LifeboatRepository
+import Synchronization
+
+/// Decoded chunk frames, shared by every open disk (equal chunks of different points are one
+/// entry), bounded in bytes. Eviction drops the least recently used frames. A frame that several
+/// threads want at once is loaded once; the others wait for it.
+public final class FrameCache: Sendable {
+    struct Key: Hashable, Sendable {
+        let chunk: ChunkID
+        let frame: Int
+    }
+
+    private final class Pending: @unchecked Sendable {
+        // @unchecked: `result` is written once before `done.leave()` and read after `done.wait()`.
+        let done = DispatchGroup()
+        var result: Result<[UInt8], any Error>?
+        init() { done.enter() }
+    }
+
+    private struct State {
+        var frames: [Key: (bytes: [UInt8], used: UInt64)] = [:]
+        var layouts: [ChunkID: ChunkLayout] = [:]
+        var pending: [Key: Pending] = [:]
+        var bytes = 0
+        var clock: UInt64 = 0
+    }
+
+    private let state = Mutex(State())
+    private let repository: Repository
+    public let capacity: Int
+    private let maxLayouts = 65536
+
+    public init(repository: Repository, capacity: Int) {
+        self.repository = repository
+        self.capacity = max(capacity, 2 * repository.config.frameSize)
+    }
+
+    /// Bytes of decoded frames held now.
+    public var size: Int { state.withLock { $0.bytes } }
+
+    /// The plaintext of frame `frame` of `chunk`, from the cache or the repository.
+    /// - Throws: `.damaged` when the chunk is missing or does not match its id.
+    func frame(_ frame: Int, of chunk: ChunkID) throws -> [UInt8] {
+        let key = Key(chunk: chunk, frame: frame)
+        enum Step { case hit([UInt8]), wait(Pending), load(Pending) }
+        let step: Step = state.withLock { state in
+            state.clock += 1
+            if let entry = state.frames[key] {
+                state.frames[key]!.used = state.clock
+                return .hit(entry.bytes)
+            }
+            if let pending = state.pending[key] { return .wait(pending) }
+            let pending = Pending()
+            state.pending[key] = pending
+            return .load(pending)
+        }
+        switch step {
+        case .hit(let bytes):
+            return bytes
+        case .wait(let pending):
+            pending.done.wait()
+            return try pending.result!.get()
+        case .load(let pending):
+            let result = Result { try load(key) }
+            pending.result = result
+            state.withLock { state in
+                state.pending[key] = nil
+                if case .success(let bytes) = result { insert(key, bytes, into: &state) }
+            }
+            pending.done.leave()
+            return try result.get()
+        }
+    }
+
+    private func load(_ key: Key) throws -> [UInt8] {
+        let layout: ChunkLayout
+        if let known = state.withLock({ $0.layouts[key.chunk] }) {
+            layout = known
+        } else {
+            layout = try repository.chunkLayout(key.chunk)
+            state.withLock { state in
+                if state.layouts.count >= maxLayouts { state.layouts.removeAll(keepingCapacity: true) }
+                state.layouts[key.chunk] = layout
+            }
+        }
+        guard key.frame < layout.frameCount else {
+            throw LifeboatError(.damaged, "chunk \(key.chunk.hex) is damaged: it has no frame \(key.frame)")
+        }
+        var bytes = [UInt8](repeating: 0, count: layout.rawLength(ofFrame: key.frame))
+        _ = try bytes.withUnsafeMutableBytes { try repository.readFrame(key.frame, of: layout, into: $0) }
+        return bytes
+    }
+
+    private func insert(_ key: Key, _ bytes: [UInt8], into state: inout State) {
+        state.frames[key] = (bytes, state.clock)
+        state.bytes += bytes.count
+        guard state.bytes > capacity else { return }
+        // Evict the oldest quarter in one pass, so the sort is paid rarely.
+        let target = capacity * 3 / 4
+        for (victim, entry) in state.frames.sorted(by: { $0.value.used < $1.value.used }) {
+            if state.bytes <= target { break }
+            state.frames[victim] = nil
+            state.bytes -= entry.bytes.count
+        }
+    }
+}

@@ -1,0 +1,206 @@
+import Foundation
+import LifeboatRepository
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One line of /proc/self/mountinfo.
+public struct MountEntry: Sendable, Equatable {
+    public var mountpoint: String
+    public var type: String
+    public var source: String
+}
+
+/// Mounts of this host, and starting and stopping lifeboat's own FUSE mounts.
+public enum Mounts {
+    /// Current mounts, read from /proc/self/mountinfo.
+    public static func all() -> [MountEntry] {
+        guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return [] }
+        return text.split(separator: "\n").compactMap { line in
+            let fields = line.split(separator: " ", omittingEmptySubsequences: false).map(String.init)
+            guard let dash = fields.firstIndex(of: "-"), fields.count > dash + 2, fields.count > 4 else { return nil }
+            return MountEntry(mountpoint: unescape(fields[4]), type: fields[dash + 1], source: unescape(fields[dash + 2]))
+        }
+    }
+
+    /// mountinfo escapes space, tab, newline and backslash as \ooo.
+    static func unescape(_ text: String) -> String {
+        guard text.contains("\\") else { return text }
+        var out = [UInt8]()
+        let bytes = Array(text.utf8)
+        var i = 0
+        while i < bytes.count {
+            if bytes[i] == 0x5c, i + 3 < bytes.count, let value = UInt8(String(decoding: bytes[(i + 1)...(i + 3)], as: UTF8.self), radix: 8) {
+                out.append(value)
+                i += 4
+            } else {
+                out.append(bytes[i])
+                i += 1
+            }
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    public static func entry(at path: String) -> MountEntry? {
+        let target = canonical(path)
+        return all().last { $0.mountpoint == target }
+    }
+
+    public static func isMounted(_ path: String) -> Bool { entry(at: path) != nil }
+
+    /// The fsname lifeboat gives the FUSE mount of a repository.
+    public static func fsname(for repository: String) -> String { "lifeboat:" + canonical(repository) }
+
+    /// A lifeboat FUSE mount of this repository, if one exists.
+    public static func lifeboatMount(of repository: String) -> String? {
+        let name = fsname(for: repository)
+        return all().first { $0.type == "fuse.lifeboat" && $0.source == name }?.mountpoint
+    }
+
+    public static func canonical(_ path: String) -> String {
+        guard let resolved = realpath(path, nil) else { return path }
+        defer { free(resolved) }
+        return String(cString: resolved)
+    }
+
+    /// Checks that `path` can take a new mount.
+    public static func checkMountpoint(_ path: String) throws {
+        var st = stat()
+        guard stat(path, &st) == 0 else {
+            throw LifeboatError(.notFound, "mount point \(path) does not exist: create it with mkdir first")
+        }
+        guard (st.st_mode & S_IFMT) == S_IFDIR else {
+            throw LifeboatError(.invalidArgument, "mount point \(path) is not a directory: give an empty directory")
+        }
+        if let existing = entry(at: path) {
+            throw LifeboatError(.alreadyExists, "\(path) is already a mount point (\(existing.type)): unmount it or choose another directory")
+        }
+    }
+
+    /// Unmounts `path`, waiting until it is gone.
+    /// - Throws: `.busy` when something still uses it.
+    public static func unmount(_ path: String, lazy: Bool = false) throws {
+        let target = canonical(path)
+        guard isMounted(target) else {
+            throw LifeboatError(.notFound, "\(path) is not mounted")
+        }
+        if umount2(target, lazy ? Int32(MNT_DETACH) : 0) != 0 {
+            let error = Errno(rawValue: errno)
+            if error == .resourceBusy {
+                throw LifeboatError(.busy, "\(path) is busy: a process, loop device or VM still uses it (stop it, or unbrowse / stop-test first)")
+            }
+            throw LifeboatError(.io, "cannot unmount \(path): \(error)")
+        }
+        for _ in 0..<200 where isMounted(target) { usleep(10_000) }
+    }
+
+    /// Starts `executable arguments` as a daemon in its own session (stdin from `input`, stdout
+    /// and stderr to `log`), then waits until `mountpoint` is mounted.
+    /// - Returns: the daemon's pid.
+    /// - Throws: with the daemon's last log line when it exits first or the mount never appears.
+    public static func startDaemon(_ executable: String, _ arguments: [String], input: [UInt8], log: String,
+                                   mountpoint: String, timeout: TimeInterval = 30) throws -> pid_t {
+        var pipeFDs: [Int32] = [0, 0]
+        guard pipe(&pipeFDs) == 0 else { throw LifeboatError(.io, "cannot create a pipe: \(Errno(rawValue: errno))") }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_adddup2(&actions, pipeFDs[0], 0)
+        posix_spawn_file_actions_addclose(&actions, pipeFDs[1])
+        posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0o600)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        posix_spawnattr_setflags(&attributes, Int16(0x80))  // POSIX_SPAWN_SETSID: not killed with our terminal
+        let argv = ([executable] + arguments).map { (text: String) in strdup(text) } + [nil]
+        defer { argv.forEach { free($0) } }
+        var pid: pid_t = 0
+        let spawned = posix_spawn(&pid, executable, &actions, &attributes, argv, environ)
+        Glibc.close(pipeFDs[0])
+        guard spawned == 0 else {
+            Glibc.close(pipeFDs[1])
+            throw LifeboatError(.io, "cannot start \(executable): \(Errno(rawValue: spawned))")
+        }
+        input.withUnsafeBytes { _ = write(pipeFDs[1], $0.baseAddress, $0.count) }
+        Glibc.close(pipeFDs[1])
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if isMounted(mountpoint) { return pid }
+            var status: Int32 = 0
+            if waitpid(pid, &status, WNOHANG) == pid {
+                throw LifeboatError(.io, lastLine(of: log) ?? "the mount process exited before mounting (see \(log))")
+            }
+            usleep(20_000)
+        }
+        kill(pid, SIGTERM)
+        throw LifeboatError(.io, "the mount did not appear at \(mountpoint) within \(Int(timeout)) s (see \(log))")
+    }
+
+    static func lastLine(of path: String) -> String? {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
+        return text.split(separator: "\n").last.map { line in
+            var text = String(line)
+            if text.hasPrefix("lifeboat: ") { text.removeFirst("lifeboat: ".count) }
+            return text
+        }
+    }
+}
+
+/// Who may read served disks besides root: the group QEMU runs as under libvirt.
+public enum QemuAccess {
+    /// The group from libvirt's qemu.conf (`group = "…"`), else Debian's default `libvirt-qemu`.
+    public static func groupName(config: String = "/etc/libvirt/qemu.conf") -> String {
+        if let text = try? String(contentsOfFile: config, encoding: .utf8) {
+            for line in text.split(separator: "\n") {
+                let trimmed = line.trimmingCharacters(in: .whitespaces)
+                guard trimmed.hasPrefix("group"), let eq = trimmed.firstIndex(of: "=") else { continue }
+                guard trimmed[..<eq].trimmingCharacters(in: .whitespaces) == "group" else { continue }
+                let value = trimmed[trimmed.index(after: eq)...].trimmingCharacters(in: .whitespaces)
+                    .trimmingCharacters(in: CharacterSet(charactersIn: "\""))
+                if !value.isEmpty { return value }
+            }
+        }
+        return "libvirt-qemu"
+    }
+
+    /// The gid of that group, or 0 (root only) when it does not exist.
+    public static func gid() -> UInt32 {
+        let name = groupName()
+        if let number = UInt32(name.trimmingCharacters(in: CharacterSet(charactersIn: "+"))) { return number }
+        guard let group = getgrnam(name) else { return 0 }
+        return group.pointee.gr_gid
+    }
+}
+
+/// Runs a system command and collects its output.
+enum Command {
+    struct Output { var status: Int32; var stdout: String; var stderr: String }
+
+    /// Output goes through temporary files rather than pipes: a command that leaves a daemon
+    /// behind (fusefat, for one) would otherwise hold the pipe open forever.
+    static func run(_ arguments: [String]) throws -> Output {
+        let base = "/tmp/lifeboat-command-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { unlink(base + ".out"); unlink(base + ".err") }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, base + ".out", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        posix_spawn_file_actions_addopen(&actions, 2, base + ".err", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        let argv = arguments.map { (text: String) in strdup(text) } + [nil]
+        defer { argv.forEach { free($0) } }
+        var pid: pid_t = 0
+        let spawned = posix_spawnp(&pid, arguments[0], &actions, nil, argv, environ)
+        guard spawned == 0 else {
+            throw LifeboatError(.notFound, "cannot run \(arguments[0]): \(String(cString: strerror(spawned))) (is it installed?)")
+        }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        let exited = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+        let stdout = (try? String(contentsOfFile: base + ".out", encoding: .utf8)) ?? ""
+        let stderr = (try? String(contentsOfFile: base + ".err", encoding: .utf8)) ?? ""
+        return Output(status: exited, stdout: stdout, stderr: stderr.trimmingCharacters(in: .whitespacesAndNewlines))
+    }
+}

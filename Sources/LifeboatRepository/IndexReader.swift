@@ -1,0 +1,99 @@
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Reads a disk index a page at a time, so that opening a disk of any size costs one header
+/// read, and reading a block costs at most one 4 KiB index read.
+///
+/// The index's trailing checksum is not checked here (that needs the whole file); a damaged id
+/// still cannot yield wrong bytes, because every chunk read is checked against its id.
+public final class IndexReader: Sendable {
+    public let chunkSize: Int
+    public let diskSize: Int
+    public let count: Int
+    private let file: PosixFile
+    private let pages = Mutex<[Int: [ChunkID]]>([:])
+    private static let idsPerPage = 128
+    private static let maxPages = 1024  // 4 MiB of ids: 128 GiB of disk at 1 MiB chunks
+
+    init(path: String) throws {
+        let file: PosixFile
+        do { file = try PosixFile(path: path, flags: O_RDONLY) } catch {
+            throw LifeboatError(.damaged, "index \(path) cannot be read (\(error)): the point is damaged")
+        }
+        self.file = file
+        var header = [UInt8](repeating: 0, count: 32)
+        let n = try? header.withUnsafeMutableBytes { try file.read(into: $0, at: 0) }
+        func u64(_ offset: Int) -> Int {
+            header.withUnsafeBytes { Int(UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: offset, as: UInt64.self))) }
+        }
+        guard n == 32, Array(header[0..<8]) == DiskIndex.magic else {
+            throw LifeboatError(.damaged, "index \(path) is damaged (bad header)")
+        }
+        (chunkSize, diskSize, count) = (u64(8), u64(16), u64(24))
+        guard chunkSize > 0, count == DiskIndex.chunkCount(diskSize: diskSize, chunkSize: chunkSize),
+              (try? file.size()) == 64 + count * 32 else {
+            throw LifeboatError(.damaged, "index \(path) is damaged (wrong length)")
+        }
+    }
+
+    /// The id of chunk `i` (zero for a hole).
+    public func id(at i: Int) throws -> ChunkID {
+        precondition(i >= 0 && i < count)
+        let page = i / Self.idsPerPage
+        if let ids = pages.withLock({ $0[page] }) { return ids[i % Self.idsPerPage] }
+        let first = page * Self.idsPerPage
+        let n = min(Self.idsPerPage, count - first)
+        var bytes = [UInt8](repeating: 0, count: n * 32)
+        let got: Int
+        do { got = try bytes.withUnsafeMutableBytes { try file.read(into: $0, at: 32 + first * 32) } } catch {
+            throw LifeboatError(.damaged, "index \(file.path) cannot be read (\(error))")
+        }
+        guard got == n * 32 else { throw LifeboatError(.damaged, "index \(file.path) is damaged (short read)") }
+        let ids = bytes.withUnsafeBytes { raw in
+            (0..<n).map { ChunkID(bytes: UnsafeRawBufferPointer(rebasing: raw[($0 * 32)..<($0 * 32 + 32)])) }
+        }
+        pages.withLock { pages in
+            if pages.count >= Self.maxPages { pages.removeAll(keepingCapacity: true) }
+            pages[page] = ids
+        }
+        return ids[i % Self.idsPerPage]
+    }
+}
+
+extension Repository {
+    /// A lazy reader of one disk's index in a recovery point.
+    public func indexReader(_ point: RecoveryPoint, disk: String) throws -> IndexReader {
+        try IndexReader(path: indexPath(point.machine, point.id, disk: disk))
+    }
+
+    /// One recovery point, read from its own point.json only.
+    /// - Throws: `.notFound` when the point does not exist (or was pruned).
+    public func loadPoint(_ machine: String, _ id: String) throws -> RecoveryPoint {
+        guard !id.hasPrefix("."), !id.contains("/"), FileSystem.exists(pointPath(machine, id) + "/point.json") else {
+            throw LifeboatError(.notFound, "machine \(machine) has no recovery point \(id)")
+        }
+        return try decode(RecoveryPoint.self, pointPath(machine, id) + "/point.json")
+    }
+
+    /// True when the point exists (is not pruned), without reading it.
+    public func hasPoint(_ machine: String, _ id: String) -> Bool {
+        !id.hasPrefix(".") && !id.contains("/") && FileSystem.exists(pointPath(machine, id) + "/point.json")
+    }
+
+    /// The bytes of a point's point.json, as stored.
+    public func pointManifest(_ machine: String, _ id: String) throws -> [UInt8] {
+        try PosixFile.openForReading(pointPath(machine, id) + "/point.json", what: "point").readAll()
+    }
+
+    /// Names of protected machines, without reading their settings.
+    public func machineNames() throws -> [String] {
+        try FileSystem.list(machinesPath).filter { !$0.hasPrefix(".") && FileSystem.exists(machinePath($0) + "/machine.json") }.sorted()
+    }
+
+    /// Ids of a machine's points, without reading them.
+    public func pointIDs(_ machine: String) throws -> [String] {
+        try FileSystem.list(pointsPath(machine)).filter { !$0.hasPrefix(".") }.sorted()
+    }
+}
