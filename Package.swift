@@ -43,13 +43,18 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        .target(
+            name: "LifeboatTestSupport",
+            dependencies: ["LifeboatRepository"],
+            path: "Tests/LifeboatTestSupport"
+        ),
         .testTarget(
             name: "LifeboatRepositoryTests",
-            dependencies: ["LifeboatRepository"]
+            dependencies: ["LifeboatRepository", "LifeboatTestSupport"]
         ),
         .testTarget(
             name: "LifeboatFSTests",
-            dependencies: ["LifeboatFS", "LifeboatRepository"]
+            dependencies: ["LifeboatFS", "LifeboatRepository", "LifeboatTestSupport"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -107,8 +107,11 @@ public enum Browser {
         let target = Mounts.canonical(dir)
         let state: BrowseState? = (try? Data(contentsOf: URL(fileURLWithPath: statePath(dir))))
             .flatMap { try? JSONDecoder().decode(BrowseState.self, from: $0) }
+        // Without a record (browse killed before writing it), a lifeboat mount inside dir is ours.
+        let ownMount = Mounts.all().first { $0.type == "fuse.lifeboat" && $0.mountpoint == target + "/" + privateMountName }
+        let fuse = state.map { Mounts.canonical($0.fuseMount) } ?? ownMount?.mountpoint
+        let startedFuse = state?.startedFuse ?? (ownMount != nil)
         // Every mount below dir except the FUSE mount, deepest first.
-        let fuse = state.map { Mounts.canonical($0.fuseMount) }
         let below = Mounts.all().map(\.mountpoint).filter { $0.hasPrefix(target + "/") && $0 != fuse }
         var problems: [String] = []
         for path in below.sorted(by: { $0.count > $1.count }) {
@@ -116,27 +119,29 @@ public enum Browser {
         }
         // Loop devices reading from the FUSE mount (or recorded in the state).
         var loops = Set(state?.loops ?? [])
-        if let state, state.startedFuse, let fuse { loops.formUnion(loopDevices(backedBelow: fuse)) }  // ours alone
+        if startedFuse, let fuse { loops.formUnion(loopDevices(backedBelow: fuse)) }  // ours alone
         for loop in loops.sorted() where FileManager.default.fileExists(atPath: loop) {
             _ = try Command.run(["partx", "-d", loop])
             let result = try Command.run(["losetup", "-d", loop])
             if result.status != 0 && !result.stderr.contains("No such device") { problems.append("cannot detach \(loop): \(result.stderr)") }
         }
-        if let state, state.startedFuse, Mounts.isMounted(state.fuseMount) {
+        if startedFuse, let fuse, Mounts.isMounted(fuse) {
             // Loop devices let go of the file asynchronously: retry briefly while busy.
             var lastError: (any Error)? = nil
             for _ in 0..<50 {
-                do { try Mounts.unmount(state.fuseMount); lastError = nil; break } catch { lastError = error; usleep(100_000) }
+                do { try Mounts.unmount(fuse); lastError = nil; break } catch { lastError = error; usleep(100_000) }
             }
             if let lastError { problems.append("\(lastError)") }
         }
         if !problems.isEmpty {
             throw LifeboatError(.busy, "unbrowse of \(dir) left something behind: " + problems.joined(separator: "; "))
         }
-        for folder in (state?.folders ?? []).reversed() { rmdir(folder) }
-        if let state {
-            for disk in Set(state.folders.map { FileSystemPaths.parent($0) }) { rmdir(disk) }
-            if state.startedFuse { rmdir(state.fuseMount) }
+        // Remove the (now empty) folders browse made: DIR/DISK/pN, DIR/DISK, the FUSE folder.
+        for disk in (try? FileManager.default.contentsOfDirectory(atPath: target)) ?? [] where !disk.hasPrefix(".lifeboat-browse") {
+            for part in (try? FileManager.default.contentsOfDirectory(atPath: target + "/" + disk)) ?? [] {
+                rmdir(target + "/" + disk + "/" + part)
+            }
+            rmdir(target + "/" + disk)
         }
         unlink(statePath(dir))
     }

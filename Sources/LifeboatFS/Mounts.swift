@@ -5,6 +5,10 @@ import SystemPackage
 import Glibc
 #endif
 
+// glibc 2.34+; not in Swift's Glibc module (needs _GNU_SOURCE).
+@_silgen_name("posix_spawn_file_actions_addclosefrom_np")
+private func addCloseFrom(_ actions: UnsafeMutablePointer<posix_spawn_file_actions_t>, _ from: Int32) -> Int32
+
 /// One line of /proc/self/mountinfo.
 public struct MountEntry: Sendable, Equatable {
     public var mountpoint: String
@@ -110,6 +114,7 @@ public enum Mounts {
         posix_spawn_file_actions_addclose(&actions, pipeFDs[1])
         posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0o600)
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        _ = addCloseFrom(&actions, 3)   // a daemon must not hold anyone's pipes open
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
         defer { posix_spawnattr_destroy(&attributes) }
@@ -189,6 +194,7 @@ enum Command {
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, base + ".out", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
         posix_spawn_file_actions_addopen(&actions, 2, base + ".err", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        _ = addCloseFrom(&actions, 3)   // commands that leave daemons (fusefat) must not hold our pipes
         let argv = arguments.map { (text: String) in strdup(text) } + [nil]
         defer { argv.forEach { free($0) } }
         var pid: pid_t = 0

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import LifeboatRepository
+import LifeboatTestSupport
 #if canImport(Glibc)
 import Glibc
 #endif

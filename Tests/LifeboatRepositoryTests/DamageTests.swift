@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import LifeboatRepository
+import LifeboatTestSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -138,5 +139,12 @@ struct RetentionTests {
         let fixture = try TwoPoints()
         #expect(throws: LifeboatError.self) { try fixture.repo.prune("app", policy: RetentionPolicy()) }
         #expect(try fixture.repo.points("app").count == 2)
+    }
+}
+
+extension Repository {
+    /// Every stored chunk file's path.
+    func chunkFiles() throws -> [String] {
+        try store.all().map { (store as! LocalChunkStore).path($0) }
     }
 }

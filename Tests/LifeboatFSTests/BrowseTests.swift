@@ -1,0 +1,69 @@
+import Foundation
+import LifeboatFS
+import LifeboatRepository
+import LifeboatTestSupport
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+func loopDevices() -> [String] {
+    ((try? sh(["losetup", "-a"])) ?? "").split(separator: "\n").map(String.init)
+}
+
+@Suite("Browsing recovery points", .serialized)
+struct BrowseTests {
+    @Test("browse two points, read a different marker from each; unbrowse leaves no mount, loop device or FUSE process")
+    func browseTwoPoints() throws {
+        let demo = try DemoRepository()
+        let loopsBefore = loopDevices()
+        var dirs: [String] = []
+        for (point, marker) in zip(demo.points, ["marker A", "marker B"]) {
+            let dir = demo.scratch.file("browse-\(point.id)")
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: false)
+            dirs.append(dir)
+            let result = try CLI.run(["browse", "demo", "--point", point.id, dir, "--repo", demo.repo.root])
+            #expect(result.status == 0, "\(result.stderr)")
+            #expect(result.stdout.contains("mounted     demo p2 (ext4)"))
+            #expect(result.stdout.contains("mounted     demo p1 (vfat)"))
+            let text = try String(contentsOfFile: "\(dir)/demo/p2/marker", encoding: .utf8)
+            #expect(text == marker + "\n")
+            #expect(FileManager.default.fileExists(atPath: "\(dir)/demo/p1/SYSLINUX.CFG"))
+        }
+        for dir in dirs {
+            let result = try CLI.run(["unbrowse", dir])
+            #expect(result.status == 0, "\(result.stderr)")
+            #expect(!Mounts.all().contains { $0.mountpoint.hasPrefix(dir) })
+            #expect(try FileManager.default.contentsOfDirectory(atPath: dir).isEmpty)
+        }
+        #expect(loopDevices() == loopsBefore)
+        #expect(!processRunning("lifeboat mount \(demo.scratch.path)"))
+    }
+
+    @Test("a disk without a partition table is browsed as one file system; a partial browse is undone")
+    func wholeDiskAndPartial() throws {
+        let scratch = Scratch()
+        let disk = scratch.file("fs.img")
+        let content = scratch.file("content")
+        try FileManager.default.createDirectory(atPath: content, withIntermediateDirectories: false)
+        FileManager.default.createFile(atPath: content + "/hello.txt", contents: Data("whole disk\n".utf8))
+        try sh(["mkfs.ext4", "-q", "-d", content, disk, "32M"])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        try repo.protect(Machine(name: "plain", disks: Repository.diskNames(for: [disk])))
+        _ = try repo.backup("plain")
+        let dir = scratch.file("browse")
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: false)
+        let result = try CLI.run(["browse", "plain", dir, "--repo", repo.root])
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(try String(contentsOfFile: "\(dir)/fs/whole/hello.txt", encoding: .utf8) == "whole disk\n")
+        // A second browse into the same folder is refused; unbrowse still cleans everything.
+        let again = try CLI.run(["browse", "plain", dir, "--repo", repo.root])
+        #expect(again.status != 0 && again.stderr.contains("already holds a browse"))
+        // As after a browse killed halfway: without its record, unbrowse finds what is mounted anyway.
+        unlink(dir + "/.lifeboat-browse.json")
+        let undo = try CLI.run(["unbrowse", dir])
+        #expect(undo.status == 0, "\(undo.stderr)")
+        #expect(!Mounts.all().contains { $0.mountpoint.hasPrefix(dir) })
+        #expect(!loopDevices().contains { $0.contains(dir) })
+    }
+}

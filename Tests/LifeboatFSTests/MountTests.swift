@@ -1,0 +1,269 @@
+import Crypto
+import Foundation
+import LifeboatFS
+import LifeboatRepository
+import LifeboatTestSupport
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A repository with the demo disk backed up twice (markers A and B), and the disk's bytes at each point.
+final class DemoRepository {
+    let scratch = Scratch()
+    let repo: Repository
+    let disk: String
+    var points: [RecoveryPoint] = []
+    var contents: [String: [UInt8]] = [:]
+
+    init(password: String? = nil) throws {
+        disk = scratch.file("demo.raw")
+        try DemoDisk.make(disk, marker: "marker A")
+        repo = try Repository.create(at: scratch.file("repo"), password: password)
+        try repo.protect(Machine(name: "demo", disks: Repository.diskNames(for: [disk])))
+        try backup()
+        try DemoDisk.setMarker(disk, "marker B")
+        try backup()
+    }
+
+    @discardableResult
+    func backup() throws -> RecoveryPoint {
+        let point = try repo.backup("demo")
+        points.append(point)
+        contents[point.id] = Disk.contents(disk)
+        return point
+    }
+
+    /// Mounts the repository in the background with the CLI; returns the mount point.
+    func mount(_ extra: [String] = [], environment: [String: String] = [:]) throws -> String {
+        let mountpoint = scratch.file("mnt-\(UInt32.random(in: 0...UInt32.max))")
+        try FileManager.default.createDirectory(atPath: mountpoint, withIntermediateDirectories: false)
+        let result = try CLI.run(["mount", mountpoint, "--repo", repo.root] + extra, environment: environment)
+        #expect(result.status == 0, "mount failed: \(result.stderr)")
+        return mountpoint
+    }
+
+    func unmount(_ mountpoint: String) throws {
+        let result = try CLI.run(["unmount", mountpoint])
+        #expect(result.status == 0, "unmount failed: \(result.stderr)")
+    }
+}
+
+func sha256(_ path: String) throws -> String {
+    let fd = open(path, O_RDONLY)
+    guard fd >= 0 else { throw ShellError(description: "cannot open \(path): errno \(errno)") }
+    defer { close(fd) }
+    var hasher = SHA256()
+    var buffer = [UInt8](repeating: 0, count: 1 << 20)
+    while true {
+        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        guard n > 0 else { break }
+        hasher.update(data: buffer[0..<n])
+    }
+    return hasher.finalize().map { String(format: "%02x", $0) }.joined()
+}
+
+func sha256(_ bytes: [UInt8]) -> String { SHA256.hash(data: bytes).map { String(format: "%02x", $0) }.joined() }
+
+/// pread that reports errno.
+func readAt(_ fd: Int32, _ offset: Int, _ count: Int) -> ([UInt8], Int32) {
+    var buffer = [UInt8](repeating: 0, count: count)
+    let n = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, count, off_t(offset)) }
+    if n < 0 { return ([], errno) }
+    return (Array(buffer[0..<n]), 0)
+}
+
+func processRunning(_ pattern: String) -> Bool {
+    (try? sh(["pgrep", "-f", pattern])).map { !$0.isEmpty } ?? false
+}
+
+@Suite("FUSE mount of the repository", .serialized)
+struct MountTests {
+    @Test("every served disk hashes like the original at each point; latest and point.json are served")
+    func servedDisksMatch() throws {
+        let demo = try DemoRepository()
+        let mnt = try demo.mount()
+        defer { try? demo.unmount(mnt) }
+        for point in demo.points {
+            #expect(try sha256("\(mnt)/demo/\(point.id)/demo.raw") == sha256(demo.contents[point.id]!))
+            let manifest = try Data(contentsOf: URL(fileURLWithPath: "\(mnt)/demo/\(point.id)/point.json"))
+            #expect(String(decoding: manifest, as: UTF8.self).contains("\"id\" : \"\(point.id)\""))
+        }
+        #expect(try FileManager.default.destinationOfSymbolicLink(atPath: "\(mnt)/demo/latest") == demo.points.last!.id)
+        var st = stat()
+        stat("\(mnt)/demo/latest/demo.raw", &st)
+        #expect(Int(st.st_size) == demo.points.last!.disks[0].size)
+        #expect(st.st_mode & 0o777 == 0o440)
+    }
+
+    @Test("8 threads of random reads return the original bytes")
+    func randomReads() throws {
+        let demo = try DemoRepository()
+        let mnt = try demo.mount(["--cache-size", "\(4 << 20)"])  // small cache: many misses and evictions
+        defer { try? demo.unmount(mnt) }
+        let point = demo.points[0]
+        let original = demo.contents[point.id]!
+        let fd = open("\(mnt)/demo/\(point.id)/demo.raw", O_RDONLY)
+        #expect(fd >= 0)
+        defer { close(fd) }
+        let failures = ManagedAtomicCounter()
+        DispatchQueue.concurrentPerform(iterations: 8) { worker in
+            var generator = SystemRandomNumberGenerator()
+            for _ in 0..<300 {
+                let offset = Int.random(in: 0..<(original.count - 1), using: &generator)
+                let count = min(original.count - offset, Int.random(in: 1...(300_000), using: &generator))
+                let (bytes, error) = readAt(fd, offset, count)
+                if error != 0 || bytes[...] != original[offset..<(offset + count)] { failures.increment() }
+            }
+        }
+        #expect(failures.value == 0)
+    }
+
+    @Test("a point taken while mounted appears; a pruned one disappears")
+    func livePoints() throws {
+        let demo = try DemoRepository()
+        let mnt = try demo.mount()
+        defer { try? demo.unmount(mnt) }
+        try DemoDisk.setMarker(demo.disk, "marker C")
+        let third = try demo.backup()
+        var appeared = false
+        for _ in 0..<50 where !appeared {
+            appeared = (try? FileManager.default.contentsOfDirectory(atPath: "\(mnt)/demo"))?.contains(third.id) == true
+            if !appeared { usleep(100_000) }
+        }
+        #expect(appeared)
+        #expect(try sha256("\(mnt)/demo/\(third.id)/demo.raw") == sha256(demo.contents[third.id]!))
+        #expect(try FileManager.default.destinationOfSymbolicLink(atPath: "\(mnt)/demo/latest") == third.id)
+        _ = try demo.repo.prune("demo", policy: RetentionPolicy(last: 1))
+        var gone = false
+        for _ in 0..<50 where !gone {
+            gone = !FileManager.default.fileExists(atPath: "\(mnt)/demo/\(demo.points[0].id)")
+            if !gone { usleep(100_000) }
+        }
+        #expect(gone)
+    }
+
+    @Test("nothing can be written through the mount: EROFS")
+    func readOnly() throws {
+        let demo = try DemoRepository()
+        let mnt = try demo.mount()
+        defer { try? demo.unmount(mnt) }
+        let file = "\(mnt)/demo/latest/demo.raw"
+        #expect(open(file, O_WRONLY) == -1 && errno == EROFS)
+        #expect(open(file, O_RDWR) == -1 && errno == EROFS)
+        #expect(truncate(file, 0) == -1 && errno == EROFS)
+        #expect(chmod(file, 0o644) == -1 && errno == EROFS)
+        #expect(mkdir("\(mnt)/demo/new", 0o755) == -1 && errno == EROFS)
+        #expect(unlink("\(mnt)/demo/latest/point.json") == -1 && errno == EROFS)
+        #expect(open("\(mnt)/demo/new.raw", O_CREAT | O_WRONLY, 0o644) == -1 && errno == EROFS)
+    }
+
+    @Test("a qcow2 overlay backed by the served disk reads the point's bytes; holes answer SEEK_HOLE")
+    func qcow2Overlay() throws {
+        let demo = try DemoRepository()
+        let mnt = try demo.mount()
+        defer { try? demo.unmount(mnt) }
+        let point = demo.points[0]
+        let served = "\(mnt)/demo/\(point.id)/demo.raw"
+        let overlay = demo.scratch.file("overlay.qcow2")
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", "-b", served, "-F", "raw", overlay])
+        let original = demo.scratch.file("first.raw")
+        FileManager.default.createFile(atPath: original, contents: Data(demo.contents[point.id]!))
+        let compare = try sh(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", overlay, original])
+        #expect(compare.contains("Images are identical"))
+        // The served file says where its data is, from the chunk index.
+        let fd = open(served, O_RDONLY)
+        defer { close(fd) }
+        let firstData = lseek(fd, 0, 3 /* SEEK_DATA */)
+        let firstHole = lseek(fd, 0, 4 /* SEEK_HOLE */)
+        #expect(firstData == 0)
+        #expect(firstHole > 0 && firstHole < off_t(point.disks[0].size))
+        let map = try sh(["qemu-img", "map", "--output=json", "-f", "raw", served])
+        #expect(map.contains("\"data\": false"), "qemu sees the holes of the served disk")
+    }
+
+    @Test("a flipped byte in a chunk gives EIO for that range only, and the mount keeps serving")
+    func damagedChunk() throws {
+        let demo = try DemoRepository()
+        let point = demo.points[0]
+        let index = try demo.repo.index(point, disk: "demo")
+        let chunk = index.ids.firstIndex { !$0.isZero }!
+        let path = demo.repo.root + "/chunks/" + index.ids[chunk].hex.prefix(2) + "/" + index.ids[chunk].hex
+        Disk.patch(path, writes: [(Int(Disk.contents(path).count) - 10, [0x55])])   // inside the last frame
+        let mnt = try demo.mount()
+        defer { try? demo.unmount(mnt) }
+        let fd = open("\(mnt)/demo/\(point.id)/demo.raw", O_RDONLY)
+        defer { close(fd) }
+        let chunkStart = chunk * index.chunkSize
+        let (_, badError) = readAt(fd, chunkStart + index.chunkSize - 4096, 4096)
+        #expect(badError == EIO)
+        let (good, goodError) = readAt(fd, chunkStart, 4096)   // first frame of the same chunk is intact
+        #expect(goodError == 0)
+        #expect(good[...] == demo.contents[point.id]![chunkStart..<(chunkStart + 4096)])
+        let other = index.ids.lastIndex { !$0.isZero && $0 != index.ids[chunk] }!
+        let (fine, fineError) = readAt(fd, other * index.chunkSize, 65536)
+        #expect(fineError == 0)
+        #expect(fine[...] == demo.contents[point.id]![(other * index.chunkSize)..<(other * index.chunkSize + 65536)])
+        let log = try String(contentsOfFile: "/run/lifeboat/mount" + mnt.replacingOccurrences(of: "/", with: "_") + ".log", encoding: .utf8)
+        #expect(log.contains(index.ids[chunk].hex))
+    }
+
+    @Test("memory stays bounded while reading a whole large disk")
+    func boundedMemory() throws {
+        let scratch = Scratch()
+        let disk = scratch.file("big.raw")
+        try sh(["dd", "if=/dev/urandom", "of=\(disk)", "bs=1M", "count=384", "status=none"])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        try repo.protect(Machine(name: "big", disks: Repository.diskNames(for: [disk])))
+        let point = try repo.backup("big")
+        let mnt = scratch.file("mnt")
+        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: false)
+        let cache = 16 << 20
+        #expect(try CLI.run(["mount", mnt, "--repo", repo.root, "--cache-size", "\(cache)"]).status == 0)
+        defer { _ = try? CLI.run(["unmount", mnt]) }
+        #expect(try sha256("\(mnt)/big/\(point.id)/big.raw") == sha256(disk))
+        let pid = try sh(["pgrep", "-f", "lifeboat mount \(mnt) --foreground"]).split(separator: "\n").first.map(String.init) ?? ""
+        let status = try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)
+        let peakKiB = Int(status.split(separator: "\n").first { $0.hasPrefix("VmHWM:") }!.split(separator: " ")[1])!
+        #expect(peakKiB * 1024 < cache + (80 << 20), "peak RSS \(peakKiB) KiB after reading 384 MiB with a 16 MiB cache")
+    }
+
+    @Test("encrypted repositories are served too")
+    func encrypted() throws {
+        let demo = try DemoRepository(password: "s3cret")
+        let mnt = try demo.mount(environment: ["LIFEBOAT_PASSWORD": "s3cret"])
+        defer { try? demo.unmount(mnt) }
+        #expect(try sha256("\(mnt)/demo/latest/demo.raw") == sha256(demo.contents[demo.points.last!.id]!))
+        let wrong = try CLI.run(["mount", demo.scratch.file("x"), "--repo", demo.repo.root], environment: ["LIFEBOAT_PASSWORD": "nope"])
+        #expect(wrong.status != 0)
+    }
+
+    @Test("bad mount input: one line naming the thing")
+    func badInput() throws {
+        let demo = try DemoRepository()
+        let file = demo.scratch.file("plain-file")
+        FileManager.default.createFile(atPath: file, contents: Data())
+        let mnt = try demo.mount()
+        defer { try? demo.unmount(mnt) }
+        let cases: [([String], String)] = [
+            (["mount", demo.scratch.file("missing"), "--repo", demo.repo.root], "does not exist"),
+            (["mount", file, "--repo", demo.repo.root], "is not a directory"),
+            (["mount", mnt, "--repo", demo.repo.root], "is already a mount point"),
+            (["mount", demo.scratch.path, "--repo", demo.scratch.file("no-repo")], "no repository at"),
+            (["unmount", demo.scratch.path], "is not a lifeboat mount"),
+        ]
+        for (arguments, message) in cases {
+            let result = try CLI.run(arguments)
+            #expect(result.status != 0)
+            #expect(result.stderr.split(separator: "\n").count == 1 && result.stderr.contains(message), "\(arguments): \(result.stderr)")
+        }
+    }
+}
+
+/// A counter many threads can bump.
+final class ManagedAtomicCounter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var count = 0
+    func increment() { lock.lock(); count += 1; lock.unlock() }
+    var value: Int { lock.lock(); defer { lock.unlock() }; return count }
+}
