@@ -33,7 +33,7 @@ struct BrowseTests {
         for dir in dirs {
             let result = try CLI.run(["unbrowse", dir])
             #expect(result.status == 0, "\(result.stderr)")
-            #expect(!Mounts.all().contains { $0.mountpoint.hasPrefix(dir) })
+            #expect(!Mounts.all().contains { $0.mountpoint.hasPrefix(dir + "/") })
             #expect(try FileManager.default.contentsOfDirectory(atPath: dir).isEmpty)
         }
         #expect(loopDevices() == loopsBefore)
@@ -63,7 +63,7 @@ struct BrowseTests {
         unlink(dir + "/.lifeboat-browse.json")
         let undo = try CLI.run(["unbrowse", dir])
         #expect(undo.status == 0, "\(undo.stderr)")
-        #expect(!Mounts.all().contains { $0.mountpoint.hasPrefix(dir) })
+        #expect(!Mounts.all().contains { $0.mountpoint.hasPrefix(dir + "/") })
         #expect(!loopDevices().contains { $0.contains(dir) })
     }
 }
