@@ -74,6 +74,22 @@ public final class FrameCache: Sendable {
         }
     }
 
+    /// Loads every frame of `chunk` not cached yet with one read of the chunk file (for reading
+    /// ahead: sequential readers need them all, and one large read beats several small ones).
+    func prefetch(_ chunk: ChunkID, frames: Int) {
+        let missing = state.withLock { state in
+            (0..<frames).contains { state.frames[Key(chunk: chunk, frame: $0)] == nil && state.pending[Key(chunk: chunk, frame: $0)] == nil }
+        }
+        guard missing, let decoded = try? repository.readFrames(chunk) else { return }
+        state.withLock { state in
+            state.layouts[chunk] = decoded.layout
+            for (k, bytes) in decoded.frames.enumerated() where state.frames[Key(chunk: chunk, frame: k)] == nil {
+                state.clock += 1
+                insert(Key(chunk: chunk, frame: k), bytes, into: &state)
+            }
+        }
+    }
+
     private func load(_ key: Key) throws -> [UInt8] {
         let layout: ChunkLayout
         if let known = state.withLock({ $0.layouts[key.chunk] }) {

@@ -9,7 +9,7 @@ public protocol FuseFileSystem: AnyObject, Sendable {
     func list(_ path: String) throws -> [String]
     func link(_ path: String) throws -> String
     /// Opens a regular file; returns a handle passed to `read`, `seek` and `close`.
-    func open(_ path: String) throws -> UInt64
+    func open(_ path: String) throws -> OpenedFile
     func read(_ handle: UInt64, into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws -> Int
     /// SEEK_DATA / SEEK_HOLE.
     func seek(_ handle: UInt64, to offset: Int, whence: Int32) throws -> Int
@@ -29,4 +29,12 @@ public struct FileAttributes: Sendable {
     public init(kind: Kind, size: Int, permissions: UInt32, uid: UInt32, gid: UInt32, modified: Date) {
         (self.kind, self.size, self.permissions, self.uid, self.gid, self.modified) = (kind, size, permissions, uid, gid, modified)
     }
+}
+
+/// An open file: its handle, and whether reads bypass the kernel's page cache.
+public struct OpenedFile: Sendable {
+    public var handle: UInt64
+    /// Reads go straight to `read` in the caller's size, copied once (no page cache). Also lets
+    /// callers open the file with O_DIRECT (QEMU's cache=none).
+    public var directIO: Bool
 }

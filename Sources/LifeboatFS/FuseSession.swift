@@ -150,8 +150,9 @@ private enum Trampolines {
             guard let fi else { return -EIO }
             if fi.pointee.flags & O_ACCMODE != O_RDONLY { return -EROFS }
             do {
-                fi.pointee.fh = try fs().open(path(p))
-                fi.pointee.keep_cache = 1
+                let opened = try fs().open(path(p))
+                fi.pointee.fh = opened.handle
+                if opened.directIO { fi.pointee.direct_io = 1 } else { fi.pointee.keep_cache = 1 }
                 return 0
             } catch { return negativeErrno(error) }
         }

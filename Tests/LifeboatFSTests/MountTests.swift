@@ -267,3 +267,54 @@ final class ManagedAtomicCounter: @unchecked Sendable {
     func increment() { lock.lock(); count += 1; lock.unlock() }
     var value: Int { lock.lock(); defer { lock.unlock() }; return count }
 }
+
+@Suite("Who may read served disks", .serialized)
+struct AccessTests {
+    @Test("with --allow-other, root and QEMU's user read the disks; any other user is refused")
+    func qemuUserReads() throws {
+        let group = QemuAccess.groupName()
+        #expect(getgrnam(group) != nil, "libvirt's QEMU group \(group) exists (libvirt-daemon-system installs it)")
+        let demo = try DemoRepository()
+        let mnt = try demo.mount(["--allow-other"])
+        defer { try? demo.unmount(mnt) }
+        chmod(demo.scratch.path, 0o755)   // let the other users reach the mount point
+        let file = "\(mnt)/demo/latest/demo.raw"
+        var st = stat()
+        #expect(stat(file, &st) == 0)
+        #expect(st.st_uid == 0 && st.st_gid == QemuAccess.gid() && st.st_mode & 0o777 == 0o440)
+        let qemuUser = try sh(["sh", "-c", "awk -F'\"' '/^ *user *=/ {print $2}' /etc/libvirt/qemu.conf | head -1"])
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        let user = qemuUser.isEmpty ? "libvirt-qemu" : qemuUser
+        let allowed = try sh(["runuser", "-u", user, "--", "head", "-c", "512", file])
+        #expect(allowed.utf8.count == 512 || !allowed.isEmpty)
+        #expect(throws: ShellError.self) { try sh(["runuser", "-u", "nobody", "--", "head", "-c", "512", file]) }
+    }
+
+    @Test("without --allow-other only root reads")
+    func rootOnly() throws {
+        let demo = try DemoRepository()
+        let mnt = try demo.mount()
+        defer { try? demo.unmount(mnt) }
+        chmod(demo.scratch.path, 0o755)
+        #expect(FileManager.default.isReadableFile(atPath: "\(mnt)/demo/latest/demo.raw"))
+        #expect(throws: ShellError.self) { try sh(["runuser", "-u", "libvirt-qemu", "--", "head", "-c", "512", "\(mnt)/demo/latest/demo.raw"]) }
+    }
+
+    @Test("a repository that vanishes underneath gives EIO, not a crash")
+    func vanishingRepository() throws {
+        let demo = try DemoRepository()
+        let mnt = try demo.mount(["--cache-size", "\(1 << 20)"])
+        defer { try? demo.unmount(mnt) }
+        let point = demo.points[0]
+        let fd = open("\(mnt)/demo/\(point.id)/demo.raw", O_RDONLY)
+        defer { close(fd) }
+        #expect(fd >= 0)
+        try FileManager.default.moveItem(atPath: demo.repo.root + "/chunks", toPath: demo.scratch.file("chunks-away"))
+        let (_, error) = readAt(fd, 8 << 20, 4096)
+        #expect(error == EIO)
+        try FileManager.default.moveItem(atPath: demo.scratch.file("chunks-away"), toPath: demo.repo.root + "/chunks")
+        let (bytes, again) = readAt(fd, 8 << 20, 4096)
+        #expect(again == 0, "the mount is still serving")
+        #expect(bytes[...] == demo.contents[point.id]![(8 << 20)..<((8 << 20) + 4096)])
+    }
+}
