@@ -14,7 +14,6 @@ public struct BrowseState: Codable, Sendable {
     public var startedFuse: Bool
     public var loops: [String] = []
     public var mounts: [String] = []
-    public var folders: [String] = []
 }
 
 /// One file system found on a disk of the point, mounted or not.
@@ -82,8 +81,6 @@ public enum Browser {
                         volume.type = type
                         try FileSystemPaths.makeDirectory("\(dir)/\(disk.name)")
                         try FileSystemPaths.makeDirectory(target)
-                        state.folders.append(target)
-                        try save(state, dir)
                         try mount(device, type: type, at: target)
                         state.mounts.append(target)
                         try save(state, dir)
@@ -234,8 +231,4 @@ enum FileSystemPaths {
         }
     }
 
-    static func parent(_ path: String) -> String {
-        guard let slash = path.lastIndex(of: "/") else { return "." }
-        return String(path[..<slash])
-    }
 }
