@@ -1,4 +1,7 @@
 import Crypto
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A chunk's name: SHA-256 of its plaintext, or HMAC-SHA-256 under the repository's id key when
 /// the repository is encrypted (so ids say nothing about the content). The all-zero id stands
@@ -87,6 +90,3 @@ extension UnsafeRawBufferPointer {
     }
 }
 
-#if canImport(Glibc)
-import Glibc
-#endif

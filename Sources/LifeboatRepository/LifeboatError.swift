@@ -1,4 +1,7 @@
 import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The one error type callers of Lifeboat's library see.
 ///
@@ -58,6 +61,3 @@ extension Errno {
     }
 }
 
-#if canImport(Glibc)
-import Glibc
-#endif

@@ -1,7 +1,8 @@
+import Foundation
+import SystemPackage
 #if canImport(Glibc)
 import Glibc
 #endif
-import SystemPackage
 
 // The repository's one choke point for POSIX calls: every call retries EINTR and turns
 // a failure into `Errno`, which callers wrap into a `LifeboatError` naming the path.
@@ -269,4 +270,3 @@ final class FileLock {
     deinit { flock(file.fd, LOCK_UN) }
 }
 
-import Foundation

@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 
 public struct PruneResult: Sendable, Codable {
     public struct Kept: Sendable, Codable {
@@ -89,6 +92,3 @@ extension Repository {
     }
 }
 
-#if canImport(Glibc)
-import Glibc
-#endif

@@ -1,0 +1,73 @@
+import Dispatch
+import Foundation
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Hands out item numbers `0..<count` to a few worker threads and rethrows the first error any
+/// worker threw; after a failure `take()` returns nil, so the other workers stop early.
+final class ParallelWork: Sendable {
+    private let firstError = Mutex<(any Error)?>(nil)
+    private let failed = Atomic<Bool>(false)
+    private let next = Atomic<Int>(0)
+    let count: Int
+
+    init(count: Int) { self.count = count }
+
+    /// One more worker than cores, so that a worker waiting for the disk does not leave a core idle.
+    static var workerCount: Int { max(1, System.coreCount) + 1 }
+
+    /// The next item to work on, or nil when all are taken or a worker failed.
+    func take() -> Int? {
+        if failed.load(ordering: .relaxed) { return nil }
+        let i = next.add(1, ordering: .relaxed).oldValue
+        return i < count ? i : nil
+    }
+
+    func fail(_ error: any Error) {
+        firstError.withLock { if $0 == nil { $0 = error } }
+        failed.store(true, ordering: .relaxed)
+    }
+
+    /// Runs `worker` on `workerCount` threads at once; each call loops over `take()`.
+    func run(_ worker: @escaping @Sendable (ParallelWork) throws -> Void) throws {
+        let threads = min(Self.workerCount, max(count, 1))
+        let group = DispatchGroup()
+        for _ in 0..<threads {
+            group.enter()
+            let thread = Thread { [self] in
+                do { try worker(self) } catch { fail(error) }
+                group.leave()
+            }
+            thread.stackSize = 1 << 20
+            thread.start()
+        }
+        group.wait()
+        if let error = firstError.withLock({ $0 }) { throw error }
+    }
+}
+
+/// A fixed-size array that workers fill at distinct indexes without locking.
+final class SlotArray<Element: Sendable>: @unchecked Sendable {
+    // @unchecked: each slot is written by exactly one worker, and read only after `run` returns.
+    private let storage: UnsafeMutableBufferPointer<Element>
+
+    init(count: Int, initial: Element) {
+        storage = .allocate(capacity: count)
+        storage.initialize(repeating: initial)
+    }
+
+    deinit { storage.deallocate() }
+
+    subscript(i: Int) -> Element {
+        get { storage[i] }
+        set { storage[i] = newValue }
+    }
+
+    var array: [Element] { Array(storage) }
+}
+
+enum System {
+    static var coreCount: Int { Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))) }
+}
