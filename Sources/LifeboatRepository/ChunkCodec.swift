@@ -81,10 +81,15 @@ final class ChunkCodec: Sendable {
 
     /// The id of a plaintext chunk.
     func id(of data: UnsafeRawBufferPointer) -> ChunkID {
-        id(ofDigests: (0..<frameCount(data.count)).map { digest(frame($0, of: data)) })
+        id(ofDigests: frameDigests(of: data))
     }
 
-    private func id(ofDigests digests: [ChunkID]) -> ChunkID {
+    /// The digest of each frame of a plaintext chunk (what its id and frame table are made of).
+    func frameDigests(of data: UnsafeRawBufferPointer) -> [ChunkID] {
+        (0..<frameCount(data.count)).map { digest(frame($0, of: data)) }
+    }
+
+    func id(ofDigests digests: [ChunkID]) -> ChunkID {
         var table = [UInt8]()
         table.reserveCapacity(digests.count * 32)
         for d in digests { table += d.bytes }
@@ -98,8 +103,11 @@ final class ChunkCodec: Sendable {
     }
 
     /// Encodes a chunk for storage into `scratch` (see `scratchSize`). Returns the stored bytes, inside `scratch`.
-    func encode(_ data: UnsafeRawBufferPointer, id: ChunkID, scratch: UnsafeMutableRawBufferPointer) throws -> UnsafeRawBufferPointer {
+    /// - Parameter digests: `frameDigests(of: data)`, when the caller has them already.
+    func encode(_ data: UnsafeRawBufferPointer, id: ChunkID, digests: [ChunkID]? = nil,
+                scratch: UnsafeMutableRawBufferPointer) throws -> UnsafeRawBufferPointer {
         let count = frameCount(data.count)
+        let digests = digests ?? frameDigests(of: data)
         var flags = Self.flagZstd
         if keys != nil { flags |= Self.flagEncrypted }
         scratch.copyMemory(from: UnsafeRawBufferPointer(start: Self.magic, count: 4))
@@ -127,7 +135,7 @@ final class ChunkCodec: Sendable {
             }
             let entry = Self.headerSize + k * Self.tableEntrySize
             scratch.storeBytes(of: UInt32(length).littleEndian, toByteOffset: entry, as: UInt32.self)
-            digest(plain).write(to: UnsafeMutableRawBufferPointer(rebasing: scratch[(entry + 4)..<(entry + 36)]))
+            digests[k].write(to: UnsafeMutableRawBufferPointer(rebasing: scratch[(entry + 4)..<(entry + 36)]))
             offset += length
         }
         return UnsafeRawBufferPointer(rebasing: scratch[0..<offset])

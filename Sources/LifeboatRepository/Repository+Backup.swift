@@ -143,10 +143,11 @@ extension Repository {
                 let data = UnsafeRawBufferPointer(chunk)
                 if data.isAllZero { continue }
                 dataBytes.add(length, ordering: .relaxed)
-                let id = codec.id(of: data)
+                let digests = codec.frameDigests(of: data)   // hashed once: for the id and the frame table
+                let id = codec.id(ofDigests: digests)
                 ids[i] = id
                 if known.insert(id) {
-                    let encoded = try codec.encode(data, id: id, scratch: scratch)
+                    let encoded = try codec.encode(data, id: id, digests: digests, scratch: scratch)
                     do { try store.write(id, encoded) } catch {
                         known.remove(id)
                         throw error
