@@ -118,7 +118,12 @@ extension Repository {
         // ask for the window that starts `window` ahead.
         let window = 32 << 20
         let chunksPerWindow = max(1, window / chunkSize)
-        file.prefetch(0..<min(size, window))
+        // Only data is read ahead: asking for a hole would fill the page cache with zeros.
+        let prefetch: @Sendable (Range<Int>) -> Void = { range in
+            guard let dataRanges else { return file.prefetch(range) }
+            for data in Self.dataRanges(dataRanges, overlapping: range) { file.prefetch(data) }
+        }
+        prefetch(0..<min(size, window))
         try work.run { work in
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
             let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: codec.scratchSize(chunkSize: chunkSize), alignment: 64)
@@ -128,7 +133,7 @@ extension Repository {
                 let length = min(chunkSize, size - offset)
                 defer { progress.add(length) }
                 if i % chunksPerWindow == 0, offset + window < size {
-                    file.prefetch((offset + window)..<min(size, offset + 2 * window))
+                    prefetch((offset + window)..<min(size, offset + 2 * window))
                 }
                 if let dataRanges, !Self.overlaps(dataRanges, offset..<(offset + length)) { continue }
                 let chunk = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
@@ -166,12 +171,29 @@ extension Repository {
 
     /// True when `range` overlaps any of the sorted, disjoint `ranges`.
     static func overlaps(_ ranges: [Range<Int>], _ range: Range<Int>) -> Bool {
-        var low = 0, high = ranges.count
-        while low < high {  // first range whose upper bound is past range.lowerBound
-            let mid = (low + high) / 2
-            if ranges[mid].upperBound <= range.lowerBound { low = mid + 1 } else { high = mid }
+        let first = firstEnding(after: range.lowerBound, in: ranges)
+        return first < ranges.count && ranges[first].lowerBound < range.upperBound
+    }
+
+    /// The parts of the sorted, disjoint `ranges` that lie inside `range`.
+    static func dataRanges(_ ranges: [Range<Int>], overlapping range: Range<Int>) -> [Range<Int>] {
+        var parts: [Range<Int>] = []
+        var i = firstEnding(after: range.lowerBound, in: ranges)
+        while i < ranges.count, ranges[i].lowerBound < range.upperBound {
+            parts.append(max(ranges[i].lowerBound, range.lowerBound)..<min(ranges[i].upperBound, range.upperBound))
+            i += 1
         }
-        return low < ranges.count && ranges[low].lowerBound < range.upperBound
+        return parts
+    }
+
+    /// Index of the first range whose upper bound is past `offset` (binary search).
+    private static func firstEnding(after offset: Int, in ranges: [Range<Int>]) -> Int {
+        var low = 0, high = ranges.count
+        while low < high {
+            let mid = (low + high) / 2
+            if ranges[mid].upperBound <= offset { low = mid + 1 } else { high = mid }
+        }
+        return low
     }
 }
 
