@@ -110,7 +110,7 @@ final class ChunkCodec: Sendable {
         let digests = digests ?? frameDigests(of: data)
         var flags = Self.flagZstd
         if keys != nil { flags |= Self.flagEncrypted }
-        scratch.copyMemory(from: UnsafeRawBufferPointer(start: Self.magic, count: 4))
+        for i in 0..<4 { scratch[i] = Self.magic[i] }
         scratch[4] = 1
         scratch[5] = flags
         scratch[6] = UInt8(frameSize.trailingZeroBitCount)
