@@ -13,7 +13,6 @@ public struct BrowseState: Codable, Sendable {
     public var fuseMount: String
     public var startedFuse: Bool
     public var loops: [String] = []
-    public var mounts: [String] = []
 }
 
 /// One file system found on a disk of the point, mounted or not.
@@ -82,8 +81,6 @@ public enum Browser {
                         try FileSystemPaths.makeDirectory("\(dir)/\(disk.name)")
                         try FileSystemPaths.makeDirectory(target)
                         try mount(device, type: type, at: target)
-                        state.mounts.append(target)
-                        try save(state, dir)
                         volume.path = target
                     } catch let error as LifeboatError {
                         volume.problem = error.message

@@ -91,21 +91,18 @@ public final class FrameCache: Sendable {
     }
 
     private func load(_ key: Key) throws -> [UInt8] {
-        let layout: ChunkLayout
-        if let known = state.withLock({ $0.layouts[key.chunk] }) {
-            layout = known
-        } else {
-            layout = try repository.chunkLayout(key.chunk)
+        let known = state.withLock { $0.layouts[key.chunk] }
+        var bytes = [UInt8](repeating: 0, count: repository.config.frameSize)
+        let (layout, length) = try bytes.withUnsafeMutableBytes {
+            try repository.readFrame(key.frame, of: key.chunk, layout: known, into: $0)
+        }
+        bytes.removeLast(bytes.count - length)
+        if known == nil {
             state.withLock { state in
                 if state.layouts.count >= maxLayouts { state.layouts.removeAll(keepingCapacity: true) }
                 state.layouts[key.chunk] = layout
             }
         }
-        guard key.frame < layout.frameCount else {
-            throw LifeboatError(.damaged, "chunk \(key.chunk.hex) is damaged: it has no frame \(key.frame)")
-        }
-        var bytes = [UInt8](repeating: 0, count: layout.rawLength(ofFrame: key.frame))
-        _ = try bytes.withUnsafeMutableBytes { try repository.readFrame(key.frame, of: layout, into: $0) }
         return bytes
     }
 

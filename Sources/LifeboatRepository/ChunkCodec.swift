@@ -29,8 +29,6 @@ public struct ChunkLayout: Sendable {
     public var frameCount: Int { frames.count }
     public func storedRange(ofFrame k: Int) -> Range<Int> { frames[k].range }
     public func rawLength(ofFrame k: Int) -> Int { min(frameSize, rawLength - k * frameSize) }
-    /// Bytes of header and frame table: reading this many bytes first is enough to parse the layout.
-    public var tableSize: Int { ChunkCodec.headerSize + frames.count * ChunkCodec.tableEntrySize }
 }
 
 /// Turns plaintext chunks into stored chunk files and back, and names them.
@@ -63,8 +61,6 @@ final class ChunkCodec: Sendable {
         self.keys = keys
         self.frameSize = frameSize
     }
-
-    var isEncrypted: Bool { keys != nil }
 
     private func digest(_ data: UnsafeRawBufferPointer) -> ChunkID {
         if let keys {

@@ -75,20 +75,5 @@ extension Repository {
         withExtendedLifetime(lock) {}
         return GCResult(referenced: referenced.count, removed: removed, bytesFreed: freed, dryRun: dryRun)
     }
-
-    /// Bytes the repository takes on disk (allocated blocks), and its chunk count.
-    public func usage() throws -> (bytes: Int, chunks: Int) {
-        (Self.allocatedBytes(root), try store.all().count)
-    }
-
-    static func allocatedBytes(_ path: String) -> Int {
-        var st = stat()
-        guard lstat(path, &st) == 0 else { return 0 }
-        var total = Int(st.st_blocks) * 512
-        if (st.st_mode & S_IFMT) == S_IFDIR {
-            for name in (try? FileSystem.list(path)) ?? [] { total += allocatedBytes(path + "/" + name) }
-        }
-        return total
-    }
 }
 

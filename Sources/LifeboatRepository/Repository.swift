@@ -247,9 +247,27 @@ public final class Repository: Sendable {
         try store.read(id).withUnsafeBytes { try codec.decode($0, id: id, into: buffer) }
     }
 
-    /// Reads and checks a chunk's header and frame table, for reading single frames.
-    public func chunkLayout(_ id: ChunkID) throws -> ChunkLayout {
+    /// Reads frame `k` of a chunk into `buffer` (at least the frame size); returns the chunk's
+    /// layout (pass it back next time to skip reading the header) and the frame's length.
+    /// One open of the chunk file; a 4 KiB read of a disk needs one such frame, never the whole chunk.
+    /// - Throws: `.damaged` naming the chunk when it is missing or does not match its id.
+    public func readFrame(_ k: Int, of id: ChunkID, layout known: ChunkLayout?,
+                          into buffer: UnsafeMutableRawBufferPointer) throws -> (layout: ChunkLayout, length: Int) {
         let file = try store.open(id)
+        let layout = try known ?? chunkLayout(id, file)
+        guard k < layout.frameCount else { throw LifeboatError(.damaged, "chunk \(id.hex) is damaged: it has no frame \(k)") }
+        let range = layout.storedRange(ofFrame: k)
+        var stored = [UInt8](repeating: 0, count: range.count)
+        let n: Int
+        do { n = try stored.withUnsafeMutableBytes { try file.read(into: $0, at: range.lowerBound) } } catch {
+            throw LifeboatError.io(error, "cannot read chunk", file.path)
+        }
+        guard n == range.count else { throw LifeboatError(.damaged, "chunk \(id.hex) is damaged: shorter than its frame table says") }
+        return (layout, try stored.withUnsafeBytes { try codec.decodeFrame(k, of: layout, stored: $0, into: buffer) })
+    }
+
+    /// Reads and checks a chunk's header and frame table from its open file.
+    private func chunkLayout(_ id: ChunkID, _ file: PosixFile) throws -> ChunkLayout {
         let size: Int
         do { size = try file.size() } catch { throw LifeboatError.io(error, "cannot read chunk", file.path) }
         func readHead(_ count: Int) throws -> [UInt8] {
@@ -282,20 +300,6 @@ public final class Repository: Sendable {
             }
             return (layout, frames)
         }
-    }
-
-    /// Reads frame `k` of a chunk into `buffer` (at least `layout.frameSize` bytes); returns its length.
-    /// A 4 KiB read of a disk needs one such frame, never the whole chunk.
-    public func readFrame(_ k: Int, of layout: ChunkLayout, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
-        let file = try store.open(layout.id)
-        let range = layout.storedRange(ofFrame: k)
-        var stored = [UInt8](repeating: 0, count: range.count)
-        let n: Int
-        do { n = try stored.withUnsafeMutableBytes { try file.read(into: $0, at: range.lowerBound) } } catch {
-            throw LifeboatError.io(error, "cannot read chunk", file.path)
-        }
-        guard n == range.count else { throw LifeboatError(.damaged, "chunk \(layout.id.hex) is damaged: shorter than its frame table says") }
-        return try stored.withUnsafeBytes { try codec.decodeFrame(k, of: layout, stored: $0, into: buffer) }
     }
 
     func decode<T: Decodable>(_ type: T.Type, _ path: String) throws -> T {

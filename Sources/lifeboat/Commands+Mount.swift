@@ -26,13 +26,14 @@ extension Lifeboat {
         func run() throws {
             let path = Mounts.canonical(mountpoint)
             try Mounts.checkMountpoint(path)
-            let repo = passwordStdin
-                ? try Repository.open(at: repository.path) { readLine(strippingNewline: true) }
-                : try repository.open()
-            if foreground {
+            if passwordStdin || foreground {
+                let repo = passwordStdin
+                    ? try Repository.open(at: repository.path) { readLine(strippingNewline: true) }
+                    : try repository.open()
                 try MountService.serve(repo, at: path, cacheSize: cacheSize, allowOther: allowOther, threads: threads)
             } else {
-                let started = try MountService.start(repo, at: path, password: repo.config.isEncrypted ? try repository.password(confirm: false) : nil,
+                let (repo, password) = try repository.openKeepingPassword()
+                let started = try MountService.start(repo, at: path, password: password,
                                                      cacheSize: cacheSize, allowOther: allowOther, threads: threads)
                 print("mounted \(repo.root) at \(path) (pid \(started.pid), log \(started.log))")
             }
@@ -62,14 +63,13 @@ extension Lifeboat {
         @OptionGroup var output: OutputOptions
 
         func run() throws {
-            let repo = try repository.open()
+            let (repo, password) = try repository.openKeepingPassword()
             let point = try repo.point(name, point)
             let dir = Mounts.canonical(dir)
             // A mount the user made is shared; otherwise this browse serves the disks itself.
             let shared = Mounts.lifeboatMount(of: repo.root).flatMap { $0.hasSuffix("/" + Browser.privateMountName) ? nil : $0 }
             let volumes = try Browser.browse(point, dir: dir, fuseMount: shared) { fuse in
-                _ = try MountService.start(repo, at: fuse, password: repo.config.isEncrypted ? try repository.password(confirm: false) : nil,
-                                           cacheSize: 256 << 20, allowOther: false, threads: 8)
+                _ = try MountService.start(repo, at: fuse, password: password, cacheSize: 256 << 20, allowOther: false, threads: 8)
             }
             if output.json { return try JSON.print(volumes) }
             for volume in volumes {

@@ -55,9 +55,6 @@ extension Lifeboat {
         func run() throws {
             let repo = try repository.open()
             let point = try repo.point(name, point)
-            guard FileManager.default.fileExists(atPath: to) else {
-                throw LifeboatError(.notFound, "restore folder \(to) does not exist: create it first")
-            }
             let disks = point.disks.filter { disk == nil || $0.name == disk }
             if let disk, disks.isEmpty {
                 throw LifeboatError(.notFound, "recovery point \(point.id) of \(name) has no disk \(disk): its disks are \(point.disks.map(\.name).joined(separator: ", "))")

@@ -18,7 +18,18 @@ struct RepositoryOptions: ParsableArguments {
     }
 
     func open() throws -> Repository {
-        try Repository.open(at: path) { try password(confirm: false) }
+        try openKeepingPassword().repository
+    }
+
+    /// Opens the repository and keeps the password it took (nil when unencrypted), for a
+    /// daemon that must open it again: the user is asked once.
+    func openKeepingPassword() throws -> (repository: Repository, password: String?) {
+        var given: String? = nil
+        let repository = try Repository.open(at: path) {
+            given = try password(confirm: false)
+            return given
+        }
+        return (repository, given)
     }
 
     /// The password from the file, the environment or a terminal prompt; nil when none can be had.
