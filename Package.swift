@@ -8,11 +8,14 @@ let package = Package(
         .executable(name: "lifeboat", targets: ["lifeboat"]),
         .library(name: "LifeboatRepository", targets: ["LifeboatRepository"]),
         .library(name: "LifeboatFS", targets: ["LifeboatFS"]),
+        .library(name: "LifeboatVirt", targets: ["LifeboatVirt"]),
+        .library(name: "LifeboatRecovery", targets: ["LifeboatRecovery"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-crypto", from: "4.5.2"),
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/hummingbird-project/swift-mustache", from: "2.1.1"),
     ],
     targets: [
         // C libraries from Debian, through pkg-config. Nothing but a module map and a shim header.
@@ -36,10 +39,21 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
+        .target(
+            name: "LifeboatVirt",
+            dependencies: ["CVirt", .product(name: "Mustache", package: "swift-mustache")]
+        ),
+        .target(
+            name: "LifeboatRecovery",
+            dependencies: [
+                "LifeboatRepository", "LifeboatFS", "LifeboatVirt",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
         .executableTarget(
             name: "lifeboat",
             dependencies: [
-                "LifeboatRepository", "LifeboatFS",
+                "LifeboatRepository", "LifeboatFS", "LifeboatVirt", "LifeboatRecovery",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -55,6 +69,14 @@ let package = Package(
         .testTarget(
             name: "LifeboatFSTests",
             dependencies: ["LifeboatFS", "LifeboatRepository", "LifeboatTestSupport"]
+        ),
+        .testTarget(
+            name: "LifeboatVirtTests",
+            dependencies: ["LifeboatVirt", "LifeboatTestSupport"]
+        ),
+        .testTarget(
+            name: "LifeboatRecoveryTests",
+            dependencies: ["LifeboatRecovery", "LifeboatVirt", "LifeboatFS", "LifeboatRepository", "LifeboatTestSupport"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -14,6 +14,11 @@ public struct MountEntry: Sendable, Equatable {
     public var mountpoint: String
     public var type: String
     public var source: String
+    /// Per-superblock options (for FUSE: user_id, group_id, default_permissions, allow_other).
+    public var superOptions: String = ""
+
+    /// True for a FUSE mount other users (QEMU under libvirt) may read.
+    public var allowsOther: Bool { superOptions.split(separator: ",").contains("allow_other") }
 }
 
 /// Mounts of this host, and starting and stopping lifeboat's own FUSE mounts.
@@ -24,7 +29,8 @@ public enum Mounts {
         return text.split(separator: "\n").compactMap { line in
             let fields = line.split(separator: " ", omittingEmptySubsequences: false).map(String.init)
             guard let dash = fields.firstIndex(of: "-"), fields.count > dash + 2, fields.count > 4 else { return nil }
-            return MountEntry(mountpoint: unescape(fields[4]), type: fields[dash + 1], source: unescape(fields[dash + 2]))
+            return MountEntry(mountpoint: unescape(fields[4]), type: fields[dash + 1], source: unescape(fields[dash + 2]),
+                              superOptions: fields.count > dash + 3 ? fields[dash + 3] : "")
         }
     }
 
@@ -56,10 +62,15 @@ public enum Mounts {
     /// The fsname lifeboat gives the FUSE mount of a repository.
     public static func fsname(for repository: String) -> String { "lifeboat:" + canonical(repository) }
 
+    /// The lifeboat FUSE mount of this repository, if one exists.
+    public static func lifeboatMountEntry(of repository: String) -> MountEntry? {
+        let name = fsname(for: repository)
+        return all().first { $0.type == "fuse.lifeboat" && $0.source == name }
+    }
+
     /// A lifeboat FUSE mount of this repository, if one exists.
     public static func lifeboatMount(of repository: String) -> String? {
-        let name = fsname(for: repository)
-        return all().first { $0.type == "fuse.lifeboat" && $0.source == name }?.mountpoint
+        lifeboatMountEntry(of: repository)?.mountpoint
     }
 
     public static func canonical(_ path: String) -> String {
@@ -180,12 +191,12 @@ public enum QemuAccess {
 }
 
 /// Runs a system command and collects its output.
-enum Command {
-    struct Output { var status: Int32; var stdout: String; var stderr: String }
+package enum Command {
+    package struct Output { package var status: Int32; package var stdout: String; package var stderr: String }
 
     /// Output goes through temporary files rather than pipes: a command that leaves a daemon
     /// behind (fusefat, for one) would otherwise hold the pipe open forever.
-    static func run(_ arguments: [String]) throws -> Output {
+    package static func run(_ arguments: [String]) throws -> Output {
         let base = "/tmp/lifeboat-command-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         defer { unlink(base + ".out"); unlink(base + ".err") }
         var actions = posix_spawn_file_actions_t()

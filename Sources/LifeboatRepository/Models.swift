@@ -43,6 +43,14 @@ public struct Machine: Codable, Sendable, Equatable {
     public var rpoSeconds: Int?
     public var description: String?
     public var created: Date
+    /// Domain type for its recovery VM: kvm, qemu or auto (nil: the host's setting).
+    public var virtType: String?
+    /// Regular expression on the serial console that says the machine has booted (nil: a login prompt).
+    public var bootPattern: String?
+    /// Production network: a libvirt network name (nil: one made from the production template).
+    public var network: String?
+    /// Production host bridge, instead of a libvirt network.
+    public var bridge: String?
 
     public init(name: String, disks: [MachineDisk], vcpus: Int = 1, memoryMiB: Int = 512, macs: [String] = [],
                 ip: String? = nil, gateway: String? = nil, testIP: String? = nil, rpoSeconds: Int? = nil,

@@ -131,21 +131,21 @@ final class PosixFile: @unchecked Sendable {
     }
 }
 
-enum FileSystem {
-    static func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
+package enum FileSystem {
+    package static func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
 
-    static func isDirectory(_ path: String) -> Bool {
+    package static func isDirectory(_ path: String) -> Bool {
         var st = stat()
         return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
     }
 
-    static func makeDirectory(_ path: String, mode: mode_t = 0o700) throws {
+    package static func makeDirectory(_ path: String, mode: mode_t = 0o700) throws {
         if mkdir(path, mode) != 0 && errno != EEXIST {
             throw LifeboatError.io(Errno(rawValue: errno), "cannot create directory", path)
         }
     }
 
-    static func makeDirectories(_ path: String) throws {
+    package static func makeDirectories(_ path: String) throws {
         var current = path.hasPrefix("/") ? "" : "."
         for part in path.split(separator: "/") {
             current += "/" + part
@@ -154,7 +154,7 @@ enum FileSystem {
     }
 
     /// Names in a directory, without "." and "..".
-    static func list(_ path: String) throws -> [String] {
+    package static func list(_ path: String) throws -> [String] {
         guard let dir = opendir(path) else {
             throw LifeboatError.io(Errno(rawValue: errno), "cannot list", path)
         }
@@ -169,7 +169,7 @@ enum FileSystem {
         return names
     }
 
-    static func syncDirectory(_ path: String) throws {
+    package static func syncDirectory(_ path: String) throws {
         do {
             let dir = try PosixFile(path: path, flags: O_RDONLY | O_DIRECTORY)
             try dir.sync()
@@ -178,16 +178,16 @@ enum FileSystem {
         }
     }
 
-    static func rename(_ from: String, _ to: String) throws {
+    package static func rename(_ from: String, _ to: String) throws {
         if Glibc.rename(from, to) != 0 {
             throw LifeboatError.io(Errno(rawValue: errno), "cannot rename \(from) to", to)
         }
     }
 
-    static func remove(_ path: String) { unlink(path) }
+    package static func remove(_ path: String) { unlink(path) }
 
     /// Removes a directory tree (no symlink following). Errors are ignored: used for clean-up.
-    static func removeTree(_ path: String) {
+    package static func removeTree(_ path: String) {
         var st = stat()
         guard lstat(path, &st) == 0 else { return }
         if (st.st_mode & S_IFMT) == S_IFDIR {
@@ -199,7 +199,7 @@ enum FileSystem {
     }
 
     /// Writes `bytes` to `path` atomically: temporary name, fsync, rename, fsync of the directory.
-    static func writeAtomically(_ bytes: [UInt8], to path: String, syncDirectory: Bool = true) throws {
+    package static func writeAtomically(_ bytes: [UInt8], to path: String, syncDirectory: Bool = true) throws {
         let dir = parent(of: path)
         let tmp = dir + "/" + temporaryName()
         do {
@@ -214,18 +214,18 @@ enum FileSystem {
         if syncDirectory { try FileSystem.syncDirectory(dir) }
     }
 
-    static func parent(of path: String) -> String {
+    package static func parent(of path: String) -> String {
         guard let slash = path.lastIndex(of: "/") else { return "." }
         return slash == path.startIndex ? "/" : String(path[..<slash])
     }
 
     /// `.tmp-PID-RANDOM`: the PID lets clean-up tell a live writer's files from a dead one's.
-    static func temporaryName() -> String {
+    package static func temporaryName() -> String {
         ".tmp-\(getpid())-\(String(UInt64.random(in: 0...UInt64.max), radix: 36))"
     }
 
     /// True for a temporary name whose writing process is gone.
-    static func isStaleTemporary(_ name: String) -> Bool {
+    package static func isStaleTemporary(_ name: String) -> Bool {
         guard name.hasPrefix(".tmp-") else { return false }
         let parts = name.split(separator: "-")
         guard parts.count >= 3, let pid = pid_t(parts[1]) else { return true }
@@ -235,13 +235,13 @@ enum FileSystem {
 }
 
 /// An advisory lock (flock) on a file; released when the object goes away or the process dies.
-final class FileLock {
+package final class FileLock {
     private let file: PosixFile
 
-    enum Mode { case shared, exclusive }
+    package enum Mode { case shared, exclusive }
 
     /// Returns nil when `wait` is false and someone else holds a conflicting lock.
-    init?(path: String, mode: Mode, wait: Bool) throws {
+    package init?(path: String, mode: Mode, wait: Bool) throws {
         do { file = try PosixFile(path: path, flags: O_RDWR | O_CREAT, mode: 0o600) } catch {
             throw LifeboatError.io(error, "cannot open lock file", path)
         }
@@ -255,13 +255,13 @@ final class FileLock {
     }
 
     /// Records the holder's PID in the lock file, for the message a second process prints.
-    func recordOwner() {
+    package func recordOwner() {
         let text = Array("\(getpid())\n".utf8)
         try? file.truncate(to: 0)
         text.withUnsafeBytes { raw in try? file.write(raw, at: 0) }
     }
 
-    static func owner(of path: String) -> String? {
+    package static func owner(of path: String) -> String? {
         guard let file = try? PosixFile(path: path, flags: O_RDONLY), let bytes = try? file.readAll() else { return nil }
         let text = String(decoding: bytes, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
         return text.isEmpty ? nil : text

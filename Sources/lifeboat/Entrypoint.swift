@@ -25,6 +25,7 @@ struct Lifeboat: ParsableCommand {
         subcommands: [
             Init.self, Protect.self, Machines.self, Unprotect.self, Backup.self, Points.self,
             Restore.self, Verify.self, Prune.self, GC.self, Mount.self, Unmount.self, Browse.self, Unbrowse.self,
+            TestFailover.self, StopTest.self, Status.self, Drills.self,
         ]
     )
 }

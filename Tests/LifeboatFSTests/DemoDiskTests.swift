@@ -11,7 +11,7 @@ struct DemoDiskTests {
         let disk = scratch.file("demo.raw")
         try DemoDisk.make(disk, marker: "boot test")
         let console = scratch.file("console.log")
-        let name = "lifeboat-test-demo-\(getpid())"
+        let name = "lbtest-boot-\(getpid())"
         let xml = """
         <domain type='qemu'>
           <name>\(name)</name>

@@ -158,4 +158,14 @@ public enum DemoDisk {
     public static func setMarker(_ path: String, _ marker: String) throws {
         try sh([packageRoot + "/scripts/set-demo-marker", path, marker])
     }
+
+    /// Writes `/NAME` on the data partition (`boot.sh` there runs at every boot).
+    public static func writeFile(_ path: String, name: String, _ text: String) throws {
+        try sh([packageRoot + "/scripts/set-demo-marker", path, text, "--file", name])
+    }
+
+    /// Reads `/NAME` from the data partition.
+    public static func readFile(_ path: String, name: String) throws -> String {
+        try sh(["debugfs", "-R", "cat /\(name)", "\(path)?offset=\(dataOffset)"])
+    }
 }

@@ -1,0 +1,172 @@
+import Foundation
+import LifeboatRepository
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One disk of a recovery VM.
+public struct HotDisk: Codable, Sendable, Equatable {
+    /// The disk's name in the machine (and the recovery point).
+    public var name: String
+    /// Guest device: vda, vdb, …
+    public var target: String
+    /// The qcow2 image QEMU writes to, in hot storage.
+    public var path: String
+    /// The recovery point's disk served by FUSE, while the image still depends on it.
+    public var backing: String?
+    /// Size of the disk in bytes.
+    public var size: Int
+}
+
+/// A recovery server's state as last written by lifeboat (`HOT/NAME/server.json`).
+/// `status` checks it against libvirt, the mounts and the files before reporting it.
+public struct ServerRecord: Codable, Sendable {
+    public var machine: String
+    public var state: ServerState
+    public var since: Date
+    /// The repository the point comes from.
+    public var repository: String
+    public var point: String?
+    public var pointTime: Date?
+    public var vm: String?
+    public var network: String?
+    /// The VM's address, without prefix.
+    public var ip: String?
+    public var mac: String?
+    public var vcpus: Int?
+    public var memoryMiB: Int?
+    public var virtType: String?
+    public var disks: [HotDisk]
+    /// The FUSE mount the VM reads from.
+    public var mount: String?
+    /// The drill being run (TestingFailover).
+    public var drill: String?
+    /// Set while a command is part-way: "starting", "stopping", …; nil when settled.
+    public var phase: String?
+
+    public init(machine: String, state: ServerState, repository: String) {
+        self.machine = machine
+        self.state = state
+        self.since = Date()
+        self.repository = repository
+        self.disks = []
+    }
+}
+
+/// Local fast storage for recovery VM disks and the recovery servers' records:
+///
+/// ```
+/// HOT/NAME/server.json         ServerRecord
+/// HOT/NAME/.lock               one command at a time per machine
+/// HOT/NAME/test/DISK.qcow2     drill overlays (deleted by stop-test)
+/// HOT/NAME/drills/ID/          drill.json, console.log, check.log, screenshot.png
+/// ```
+public struct HotStorage: Sendable {
+    public let root: String
+
+    public init(root: String) {
+        self.root = root
+    }
+
+    public func machineDirectory(_ name: String) -> String { root + "/" + name }
+    public func recordPath(_ name: String) -> String { machineDirectory(name) + "/server.json" }
+    public func testDirectory(_ name: String) -> String { machineDirectory(name) + "/test" }
+    public func drillsDirectory(_ name: String) -> String { machineDirectory(name) + "/drills" }
+    public func drillDirectory(_ name: String, _ id: String) -> String { drillsDirectory(name) + "/" + id }
+
+    /// Creates the folders (mode 0755: QEMU, running as its own user, must reach the images).
+    func prepare(_ name: String) throws {
+        for path in [root, machineDirectory(name), drillsDirectory(name)] {
+            try FileSystem.makeDirectories(path)
+            chmod(path, 0o755)
+        }
+    }
+
+    public func record(_ name: String) throws -> ServerRecord? {
+        let path = recordPath(name)
+        guard FileSystem.exists(path) else { return nil }
+        do {
+            return try JSONDecoder.lifeboat.decode(ServerRecord.self, from: Data(contentsOf: URL(fileURLWithPath: path)))
+        } catch {
+            throw LifeboatError(.damaged, "cannot read the recovery server record \(path): \(error); remove it once nothing of NAME runs")
+        }
+    }
+
+    public func save(_ record: ServerRecord) throws {
+        try prepare(record.machine)
+        try FileSystem.writeAtomically(Array(try JSONEncoder.lifeboat.encode(record)), to: recordPath(record.machine))
+    }
+
+    /// Records of every machine with a folder here.
+    public func records() -> [ServerRecord] {
+        ((try? FileSystem.list(root)) ?? []).sorted().compactMap { try? record($0) }
+    }
+
+    /// Takes the machine's lock, or says who holds it.
+    func lock(_ name: String) throws -> FileLock {
+        try prepare(name)
+        let path = machineDirectory(name) + "/.lock"
+        guard let lock = try FileLock(path: path, mode: .exclusive, wait: false) else {
+            let owner = FileLock.owner(of: path).map { " (pid \($0))" } ?? ""
+            throw LifeboatError(.busy, "another lifeboat command\(owner) is working on \(name): wait for it to finish")
+        }
+        lock.recordOwner()
+        return lock
+    }
+
+    /// A lock over the shared FUSE mount and the test network, held briefly while they are
+    /// set up or released, so two drills starting at once do not both create them.
+    func sharedLock() throws -> FileLock {
+        try FileSystem.makeDirectories(root)
+        guard let lock = try FileLock(path: root + "/.shared.lock", mode: .exclusive, wait: true) else {
+            throw LifeboatError(.busy, "cannot lock \(root)/.shared.lock")
+        }
+        return lock
+    }
+
+    public func drills(_ name: String) -> [Drill] {
+        let folder = drillsDirectory(name)
+        return ((try? FileSystem.list(folder)) ?? []).sorted().compactMap { id in
+            try? JSONDecoder.lifeboat.decode(Drill.self, from: Data(contentsOf: URL(fileURLWithPath: folder + "/" + id + "/drill.json")))
+        }
+    }
+
+    func save(_ drill: Drill) throws {
+        let folder = drillDirectory(drill.machine, drill.id)
+        try FileSystem.makeDirectories(folder)
+        try FileSystem.writeAtomically(Array(try JSONEncoder.lifeboat.encode(drill)), to: folder + "/drill.json")
+    }
+}
+
+/// One test failover and what came of it.
+public struct Drill: Codable, Sendable {
+    public enum Result: String, Codable, Sendable { case running, passed, failed }
+
+    public var id: String
+    public var machine: String
+    public var point: String
+    public var pointTime: Date
+    public var started: Date
+    public var ended: Date?
+    public var result: Result
+    /// Why it failed (nil when it passed).
+    public var reason: String?
+    public var vm: String
+    public var network: String
+    public var ip: String?
+    public var vcpus: Int
+    public var memoryMiB: Int
+    public var virtType: String
+    public var bootPattern: String
+    /// The console line that matched.
+    public var bootLine: String?
+    /// Seconds from the command to the VM running, to the boot line, to the end of the check.
+    public var secondsToRunning: Double?
+    public var secondsToBootLine: Double?
+    public var secondsToCheckEnd: Double?
+    public var check: String?
+    public var checkStatus: Int32?
+    public var consoleLog: String
+    public var checkLog: String?
+    public var screenshot: String?
+}

@@ -1,0 +1,104 @@
+import Foundation
+import LifeboatFS
+import LifeboatRepository
+import LifeboatVirt
+
+/// One machine's recovery server as `status` reports it: checked against libvirt, the mounts
+/// and hot storage, not taken from the record alone.
+public struct ServerStatus: Codable, Sendable {
+    public var machine: String
+    public var lastPoint: String?
+    public var lastPointTime: Date?
+    /// Seconds since the last point was taken.
+    public var lastPointAge: Double?
+    public var rpoSeconds: Int?
+    /// lastPointAge / rpoSeconds: above 1 breaks the RPO.
+    public var rpoRatio: Double?
+    public var rpoCompliant: Bool?
+    public var state: ServerState
+    public var since: Date?
+    public var point: String?
+    public var vm: String?
+    /// The domain's state in libvirt: running, shut-off, missing, unknown (libvirt unreachable).
+    public var vmState: String?
+    public var network: String?
+    public var ip: String?
+    public var disks: [HotDisk]
+    /// Things that do not match the state, each with what to do.
+    public var problems: [String]
+}
+
+extension Recovery {
+    /// Status of every machine of the repository (or just `only`).
+    public func status(only: String? = nil) throws -> [ServerStatus] {
+        let machines = try only.map { [try repository.machine($0)] } ?? repository.machines()
+        let now = Date()
+        var libvirtProblem: String? = nil
+        var connection: Connection? = nil
+        do { connection = try self.connection() } catch { libvirtProblem = "\(error)" }
+        return machines.map { machine in
+            let points = (try? repository.points(machine.name)) ?? []
+            let last = points.last
+            let record = try? hot.record(machine.name)
+            var status = ServerStatus(machine: machine.name, lastPoint: last?.id, lastPointTime: last?.time,
+                                      lastPointAge: last.map { now.timeIntervalSince($0.time) }, rpoSeconds: machine.rpoSeconds,
+                                      state: record?.state ?? .standby, since: record?.since, point: record?.point, vm: record?.vm,
+                                      network: record?.network, ip: record?.ip, disks: record?.disks ?? [], problems: [])
+            if let rpo = machine.rpoSeconds, rpo > 0 {
+                let ratio = (status.lastPointAge ?? .infinity) / Double(rpo)
+                status.rpoRatio = ratio.isFinite ? ratio : nil
+                status.rpoCompliant = ratio <= 1
+            }
+            if let libvirtProblem {
+                status.vmState = status.vm == nil ? nil : "unknown"
+                if status.state != .standby { status.problems.append(libvirtProblem) }
+                return status
+            }
+            reconcile(&status, record: record, connection: connection!)
+            return status
+        }
+    }
+
+    /// Compares the record with libvirt, the overlays and the mount; fills vmState and problems.
+    func reconcile(_ status: inout ServerStatus, record: ServerRecord?, connection: Connection) {
+        let name = status.machine
+        let testDomain = try? connection.domain(named: Self.testDomainName(name))
+        switch status.state {
+        case .standby:
+            let overlays = ((try? FileSystem.list(hot.testDirectory(name))) ?? []).filter { $0.hasSuffix(".qcow2") }
+            if testDomain != nil || !overlays.isEmpty {
+                status.state = .testingFailover
+                status.vm = Self.testDomainName(name)
+                status.vmState = testDomain.flatMap { try? $0.state().rawValue } ?? "missing"
+                status.problems.append("an interrupted drill left \(testDomain != nil ? "the VM \(Self.testDomainName(name))" : "") \(overlays.isEmpty ? "" : "\(overlays.count) overlay(s)") behind: run lifeboat stop-test \(name)")
+            }
+        case .testingFailover, .finalizing, .failedOver, .committed, .failingBack:
+            guard let vm = status.vm else { break }
+            let domain = try? connection.domain(named: vm)
+            let state = domain.flatMap { try? $0.state() }
+            status.vmState = state?.rawValue ?? "missing"
+            let undo = status.state == .testingFailover ? "lifeboat stop-test \(name)" : "lifeboat resume \(name) or lifeboat cancel-failover \(name)"
+            if record?.phase != nil {
+                status.problems.append("\(record!.phase!) did not finish (lifeboat was interrupted): run \(undo)")
+            }
+            if domain == nil {
+                status.problems.append("the VM \(vm) does not exist (interrupted, or removed outside lifeboat): run \(undo)")
+            } else if let state, !state.isActive, status.state != .failingBack {
+                status.problems.append("the VM \(vm) is \(state.rawValue) (the guest stopped, or the host restarted): run \(undo)")
+            }
+            for disk in status.disks where !FileSystem.exists(disk.path) {
+                status.problems.append("the disk \(disk.path) is missing: run \(undo)")
+            }
+            if status.state.usesMount, let mount = record?.mount, !Mounts.isMounted(mount),
+               status.disks.contains(where: { $0.backing != nil }) {
+                status.problems.append("the FUSE mount \(mount) is gone, so the VM cannot read its backing disk: run \(undo)")
+            }
+        }
+    }
+
+    /// Drills of `name`, oldest first.
+    public func drills(_ name: String) throws -> [Drill] {
+        _ = try repository.machine(name)
+        return hot.drills(name)
+    }
+}

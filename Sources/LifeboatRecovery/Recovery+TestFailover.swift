@@ -1,0 +1,278 @@
+import Foundation
+import LifeboatFS
+import LifeboatRepository
+import LifeboatVirt
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a drill is asked to do; nil fields come from the machine's settings.
+public struct DrillOptions: Sendable {
+    public var point: String?
+    public var vcpus: Int?
+    public var memoryMiB: Int?
+    /// ADDR/PREFIX on the test network.
+    public var ip: String?
+    /// Regular expression for the boot line.
+    public var waitFor: String?
+    public var timeout: TimeInterval
+    /// Shell command run once the boot line is seen.
+    public var check: String?
+
+    public init(point: String? = nil, vcpus: Int? = nil, memoryMiB: Int? = nil, ip: String? = nil,
+                waitFor: String? = nil, timeout: TimeInterval = 300, check: String? = nil) {
+        self.point = point
+        self.vcpus = vcpus
+        self.memoryMiB = memoryMiB
+        self.ip = ip
+        self.waitFor = waitFor
+        self.timeout = timeout
+        self.check = check
+    }
+}
+
+/// What stop-test removed.
+public struct StopReport: Codable, Sendable {
+    public var machine: String
+    public var domainRemoved: Bool
+    public var overlaysRemoved: Int
+    public var networkRemoved: Bool
+    public var mountReleased: String?
+}
+
+extension Recovery {
+    /// The default boot line: a login prompt.
+    public static let defaultBootPattern = "login:"
+
+    /// Test failover: boots `name`'s recovery VM from a recovery point on the isolated test
+    /// network, waits for its boot line, runs the check, and records the drill. The VM keeps
+    /// running until `stopTest`. A drill that fails (no boot line, failing check) is recorded
+    /// as failed and returned; errors before the VM starts undo what was made and throw.
+    /// - Parameter report: called with a line per step, for a terminal.
+    public func testFailover(_ name: String, _ options: DrillOptions, report: (String) -> Void = { _ in }) throws -> Drill {
+        let started = Date()
+        let machine = try repository.machine(name)
+        let point = try resolvePoint(name, options.point)
+        var lock: FileLock? = try hot.lock(name)
+        defer { withExtendedLifetime(lock) {} }
+        let state = try reconciledState(name, record: try hot.record(name))
+        _ = try StateMachine.check(.testFailover, machine: name, state: state)
+
+        let vcpus = options.vcpus ?? machine.vcpus
+        let memory = options.memoryMiB ?? machine.memoryMiB
+        try checkResources(vcpus: vcpus, memoryMiB: memory)
+        let ipText = options.ip ?? machine.testIP ?? machine.ip
+        let ip = try ipText.map { try Interface4.parse($0, what: options.ip != nil ? "--ip" : "the test IP of \(name)") }
+        let patternText = options.waitFor ?? machine.bootPattern ?? Self.defaultBootPattern
+        let pattern: NSRegularExpression
+        do { pattern = try NSRegularExpression(pattern: patternText) } catch {
+            throw LifeboatError(.invalidArgument, "--wait-for '\(patternText)' is not a regular expression: \(error.localizedDescription)")
+        }
+        guard let mac = machine.macs.first else {
+            throw LifeboatError(.invalidArgument, "\(name) has no MAC address: protect it again with --mac")
+        }
+        let virtType = try virtType(for: machine)
+        let domainName = Self.testDomainName(name)
+
+        // Written first, so that a crash from here on leaves a record stop-test can follow.
+        let drillID = Self.drillID(started)
+        try hot.prepare(name)
+        let drillFolder = hot.drillDirectory(name, drillID)
+        try FileSystem.makeDirectories(drillFolder)
+        chmod(drillFolder, 0o755)
+        var record = ServerRecord(machine: name, state: .testingFailover, repository: repository.root)
+        record.point = point.id
+        record.pointTime = point.time
+        record.vm = domainName
+        record.network = Self.testNetworkName
+        record.ip = ip?.address.description
+        record.mac = mac
+        record.vcpus = vcpus
+        record.memoryMiB = memory
+        record.virtType = virtType
+        record.drill = drillID
+        record.phase = "starting"
+        try hot.save(record)
+        let consoleLog = drillFolder + "/console.log"
+        var drill = Drill(id: drillID, machine: name, point: point.id, pointTime: point.time, started: started, result: .running,
+                          vm: domainName, network: Self.testNetworkName, ip: ip?.address.description, vcpus: vcpus, memoryMiB: memory,
+                          virtType: virtType, bootPattern: patternText, check: options.check, consoleLog: consoleLog)
+        try hot.save(drill)
+
+        let domain: Domain
+        do {
+            report("serving \(repository.root) for QEMU")
+            let mount = try ensureMount()
+            record.mount = mount
+            try FileSystem.makeDirectories(hot.testDirectory(name))
+            chmod(hot.testDirectory(name), 0o755)
+            for (index, disk) in point.disks.enumerated() {
+                let backing = "\(mount)/\(name)/\(point.id)/\(disk.name).raw"
+                guard FileSystem.exists(backing) else {
+                    throw LifeboatError(.notFound, "the FUSE mount \(mount) does not serve \(backing): is it a mount of another repository?")
+                }
+                let overlay = hot.testDirectory(name) + "/\(disk.name).qcow2"
+                try createOverlay(overlay, backing: backing)
+                record.disks.append(HotDisk(name: disk.name, target: Self.target(index), path: overlay, backing: backing, size: disk.size))
+            }
+            try hot.save(record)
+            report("overlays in \(hot.testDirectory(name)) over point \(point.id)")
+            let host = try ensureTestNetwork(machine: name, mac: mac, ip: ip, gateway: machine.gateway.flatMap(IPv4.init))
+            report("test network \(Self.testNetworkName) (\(host.subnet), isolated)")
+
+            _ = FileManager.default.createFile(atPath: consoleLog, contents: nil)
+            QemuUser.give(consoleLog, mode: 0o640)
+            let parameters = DomainParameters(
+                name: domainName, type: virtType, vcpus: vcpus, memoryMiB: memory,
+                title: "lifeboat drill of \(name)",
+                description: "Test failover of \(name) from recovery point \(point.id) (\(Format.iso(point.time))), drill \(drillID). Remove with: lifeboat stop-test \(name)",
+                disks: record.disks.map { .init(target: $0.target, file: $0.path, backingFile: $0.backing) },
+                interfaces: [.init(network: Self.testNetworkName, mac: mac)],
+                consoleLog: consoleLog)
+            let xml = try virt("rendering the domain") { try settings.templates.render(Templates.domain, parameters) }
+            let connection = try connection()
+            if try removeDomain(domainName) { report("removed a leftover \(domainName)") }
+            domain = try virt("defining the VM \(domainName)") { try connection.defineDomain(xml: xml) }
+            try virt("starting the VM \(domainName)") { try domain.start() }
+        } catch {
+            drill.result = .failed
+            drill.reason = "\(error)"
+            drill.ended = Date()
+            try? hot.save(drill)
+            _ = try? cleanUpTest(name, record: record)
+            throw error
+        }
+        drill.secondsToRunning = Date().timeIntervalSince(started)
+        record.phase = nil
+        try hot.save(record)
+        try hot.save(drill)
+        report(String(format: "VM %@ running after %.1f s (%@, %d vCPU, %d MiB)", domainName, drill.secondsToRunning!, virtType, vcpus, memory))
+        lock = nil   // stop-test may now run while the drill waits for the guest
+
+        let deadline = started.addingTimeInterval(options.timeout)
+        let (line, problem) = waitForBootLine(log: consoleLog, pattern: pattern, domain: domain, deadline: deadline)
+        guard let line else {
+            drill.result = .failed
+            drill.reason = problem ?? "the boot line /\(patternText)/ did not appear within \(Format.duration(options.timeout))"
+            drill.ended = Date()
+            try hot.save(drill)
+            return drill
+        }
+        drill.bootLine = line
+        drill.secondsToBootLine = Date().timeIntervalSince(started)
+        report(String(format: "boot line after %.1f s: %@", drill.secondsToBootLine!, line))
+        if let shot = try? domain.screenshot(), let png = shot.mime.contains("png") ? shot.bytes : PNG.fromPPM(shot.bytes) {
+            let path = drillFolder + "/screenshot.png"
+            if FileManager.default.createFile(atPath: path, contents: Data(png)) { drill.screenshot = path }
+        }
+        if ip == nil { drill.ip = waitForLease(mac: mac, until: min(deadline, Date().addingTimeInterval(10))) }
+
+        if let check = options.check {
+            let log = drillFolder + "/check.log"
+            drill.checkLog = log
+            report("running the check: \(check)")
+            let outcome = try Script.run(check, environment: [
+                "LIFEBOAT_MACHINE": name, "LIFEBOAT_POINT": point.id, "LIFEBOAT_VM": domainName,
+                "LIFEBOAT_VM_IP": drill.ip ?? "", "LIFEBOAT_CONSOLE_LOG": consoleLog, "LIFEBOAT_DRILL": drillID,
+            ], log: log, timeout: max(10, deadline.timeIntervalSinceNow))
+            drill.checkStatus = outcome.status
+            if outcome.timedOut {
+                drill.result = .failed
+                drill.reason = "the check did not finish within the timeout (see \(log))"
+            } else if outcome.status != 0 {
+                let last = (try? String(contentsOfFile: log, encoding: .utf8))?.split(separator: "\n").last.map(String.init)
+                drill.result = .failed
+                drill.reason = "the check exited with status \(outcome.status)" + (last.map { ": \($0)" } ?? "") + " (see \(log))"
+            }
+        }
+        drill.secondsToCheckEnd = Date().timeIntervalSince(started)
+        if drill.result == .running { drill.result = .passed }
+        drill.ended = Date()
+        try hot.save(drill)
+        return drill
+    }
+
+    /// Ends a drill: destroys the VM, deletes the overlays, drops the network when no other drill
+    /// uses it, releases the mount when nothing reads from it. Works on whatever a killed
+    /// test-failover left behind.
+    public func stopTest(_ name: String) throws -> StopReport {
+        let lock = try hot.lock(name)
+        defer { withExtendedLifetime(lock) {} }
+        let record = try hot.record(name)
+        let state = try reconciledState(name, record: record)
+        _ = try StateMachine.check(.stopTest, machine: name, state: state)
+        let mac = record?.mac ?? (try? repository.machine(name))?.macs.first
+        var base = record ?? ServerRecord(machine: name, state: .testingFailover, repository: repository.root)
+        base.mac = mac
+        return try cleanUpTest(name, record: base)
+    }
+
+    /// Removes a drill's domain, overlays, DHCP reservation, network and mount use; records Standby.
+    func cleanUpTest(_ name: String, record: ServerRecord) throws -> StopReport {
+        let domainRemoved = try removeDomain(Self.testDomainName(name))
+        let folder = hot.testDirectory(name)
+        let overlays = ((try? FileSystem.list(folder)) ?? []).filter { $0.hasSuffix(".qcow2") }.count
+        FileSystem.removeTree(folder)
+        var settled = ServerRecord(machine: name, state: .standby, repository: repository.root)
+        settled.since = Date()
+        try hot.save(settled)
+        let networkRemoved = releaseTestNetwork(machine: name, mac: record.mac)
+        let released = releaseMountIfUnused(except: name)
+        if let id = record.drill, var drill = hot.drills(name).first(where: { $0.id == id }), drill.result == .running {
+            drill.result = .failed
+            drill.reason = "stopped before it finished (test-failover was interrupted or stop-test ran during the wait)"
+            drill.ended = Date()
+            try? hot.save(drill)
+        }
+        return StopReport(machine: name, domainRemoved: domainRemoved, overlaysRemoved: overlays,
+                          networkRemoved: networkRemoved, mountReleased: released)
+    }
+
+    /// The state to act on: the record's, or TestingFailover when a drill left things behind
+    /// without a record saying so.
+    func reconciledState(_ name: String, record: ServerRecord?) throws -> ServerState {
+        let recorded = record?.state ?? .standby
+        guard recorded == .standby else { return recorded }
+        let domainLeft = (try? connection().domain(named: Self.testDomainName(name))) != nil
+        let overlaysLeft = !((try? FileSystem.list(hot.testDirectory(name))) ?? []).isEmpty
+        return domainLeft || overlaysLeft ? .testingFailover : .standby
+    }
+
+    /// The IP the network's DHCP server gave `mac`, waiting a little for the lease.
+    func waitForLease(mac: String, until: Date) -> String? {
+        repeat {
+            if let leases = try? connection().network(named: Self.testNetworkName)?.leases(),
+               let lease = leases.first(where: { $0.mac.lowercased() == mac.lowercased() }) {
+                return lease.ip
+            }
+            Thread.sleep(forTimeInterval: 0.5)
+        } while Date() < until
+        return nil
+    }
+
+    static func target(_ index: Int) -> String {
+        "vd" + String(UnicodeScalar(UInt8(97 + index % 26)))
+    }
+
+    static func drillID(_ date: Date) -> String {
+        let formatter = DateFormatter()
+        formatter.locale = Locale(identifier: "en_US_POSIX")
+        formatter.timeZone = TimeZone(identifier: "UTC")
+        formatter.dateFormat = "yyyyMMdd'T'HHmmss'Z'"
+        return formatter.string(from: date)
+    }
+}
+
+/// Text for times and durations in messages.
+enum Format {
+    static func iso(_ date: Date) -> String {
+        ISO8601DateFormatter().string(from: date)
+    }
+
+    static func duration(_ seconds: TimeInterval) -> String {
+        if seconds < 120 { return "\(Int(seconds.rounded())) s" }
+        if seconds < 7200 { return "\(Int((seconds / 60).rounded())) min" }
+        if seconds < 172_800 { return String(format: "%.1f h", seconds / 3600) }
+        return String(format: "%.1f days", seconds / 86400)
+    }
+}

@@ -1,0 +1,359 @@
+import Foundation
+internal import CVirt
+
+// The only file that touches libvirt's C API. Every call goes through `check`, which reads
+// virGetLastError() at once (it is thread-local and the next call overwrites it).
+
+/// An error reported by libvirt, with libvirt's own code and message.
+public struct LibvirtError: Error, Sendable, CustomStringConvertible {
+    /// libvirt's `virErrorNumber` (VIR_ERR_*).
+    public var code: Int32
+    /// libvirt's `virErrorDomain` (which part of libvirt raised it).
+    public var domain: Int32
+    /// libvirt's text, or a description of the call that failed when libvirt gave none.
+    public var message: String
+
+    public var description: String { message }
+
+    /// VIR_ERR_NO_DOMAIN, VIR_ERR_NO_NETWORK: the object does not exist.
+    public var isNotFound: Bool { code == 42 || code == 43 }
+    /// VIR_ERR_OPERATION_INVALID: e.g. destroying a domain that is not running.
+    public var isOperationInvalid: Bool { code == 55 }
+
+    static func last(_ what: String) -> LibvirtError {
+        guard let error = virGetLastError() else {
+            return LibvirtError(code: -1, domain: -1, message: "\(what) failed")
+        }
+        let text = error.pointee.message.map { String(cString: $0) } ?? "\(what) failed"
+        let result = LibvirtError(code: error.pointee.code, domain: error.pointee.domain, message: text)
+        virResetLastError()
+        return result
+    }
+}
+
+/// libvirt prints every error on stderr unless a handler takes them; ours drops them,
+/// since each is read with virGetLastError() and thrown to the caller.
+private func quietErrorHandler(_ userData: UnsafeMutableRawPointer?, _ error: virErrorPtr?) {}
+
+private let initialised: Bool = {
+    virSetErrorFunc(nil, quietErrorHandler)
+    return virInitialize() == 0
+}()
+
+@discardableResult
+private func check(_ what: String, _ result: Int32) throws -> Int32 {
+    if result < 0 { throw LibvirtError.last(what) }
+    return result
+}
+
+private func check<T>(_ what: String, _ result: T?) throws -> T {
+    guard let result else { throw LibvirtError.last(what) }
+    return result
+}
+
+/// What the host offers recovery VMs.
+public struct HostInfo: Sendable {
+    public var cpus: Int
+    public var memoryMiB: Int
+}
+
+/// A libvirt domain's state (virDomainState).
+public enum DomainState: String, Sendable, Codable {
+    case running, blocked, paused, shuttingDown = "shutting-down", shutOff = "shut-off", crashed, suspended, unknown
+
+    init(_ raw: Int32) {
+        switch raw {
+        case 1: self = .running
+        case 2: self = .blocked
+        case 3: self = .paused
+        case 4: self = .shuttingDown
+        case 5: self = .shutOff
+        case 6: self = .crashed
+        case 7: self = .suspended
+        default: self = .unknown
+        }
+    }
+
+    /// Running, blocked or paused: QEMU is alive.
+    public var isActive: Bool { self == .running || self == .blocked || self == .paused || self == .shuttingDown }
+}
+
+/// A block job's progress (virDomainBlockJobInfo).
+public struct BlockJobInfo: Sendable {
+    /// virDomainBlockJobType: 1 pull, 2 copy, 3 commit, 4 active commit.
+    public var type: Int32
+    public var current: UInt64
+    public var end: UInt64
+    /// True when a copy job has caught up and waits for a pivot.
+    public var ready: Bool { end > 0 && current == end }
+}
+
+/// A DHCP lease on a libvirt network.
+public struct DHCPLease: Sendable {
+    public var mac: String
+    public var ip: String
+    public var prefix: Int
+    public var hostname: String?
+}
+
+/// A connection to libvirt (`virConnectPtr`). Connections are thread-safe in libvirt, so one
+/// connection may be used from any thread; the handle is freed by `close()` or `deinit`.
+public final class Connection: @unchecked Sendable {
+    public let uri: String
+    private let handle: OpaquePointer
+
+    /// Opens `uri` (qemu:///system, qemu+ssh://host/system, test:///default …).
+    /// The corresponding C function is `virConnectOpen`.
+    public init(uri: String) throws {
+        guard initialised else { throw LibvirtError(code: -1, domain: -1, message: "libvirt could not initialise") }
+        self.uri = uri
+        handle = try check("connecting to \(uri)", virConnectOpen(uri))
+    }
+
+    deinit { virConnectClose(handle) }
+
+    /// The libvirtd version as major.minor.micro.
+    public func version() throws -> String {
+        var version: UInt = 0
+        try check("reading the libvirt version", virConnectGetLibVersion(handle, &version))
+        return "\(version / 1_000_000).\(version / 1000 % 1000).\(version % 1000)"
+    }
+
+    /// CPUs and memory of the host. The corresponding C function is `virNodeGetInfo`.
+    public func hostInfo() throws -> HostInfo {
+        var info = virNodeInfo()
+        try check("reading the host's CPUs and memory", virNodeGetInfo(handle, &info))
+        return HostInfo(cpus: Int(info.cpus), memoryMiB: Int(info.memory) / 1024)
+    }
+
+    /// The domain called `name`, or nil when there is none.
+    public func domain(named name: String) throws -> Domain? {
+        guard let pointer = virDomainLookupByName(handle, name) else {
+            let error = LibvirtError.last("looking up domain \(name)")
+            if error.isNotFound { return nil }
+            throw error
+        }
+        return Domain(pointer, name: name)
+    }
+
+    /// Names of all domains, running or only defined.
+    public func domainNames() throws -> [String] {
+        var list: UnsafeMutablePointer<OpaquePointer?>?
+        let count = try check("listing domains", virConnectListAllDomains(handle, &list, 0))
+        defer { free(list) }
+        return (0..<Int(count)).compactMap { index in
+            guard let pointer = list?[index] else { return nil }
+            defer { virDomainFree(pointer) }
+            return virDomainGetName(pointer).map { String(cString: $0) }
+        }
+    }
+
+    /// Defines a persistent domain from XML. The corresponding C function is `virDomainDefineXML`.
+    public func defineDomain(xml: String) throws -> Domain {
+        let pointer = try check("defining the domain", virDomainDefineXML(handle, xml))
+        return Domain(pointer, name: virDomainGetName(pointer).map { String(cString: $0) } ?? "?")
+    }
+
+    /// The network called `name`, or nil when there is none.
+    public func network(named name: String) throws -> Network? {
+        guard let pointer = virNetworkLookupByName(handle, name) else {
+            let error = LibvirtError.last("looking up network \(name)")
+            if error.isNotFound { return nil }
+            throw error
+        }
+        return Network(pointer, name: name)
+    }
+
+    /// Defines a persistent network from XML. The corresponding C function is `virNetworkDefineXML`.
+    public func defineNetwork(xml: String) throws -> Network {
+        let pointer = try check("defining the network", virNetworkDefineXML(handle, xml))
+        return Network(pointer, name: virNetworkGetName(pointer).map { String(cString: $0) } ?? "?")
+    }
+
+    /// Whether libvirt offers the `kvm` domain type for x86_64 guests on this host.
+    public func offersKVM() -> Bool {
+        guard let text = virConnectGetCapabilities(handle) else { _ = LibvirtError.last("capabilities"); return false }
+        defer { free(text) }
+        return String(cString: text).contains("<domain type='kvm'")
+    }
+}
+
+/// A libvirt domain (`virDomainPtr`).
+public final class Domain: @unchecked Sendable {
+    public let name: String
+    private let handle: OpaquePointer
+
+    init(_ handle: OpaquePointer, name: String) {
+        self.handle = handle
+        self.name = name
+    }
+
+    deinit { virDomainFree(handle) }
+
+    /// Starts a defined domain. The corresponding C function is `virDomainCreate`.
+    public func start() throws { try check("starting \(name)", virDomainCreate(handle)) }
+
+    /// Pulls the plug. Succeeds when the domain is already off.
+    /// The corresponding C function is `virDomainDestroy`.
+    public func destroy() throws {
+        if virDomainDestroy(handle) < 0 {
+            let error = LibvirtError.last("stopping \(name)")
+            if !error.isOperationInvalid { throw error }
+        }
+    }
+
+    /// Asks the guest to shut down (ACPI). The corresponding C function is `virDomainShutdown`.
+    public func shutdown() throws { try check("shutting down \(name)", virDomainShutdown(handle)) }
+
+    /// Removes the definition (and any managed save image, snapshots' metadata and NVRAM).
+    /// The corresponding C function is `virDomainUndefineFlags`.
+    public func undefine() throws {
+        let flags = UInt32(VIR_DOMAIN_UNDEFINE_MANAGED_SAVE.rawValue | VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA.rawValue
+            | VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA.rawValue | VIR_DOMAIN_UNDEFINE_NVRAM.rawValue)
+        if virDomainUndefineFlags(handle, flags) < 0 {
+            let error = LibvirtError.last("undefining \(name)")
+            if !error.isNotFound && !error.isOperationInvalid { throw error }
+        }
+    }
+
+    /// The domain's state. The corresponding C function is `virDomainGetState`.
+    public func state() throws -> DomainState {
+        var state: Int32 = 0
+        var reason: Int32 = 0
+        try check("reading the state of \(name)", virDomainGetState(handle, &state, &reason, 0))
+        return DomainState(state)
+    }
+
+    /// The live XML (the inactive one when the domain is off).
+    public func xml() throws -> String {
+        let text = try check("reading the XML of \(name)", virDomainGetXMLDesc(handle, 0))
+        defer { free(text) }
+        return String(cString: text)
+    }
+
+    /// Sets autostart with the host's libvirtd.
+    public func setAutostart(_ on: Bool) throws {
+        try check("setting autostart of \(name)", virDomainSetAutostart(handle, on ? 1 : 0))
+    }
+
+    /// A screenshot of the graphical console: (MIME type, bytes).
+    /// The corresponding C function is `virDomainScreenshot`.
+    public func screenshot() throws -> (mime: String, bytes: [UInt8]) {
+        let stream = try check("opening a stream", virStreamNew(connectionHandle(), 0))
+        defer { virStreamFree(stream) }
+        let mimePointer = try check("taking a screenshot of \(name)", virDomainScreenshot(handle, stream, 0, 0))
+        defer { free(mimePointer) }
+        var bytes: [UInt8] = []
+        var buffer = [CChar](repeating: 0, count: 65536)
+        while true {
+            let got = buffer.withUnsafeMutableBufferPointer { virStreamRecv(stream, $0.baseAddress, $0.count) }
+            if got < 0 {
+                let error = LibvirtError.last("reading the screenshot of \(name)")
+                virStreamAbort(stream)
+                throw error
+            }
+            if got == 0 { break }
+            buffer.withUnsafeBufferPointer { pointer in
+                bytes.append(contentsOf: UnsafeRawBufferPointer(start: pointer.baseAddress, count: Int(got)))
+            }
+        }
+        try check("finishing the screenshot stream", virStreamFinish(stream))
+        return (String(cString: mimePointer), bytes)
+    }
+
+    private func connectionHandle() -> OpaquePointer? { virDomainGetConnect(handle) }
+
+    /// Starts a block pull into the active layer of `disk` (target name, e.g. vda): every
+    /// block the backing chain provides is copied into the top image, which then stands alone.
+    /// The corresponding C function is `virDomainBlockPull`.
+    public func blockPull(disk: String, bandwidthMiBs: UInt = 0) throws {
+        try check("starting the block pull of \(name) \(disk)", virDomainBlockPull(handle, disk, bandwidthMiBs, 0))
+    }
+
+    /// The block job on `disk`, or nil when none runs. The corresponding C function is `virDomainGetBlockJobInfo`.
+    public func blockJob(disk: String) throws -> BlockJobInfo? {
+        var info = virDomainBlockJobInfo()
+        let result = try check("reading the block job of \(name) \(disk)", virDomainGetBlockJobInfo(handle, disk, &info, 0))
+        if result == 0 { return nil }
+        return BlockJobInfo(type: info.type, current: UInt64(info.cur), end: UInt64(info.end))
+    }
+
+    /// Cancels the block job on `disk` (or pivots a ready copy when `pivot`).
+    /// The corresponding C function is `virDomainBlockJobAbort`.
+    public func abortBlockJob(disk: String, pivot: Bool = false) throws {
+        let flags = pivot ? UInt32(VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT.rawValue) : 0
+        try check("ending the block job of \(name) \(disk)", virDomainBlockJobAbort(handle, disk, flags))
+    }
+}
+
+/// A libvirt virtual network (`virNetworkPtr`).
+public final class Network: @unchecked Sendable {
+    public let name: String
+    private let handle: OpaquePointer
+
+    init(_ handle: OpaquePointer, name: String) {
+        self.handle = handle
+        self.name = name
+    }
+
+    deinit { virNetworkFree(handle) }
+
+    public func isActive() throws -> Bool { try check("reading the state of network \(name)", virNetworkIsActive(handle)) == 1 }
+
+    /// The corresponding C function is `virNetworkCreate`.
+    public func start() throws { try check("starting network \(name)", virNetworkCreate(handle)) }
+
+    /// Stops the network; succeeds when it is not running. The corresponding C function is `virNetworkDestroy`.
+    public func destroy() throws {
+        if virNetworkDestroy(handle) < 0 {
+            let error = LibvirtError.last("stopping network \(name)")
+            if !error.isOperationInvalid { throw error }
+        }
+    }
+
+    /// The corresponding C function is `virNetworkUndefine`.
+    public func undefine() throws {
+        if virNetworkUndefine(handle) < 0 {
+            let error = LibvirtError.last("undefining network \(name)")
+            if !error.isNotFound && !error.isOperationInvalid { throw error }
+        }
+    }
+
+    public func xml() throws -> String {
+        let text = try check("reading the XML of network \(name)", virNetworkGetXMLDesc(handle, 0))
+        defer { free(text) }
+        return String(cString: text)
+    }
+
+    /// The bridge device the host sits on.
+    public func bridgeName() throws -> String {
+        let text = try check("reading the bridge of network \(name)", virNetworkGetBridgeName(handle))
+        defer { free(text) }
+        return String(cString: text)
+    }
+
+    /// Adds (or, with `remove`, deletes) a `<host mac= ip= name=/>` DHCP reservation in the
+    /// running network and its persistent definition. The corresponding C function is `virNetworkUpdate`.
+    public func updateDHCPHost(_ hostXML: String, remove: Bool = false) throws {
+        let command = remove ? VIR_NETWORK_UPDATE_COMMAND_DELETE : VIR_NETWORK_UPDATE_COMMAND_ADD_LAST
+        var flags = UInt32(VIR_NETWORK_UPDATE_AFFECT_CONFIG.rawValue)
+        if (try? isActive()) == true { flags |= UInt32(VIR_NETWORK_UPDATE_AFFECT_LIVE.rawValue) }
+        try check("updating the DHCP hosts of network \(name)",
+                  virNetworkUpdate(handle, command.rawValue, VIR_NETWORK_SECTION_IP_DHCP_HOST.rawValue, -1, hostXML, flags))
+    }
+
+    /// Current DHCP leases. The corresponding C function is `virNetworkGetDHCPLeases`.
+    public func leases() throws -> [DHCPLease] {
+        var list: UnsafeMutablePointer<virNetworkDHCPLeasePtr?>?
+        let count = try check("reading the DHCP leases of network \(name)", virNetworkGetDHCPLeases(handle, nil, &list, 0))
+        defer { free(list) }
+        return (0..<Int(count)).compactMap { index in
+            guard let lease = list?[index] else { return nil }
+            defer { virNetworkDHCPLeaseFree(lease) }
+            return DHCPLease(mac: lease.pointee.mac.map { String(cString: $0) } ?? "",
+                             ip: lease.pointee.ipaddr.map { String(cString: $0) } ?? "",
+                             prefix: Int(lease.pointee.prefix),
+                             hostname: lease.pointee.hostname.map { String(cString: $0) })
+        }
+    }
+}

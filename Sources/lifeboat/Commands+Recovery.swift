@@ -1,0 +1,170 @@
+import ArgumentParser
+import Foundation
+import LifeboatFS
+import LifeboatRecovery
+import LifeboatRepository
+import LifeboatVirt
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Where recovery VMs run: libvirt, hot storage, templates, domain type.
+struct RecoveryOptions: ParsableArguments {
+    @Option(help: "libvirt URI (default: $LIFEBOAT_CONNECT, else qemu:///system).")
+    var connect: String?
+    @Option(help: "Hot storage folder for recovery VM disks (default: $LIFEBOAT_HOT, else /var/lib/lifeboat/hot).")
+    var hot: String?
+    @Option(help: "Folder with domain.xml.mustache and the network templates (default: $LIFEBOAT_TEMPLATES, else the installed ones).")
+    var templates: String?
+    @Option(help: "Domain type: kvm, qemu or auto (default: $LIFEBOAT_VIRT_TYPE, else the machine's setting, else auto).")
+    var virtType: String?
+
+    /// Opens the recovery servers of `repository`; mounts it for QEMU when needed.
+    func recovery(_ repository: RepositoryOptions) throws -> Recovery {
+        let (repo, password) = try repository.openKeepingPassword()
+        let environment = ProcessInfo.processInfo.environment
+        let virtText = virtType ?? environment["LIFEBOAT_VIRT_TYPE"]
+        let settings = RecoverySettings(
+            connectURI: connect ?? environment["LIFEBOAT_CONNECT"] ?? "qemu:///system",
+            hotDirectory: hot ?? environment["LIFEBOAT_HOT"] ?? "/var/lib/lifeboat/hot",
+            templates: try locateTemplates(),
+            virtType: try virtText.map { try VirtType.parse($0, what: "--virt-type") } ?? .auto,
+            startMount: { path in
+                _ = try MountService.start(repo, at: path, password: password, cacheSize: 512 << 20, allowOther: true, threads: 8)
+            })
+        return Recovery(repository: repo, settings: settings)
+    }
+
+    func locateTemplates() throws -> Templates {
+        do { return try Templates.locate(explicit: templates) } catch let error as TemplateError {
+            throw LifeboatError(.notFound, error.description)
+        }
+    }
+}
+
+extension Lifeboat {
+    struct TestFailover: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "test-failover",
+            abstract: "Drill: boot NAME's recovery VM from a recovery point on the isolated test network, check it, record it.",
+            discussion: """
+            The VM's disks are qcow2 overlays in hot storage over the point's disks served by FUSE: it boots at once \
+            and nothing is written to the repository. It keeps running until 'lifeboat stop-test NAME'.
+            """)
+        @OptionGroup var repository: RepositoryOptions
+        @OptionGroup var recovery: RecoveryOptions
+        @Argument(help: "Machine name.") var name: String
+        @Option(help: "Point id or 'latest'.") var point = "latest"
+        @Option(help: "vCPUs (default: the machine's).") var vcpus: Int?
+        @Option(help: "Memory in MiB (default: the machine's).") var memory: Int?
+        @Option(help: "IP on the test network, ADDR/PREFIX (default: the machine's test IP, else its production IP).") var ip: String?
+        @Option(help: "Regular expression for the console line that means 'booted' (default: the machine's, else 'login:').")
+        var waitFor: String?
+        @Option(help: "Time allowed for the boot line and the check, e.g. 90s, 5m.") var timeout = "5m"
+        @Option(help: "Shell command run after boot with LIFEBOAT_MACHINE, LIFEBOAT_POINT, LIFEBOAT_VM, LIFEBOAT_VM_IP, LIFEBOAT_CONSOLE_LOG set.")
+        var check: String?
+        @OptionGroup var output: OutputOptions
+
+        func validate() throws {
+            if let vcpus, vcpus < 1 { throw ValidationError("--vcpus must be at least 1") }
+            if let memory, memory < 32 { throw ValidationError("--memory is in MiB and must be at least 32") }
+        }
+
+        func run() throws {
+            let recovery = try recovery.recovery(repository)
+            let options = DrillOptions(point: point, vcpus: vcpus, memoryMiB: memory, ip: ip, waitFor: waitFor,
+                                       timeout: try DurationText.parse(timeout), check: check)
+            let drill = try recovery.testFailover(name, options) { line in
+                if Terminal.isInteractive && !output.json { Terminal.writeError("\(line)\n") }
+            }
+            if output.json { try JSON.print(drill) } else { print(DrillText.summary(drill)) }
+            if drill.result == .failed {
+                throw LifeboatError(.invalidState, "drill \(drill.id) of \(name) failed: \(drill.reason ?? "unknown"); console log \(drill.consoleLog); the VM \(drill.vm) is left for inspection until lifeboat stop-test \(name)")
+            }
+        }
+    }
+
+    struct StopTest: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "stop-test",
+            abstract: "End NAME's drill: destroy the VM, delete its overlays, drop the test network and mount when unused.")
+        @OptionGroup var repository: RepositoryOptions
+        @OptionGroup var recovery: RecoveryOptions
+        @Argument(help: "Machine name.") var name: String
+        @OptionGroup var output: OutputOptions
+
+        func run() throws {
+            let report = try recovery.recovery(repository).stopTest(name)
+            if output.json { return try JSON.print(report) }
+            var parts = [report.domainRemoved ? "VM \(Recovery.testDomainName(name)) destroyed" : "no VM was running"]
+            parts.append("\(report.overlaysRemoved) overlay(s) deleted")
+            if report.networkRemoved { parts.append("network \(Recovery.testNetworkName) removed") }
+            if let mount = report.mountReleased { parts.append("mount \(mount) released") }
+            print("stopped the drill of \(name): " + parts.joined(separator: ", ") + "; \(name) is in Standby")
+        }
+    }
+
+    struct Status: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Recovery servers: last point and RPO, state (checked against libvirt and the mounts), VM, network, IP.")
+        @OptionGroup var repository: RepositoryOptions
+        @OptionGroup var recovery: RecoveryOptions
+        @Argument(help: "Only this machine.") var name: String?
+        @OptionGroup var output: OutputOptions
+
+        func run() throws {
+            let statuses = try recovery.recovery(repository).status(only: name)
+            if output.json { return try JSON.print(statuses) }
+            let rows = statuses.map { status -> [String] in
+                let age = status.lastPointAge.map { Format.duration($0) } ?? "-"
+                var rpo = "-"
+                if let seconds = status.rpoSeconds {
+                    let ratio = status.rpoRatio.map { String(format: "%.0f%%", $0 * 100) } ?? "no point"
+                    rpo = "\(Format.duration(Double(seconds))) \(ratio) " + (status.rpoCompliant == true ? "ok" : "BREACHED")
+                }
+                let vm = status.vm.map { "\($0) (\(status.vmState ?? "?"))" } ?? "-"
+                return [status.machine, status.lastPoint ?? "-", age, rpo, status.state.rawValue, vm,
+                        status.network ?? "-", status.ip ?? "-"]
+            }
+            print(Format.table(["MACHINE", "LAST POINT", "AGE", "RPO", "STATE", "VM", "NETWORK", "IP"], rows))
+            for status in statuses {
+                for problem in status.problems { print("\(status.machine): \(problem)") }
+            }
+        }
+    }
+
+    struct Drills: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List NAME's drills (test failovers): result, point, times.")
+        @OptionGroup var repository: RepositoryOptions
+        @OptionGroup var recovery: RecoveryOptions
+        @Argument(help: "Machine name.") var name: String
+        @OptionGroup var output: OutputOptions
+
+        func run() throws {
+            let drills = try recovery.recovery(repository).drills(name)
+            if output.json { return try JSON.print(drills) }
+            func seconds(_ value: Double?) -> String { value.map { String(format: "%.1f s", $0) } ?? "-" }
+            let rows = drills.map { drill in
+                [drill.id, drill.result.rawValue, drill.point, seconds(drill.secondsToRunning), seconds(drill.secondsToBootLine),
+                 seconds(drill.secondsToCheckEnd), drill.reason ?? ""]
+            }
+            print(Format.table(["DRILL", "RESULT", "POINT", "RUNNING", "BOOT LINE", "CHECKED", "REASON"], rows))
+        }
+    }
+}
+
+enum DrillText {
+    static func summary(_ drill: Drill) -> String {
+        func seconds(_ value: Double?) -> String { value.map { String(format: "%.1f s", $0) } ?? "-" }
+        var lines = ["drill \(drill.id) of \(drill.machine) from point \(drill.point): \(drill.result.rawValue.uppercased())"]
+        if let reason = drill.reason { lines.append("  reason:    \(reason)") }
+        lines.append("  VM:        \(drill.vm) (\(drill.virtType), \(drill.vcpus) vCPU, \(drill.memoryMiB) MiB) on \(drill.network)" + (drill.ip.map { " at \($0)" } ?? ""))
+        lines.append("  times:     running \(seconds(drill.secondsToRunning)), boot line \(seconds(drill.secondsToBootLine)), check done \(seconds(drill.secondsToCheckEnd))")
+        if let line = drill.bootLine { lines.append("  boot line: \(line)") }
+        lines.append("  console:   \(drill.consoleLog)")
+        if let shot = drill.screenshot { lines.append("  screen:    \(shot)") }
+        if let log = drill.checkLog { lines.append("  check log: \(log)") }
+        lines.append("  stop it with: lifeboat stop-test \(drill.machine)")
+        return lines.joined(separator: "\n")
+    }
+}
