@@ -100,6 +100,7 @@ extension Recovery {
         try hot.save(drill)
 
         let domain: Domain
+        let events: DomainEventWatch?
         do {
             report("serving \(repository.root) for QEMU")
             let mount = try ensureMount()
@@ -133,6 +134,7 @@ extension Recovery {
             let connection = try connection()
             if try removeDomain(domainName) { report("removed a leftover \(domainName)") }
             domain = try virt("defining the VM \(domainName)") { try connection.defineDomain(xml: xml) }
+            events = try? connection.watchLifecycle(of: domain)
             try virt("starting the VM \(domainName)") { try domain.start() }
         } catch {
             drill.result = .failed
@@ -150,7 +152,8 @@ extension Recovery {
         lock = nil   // stop-test may now run while the drill waits for the guest
 
         let deadline = started.addingTimeInterval(options.timeout)
-        let (line, problem) = waitForBootLine(log: consoleLog, pattern: pattern, domain: domain, deadline: deadline)
+        let (line, problem) = waitForBootLine(log: consoleLog, pattern: pattern, domain: domain, events: events, deadline: deadline)
+        defer { events?.close() }
         guard let line else {
             drill.result = .failed
             drill.reason = problem ?? "the boot line /\(patternText)/ did not appear within \(Format.duration(options.timeout))"

@@ -202,7 +202,9 @@ public final class Recovery: @unchecked Sendable {
     }
 
     /// Waits until `regex` matches a line of the console log, the domain stops, or time runs out.
-    func waitForBootLine(log: String, pattern: NSRegularExpression, domain: Domain, deadline: Date) -> (line: String?, problem: String?) {
+    /// Stops are seen from libvirt's lifecycle events (`events`), with a state poll as a fallback.
+    func waitForBootLine(log: String, pattern: NSRegularExpression, domain: Domain, events: DomainEventWatch?,
+                         deadline: Date) -> (line: String?, problem: String?) {
         var offset = 0
         var pending = ""
         var lastStateCheck = Date.distantPast
@@ -226,7 +228,10 @@ public final class Recovery: @unchecked Sendable {
                     if pending.count > 65536 { pending = String(pending.suffix(4096)) }
                 }
             }
-            if Date().timeIntervalSince(lastStateCheck) > 1 {
+            if let stop = events?.stop {
+                return (nil, "\(stop.description) before the boot line appeared")
+            }
+            if Date().timeIntervalSince(lastStateCheck) > 5 {
                 lastStateCheck = Date()
                 if let state = try? domain.state(), !state.isActive {
                     return (nil, "the VM stopped (\(state.rawValue)) before the boot line appeared")

@@ -21,7 +21,7 @@ public final class Repository: Sendable {
     /// zstd 3: the smallest repository of the levels measured; level 1 is ~25% faster, ~9% larger.
     public static let defaultCompressionLevel = 3
     /// 256 KiB: a random 4 KiB read decodes at most this much (docs/FORMAT.md, "Choices").
-    public static let defaultFrameSize = 256 * 1024
+    public static let defaultFrameSize = 64 * 1024
 
     public let root: String
     public let config: RepositoryConfig

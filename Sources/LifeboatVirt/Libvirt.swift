@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 internal import CVirt
 
 // The only file that touches libvirt's C API. Every call goes through `check`, which reads
@@ -35,10 +36,90 @@ public struct LibvirtError: Error, Sendable, CustomStringConvertible {
 /// since each is read with virGetLastError() and thrown to the caller.
 private func quietErrorHandler(_ userData: UnsafeMutableRawPointer?, _ error: virErrorPtr?) {}
 
+/// libvirt's default event loop runs on a thread of its own for the life of the process;
+/// it must be registered before the first connection is opened for that connection's events.
 private let initialised: Bool = {
     virSetErrorFunc(nil, quietErrorHandler)
-    return virInitialize() == 0
+    guard virInitialize() == 0, virEventRegisterDefaultImpl() == 0 else { return false }
+    let thread = Thread {
+        while virEventRunDefaultImpl() == 0 {}
+    }
+    thread.name = "libvirt-events"
+    thread.start()
+    return true
 }()
+
+/// A domain lifecycle event (VIR_DOMAIN_EVENT_ID_LIFECYCLE).
+public struct DomainEvent: Sendable, CustomStringConvertible {
+    /// virDomainEventType: 0 defined, 1 undefined, 2 started, 3 suspended, 4 resumed, 5 stopped, 6 shutdown, 7 pmsuspended, 8 crashed.
+    public var type: Int32
+    /// The type's detail (for stopped: 0 shutdown, 1 destroyed, 2 crashed, 3 migrated, 4 saved, 5 failed, 6 from snapshot).
+    public var detail: Int32
+    public var time: Date
+
+    /// The guest is gone: stopped or crashed.
+    public var isStop: Bool { type == 5 || type == 8 }
+
+    public var description: String {
+        switch (type, detail) {
+        case (5, 0): return "the guest shut down"
+        case (5, 1): return "the VM was destroyed"
+        case (5, 2), (8, _): return "the guest crashed"
+        case (5, 5): return "QEMU failed"
+        case (5, _): return "the VM stopped"
+        case (2, _): return "the VM started"
+        case (3, _): return "the VM was paused"
+        case (4, _): return "the VM resumed"
+        case (6, _): return "the guest is shutting down"
+        default: return "domain event \(type)/\(detail)"
+        }
+    }
+}
+
+/// Collects one domain's lifecycle events from libvirt's event thread until `close()`.
+public final class DomainEventWatch: Sendable {
+    private let events = Mutex<[DomainEvent]>([])
+    /// The connection (as its address: raw pointers are not Sendable) and the callback id.
+    private let registration = Mutex<(connection: UInt, id: Int32)?>(nil)
+
+    /// Events received so far, oldest first.
+    public var received: [DomainEvent] { events.withLock { $0 } }
+
+    /// The first stop or crash received, if any.
+    public var stop: DomainEvent? { received.first { $0.isStop } }
+
+    fileprivate func append(_ event: DomainEvent) { events.withLock { $0.append(event) } }
+
+    fileprivate func register(_ connection: OpaquePointer, _ id: Int32) {
+        virConnectRef(connection)
+        let address = UInt(bitPattern: Int(bitPattern: UnsafeRawPointer(connection)))
+        registration.withLock { $0 = (address, id) }
+    }
+
+    /// Stops watching. The corresponding C function is `virConnectDomainEventDeregisterAny`.
+    public func close() {
+        guard let taken = registration.withLock({ value -> (connection: UInt, id: Int32)? in
+            defer { value = nil }
+            return value
+        }), let connection = OpaquePointer(bitPattern: taken.connection) else { return }
+        virConnectDomainEventDeregisterAny(connection, taken.id)
+        virConnectClose(connection)
+    }
+
+    deinit { close() }
+}
+
+private func lifecycleCallback(_ connection: OpaquePointer?, _ domain: OpaquePointer?, _ event: Int32, _ detail: Int32,
+                               _ opaque: UnsafeMutableRawPointer?) {
+    guard let opaque else { return }
+    let watch = Unmanaged<DomainEventWatch>.fromOpaque(opaque).takeUnretainedValue()
+    watch.append(DomainEvent(type: event, detail: detail, time: Date()))
+}
+
+private func releaseWatch(_ opaque: UnsafeMutableRawPointer?) {
+    guard let opaque else { return }
+    Unmanaged<DomainEventWatch>.fromOpaque(opaque).release()
+}
 
 @discardableResult
 private func check(_ what: String, _ result: Int32) throws -> Int32 {
@@ -170,6 +251,23 @@ public final class Connection: @unchecked Sendable {
         return Network(pointer, name: virNetworkGetName(pointer).map { String(cString: $0) } ?? "?")
     }
 
+    /// Watches `domain`'s lifecycle events (started, stopped, crashed …) until the watch is closed.
+    /// The corresponding C function is `virConnectDomainEventRegisterAny`.
+    public func watchLifecycle(of domain: Domain) throws -> DomainEventWatch {
+        let watch = DomainEventWatch()
+        typealias Lifecycle = @convention(c) (OpaquePointer?, OpaquePointer?, Int32, Int32, UnsafeMutableRawPointer?) -> Void
+        let callback = unsafeBitCast(lifecycleCallback as Lifecycle, to: virConnectDomainEventGenericCallback.self)
+        let opaque = Unmanaged.passRetained(watch).toOpaque()
+        let id = virConnectDomainEventRegisterAny(handle, domain.pointer, Int32(VIR_DOMAIN_EVENT_ID_LIFECYCLE.rawValue),
+                                                  callback, opaque, releaseWatch)
+        if id < 0 {
+            Unmanaged<DomainEventWatch>.fromOpaque(opaque).release()
+            throw LibvirtError.last("watching the events of \(domain.name)")
+        }
+        watch.register(handle, id)
+        return watch
+    }
+
     /// Whether libvirt offers the `kvm` domain type for x86_64 guests on this host.
     public func offersKVM() -> Bool {
         guard let text = virConnectGetCapabilities(handle) else { _ = LibvirtError.last("capabilities"); return false }
@@ -182,6 +280,7 @@ public final class Connection: @unchecked Sendable {
 public final class Domain: @unchecked Sendable {
     public let name: String
     private let handle: OpaquePointer
+    fileprivate var pointer: OpaquePointer { handle }
 
     init(_ handle: OpaquePointer, name: String) {
         self.handle = handle

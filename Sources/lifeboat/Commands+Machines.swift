@@ -10,7 +10,7 @@ extension Lifeboat {
         var encrypt = false
         @Option(help: "Chunk size in bytes (power of two).")
         var chunkSize = Repository.defaultChunkSize
-        @Option(help: "Size of the independently compressed frames inside a chunk (default 256 KiB).")
+        @Option(help: "Size of the independently compressed frames inside a chunk (default 64 KiB).")
         var frameSize: Int?
         @Option(help: "zstd level for new chunks (negative = faster, larger).")
         var compressionLevel = Repository.defaultCompressionLevel
@@ -34,33 +34,38 @@ extension Lifeboat {
         @OptionGroup var repository: RepositoryOptions
         @Argument(help: "Machine name.") var name: String
         @Option(name: .customLong("disk"), help: "Raw image file or block device (repeat for more disks).") var disks: [String] = []
-        @Option(help: "vCPUs of the recovery VM.") var vcpus = 1
-        @Option(help: "Memory of the recovery VM in MiB.") var memory = 512
-        @Option(help: "MAC address of the recovery VM's NIC (default: a random 52:54:00 one).") var mac: String?
-        @Option(help: "Production IP, ADDR/PREFIX.") var ip: String?
-        @Option(help: "Production gateway.") var gateway: String?
-        @Option(help: "IP on the test network, ADDR/PREFIX.") var testIp: String?
-        @Option(help: "Recovery point objective, e.g. 15m, 4h, 1d.") var rpo: String?
-        @Option(help: "Free text.") var description: String?
+        @OptionGroup var settings: ServerSettingsOptions
 
-        func validate() throws {
-            guard vcpus >= 1 else { throw ValidationError("--vcpus must be at least 1") }
-            guard memory >= 16 else { throw ValidationError("--memory is in MiB and must be at least 16") }
-            if let mac, !Network.isMAC(mac) { throw ValidationError("--mac \(mac) is not a MAC address like 52:54:00:12:34:56") }
-            for (flag, value) in [("--ip", ip), ("--test-ip", testIp)] {
-                if let value, !Network.isCIDR(value) { throw ValidationError("\(flag) \(value) is not ADDR/PREFIX like 192.168.50.10/24") }
-            }
-            if let gateway, !Network.isIPv4(gateway) { throw ValidationError("--gateway \(gateway) is not an IPv4 address") }
-        }
+        func validate() throws { try settings.check() }
 
         func run() throws {
             let repo = try repository.open()
-            let rpoSeconds = try rpo.map { Int(try DurationText.parse($0)) }
             let disks = Repository.diskNames(for: disks.map { $0.hasPrefix("/") ? $0 : FileManager.default.currentDirectoryPath + "/" + $0 })
-            let machine = Machine(name: name, disks: disks, vcpus: vcpus, memoryMiB: memory, macs: [mac ?? Network.randomMAC()],
-                                  ip: ip, gateway: gateway, testIP: testIp, rpoSeconds: rpoSeconds, description: description)
+            var machine = Machine(name: name, disks: disks, macs: [Network.randomMAC()])
+            try settings.apply(to: &machine)
             try repo.protect(machine)
             print("protected \(name): " + disks.map { "\($0.name)=\($0.path)" }.joined(separator: ", "))
+        }
+    }
+
+    struct Configure: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Change a machine's recovery-server settings (vCPUs, memory, MAC, IPs, RPO, network, domain type, boot line).",
+            discussion: "Give an empty value (--ip '') to clear an optional setting. Takes effect at the next test failover or failover.")
+        @OptionGroup var repository: RepositoryOptions
+        @Argument(help: "Machine name.") var name: String
+        @OptionGroup var settings: ServerSettingsOptions
+        @OptionGroup var output: OutputOptions
+
+        func validate() throws { try settings.check() }
+
+        func run() throws {
+            let repo = try repository.open()
+            var machine = try repo.machine(name)
+            try settings.apply(to: &machine)
+            try repo.save(machine)
+            if output.json { return try JSON.print(machine) }
+            print("configured \(name): \(machine.vcpus) vCPU, \(machine.memoryMiB) MiB, MAC \(machine.macs.first ?? "-"), IP \(machine.ip ?? "-"), test IP \(machine.testIP ?? "-"), network \(machine.bridge.map { "bridge " + $0 } ?? machine.network ?? "(from template)"), virt type \(machine.virtType ?? "host default")")
         }
     }
 
@@ -96,6 +101,61 @@ extension Lifeboat {
             try repository.open().unprotect(name, purge: purge)
             print("unprotected \(name)")
         }
+    }
+}
+
+/// Recovery-server settings shared by `protect` (defaults apply) and `configure` (only what is given changes).
+struct ServerSettingsOptions: ParsableArguments {
+    @Option(help: "vCPUs of the recovery VM (default 1).") var vcpus: Int?
+    @Option(help: "Memory of the recovery VM in MiB (default 512).") var memory: Int?
+    @Option(help: "MAC address of the recovery VM's NIC (default: a random 52:54:00 one).") var mac: String?
+    @Option(help: "Production IP, ADDR/PREFIX.") var ip: String?
+    @Option(help: "Production gateway.") var gateway: String?
+    @Option(help: "IP on the isolated test network, ADDR/PREFIX (default: the production IP).") var testIp: String?
+    @Option(help: "Recovery point objective, e.g. 15m, 4h, 1d.") var rpo: String?
+    @Option(help: "Free text.") var description: String?
+    @Option(help: "Domain type of its recovery VM: kvm, qemu or auto.") var virtType: String?
+    @Option(help: "Regular expression on the serial console meaning 'booted' (default: a login prompt).") var bootPattern: String?
+    @Option(help: "Production libvirt network for failover.") var network: String?
+    @Option(help: "Production host bridge for failover (instead of a libvirt network).") var bridge: String?
+
+    func check() throws {
+        if let vcpus, vcpus < 1 { throw ValidationError("--vcpus must be at least 1") }
+        if let memory, memory < 32 { throw ValidationError("--memory is in MiB and must be at least 32") }
+        if let mac, !Network.isMAC(mac) { throw ValidationError("--mac \(mac) is not a MAC address like 52:54:00:12:34:56") }
+        for (flag, value) in [("--ip", ip), ("--test-ip", testIp)] {
+            if let value, !value.isEmpty, !Network.isCIDR(value) { throw ValidationError("\(flag) \(value) is not ADDR/PREFIX like 192.168.50.10/24") }
+        }
+        if let gateway, !gateway.isEmpty, !Network.isIPv4(gateway) { throw ValidationError("--gateway \(gateway) is not an IPv4 address") }
+        if let virtType, !virtType.isEmpty, !["kvm", "qemu", "auto"].contains(virtType) {
+            throw ValidationError("--virt-type \(virtType) is not one of kvm, qemu, auto")
+        }
+        if let bootPattern, (try? NSRegularExpression(pattern: bootPattern)) == nil {
+            throw ValidationError("--boot-pattern '\(bootPattern)' is not a regular expression")
+        }
+        if let network, let bridge, !network.isEmpty, !bridge.isEmpty { throw ValidationError("give --network or --bridge, not both") }
+    }
+
+    /// Applies the given settings; an empty text clears an optional one.
+    func apply(to machine: inout Machine) throws {
+        func optional(_ value: String?, _ current: String?) -> String? {
+            guard let value else { return current }
+            return value.isEmpty ? nil : value
+        }
+        if let vcpus { machine.vcpus = vcpus }
+        if let memory { machine.memoryMiB = memory }
+        if let mac { machine.macs = [mac.lowercased()] + machine.macs.dropFirst() }
+        machine.ip = optional(ip, machine.ip)
+        machine.gateway = optional(gateway, machine.gateway)
+        machine.testIP = optional(testIp, machine.testIP)
+        if let rpo { machine.rpoSeconds = rpo.isEmpty ? nil : Int(try DurationText.parse(rpo)) }
+        machine.description = optional(description, machine.description)
+        machine.virtType = optional(virtType, machine.virtType)
+        machine.bootPattern = optional(bootPattern, machine.bootPattern)
+        machine.network = optional(network, machine.network)
+        machine.bridge = optional(bridge, machine.bridge)
+        if network?.isEmpty == false { machine.bridge = nil }
+        if bridge?.isEmpty == false { machine.network = nil }
     }
 }
 

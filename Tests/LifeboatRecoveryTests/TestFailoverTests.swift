@@ -130,8 +130,12 @@ struct TestFailoverTests {
         // The guest wrote its boot log; the repository did not change.
         let again = try lab.run(["test-failover", web])
         #expect(again.status != 0 && again.stderr.contains("is in TestingFailover"), "\(again.stderr)")
+        #expect(lab.chunkFiles() == chunksBefore, "the guest's writes stay in the overlay")
+        // The source keeps running and its backups still work during the drill.
+        try lab.check(["backup", web])
+        let chunksAfterBackup = lab.chunkFiles()
         try lab.check(["stop-test", web])
-        #expect(lab.chunkFiles() == chunksBefore)
+        #expect(lab.chunkFiles() == chunksAfterBackup)
         try lab.check(["verify"])
 
         let b = try lab.drillJSON([web, "--wait-for", "LIFEBOAT-READY", "--timeout", "90s"])
@@ -239,6 +243,31 @@ struct TestFailoverTests {
         #expect(lab.domainExists("lifeboat-test-" + name))
         try lab.check(["stop-test", name])
         #expect(!lab.domainExists("lifeboat-test-" + name))
+    }
+
+    @Test("a VM that stops before its boot line fails the drill at once, with the reason from libvirt's events")
+    func vmStopsDuringWait() throws {
+        let lab = try DrillLab(["stops"])
+        let name = lab.machines[0]
+        _ = try lab.protect(name, marker: "x", ip: "192.168.77.45/24", mac: "52:54:00:77:00:45")
+        try lab.check(["backup", name])
+        let started = Date()
+        let process = CLI.start(["test-failover", name, "--wait-for", "NEVER-PRINTED", "--timeout", "120s", "--json"],
+                                environment: lab.environment)
+        let domain = "lifeboat-test-" + name
+        let deadline = Date().addingTimeInterval(30)
+        while (try? sh(["virsh", "-c", "qemu:///system", "domstate", domain]))?.contains("running") != true && Date() < deadline {
+            Thread.sleep(forTimeInterval: 0.1)
+        }
+        _ = try sh(["virsh", "-c", "qemu:///system", "destroy", domain])
+        let output = (process.standardOutput as! Pipe).fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        #expect(process.terminationStatus != 0)
+        #expect(Date().timeIntervalSince(started) < 60, "did not wait for the timeout")
+        let drill = (try? JSONSerialization.jsonObject(with: output)) as? [String: Any] ?? [:]
+        #expect(drill["result"] as? String == "failed")
+        #expect((drill["reason"] as? String)?.contains("the VM was destroyed before the boot line appeared") == true, "\(drill)")
+        try lab.check(["stop-test", name])
     }
 
     @Test("bad input: one line each, naming the thing and what to do")
