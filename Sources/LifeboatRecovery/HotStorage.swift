@@ -16,6 +16,13 @@ public struct HotDisk: Codable, Sendable, Equatable {
     public var backing: String?
     /// Size of the disk in bytes.
     public var size: Int
+    /// Failover: the standalone raw hot disk the copy goes to (becomes `path` at the pivot).
+    public var final: String?
+    /// When the current copy into `final` started.
+    public var copyStarted: Date?
+
+    /// True once the disk no longer needs the backup.
+    public var isHot: Bool { backing == nil }
 }
 
 /// A recovery server's state as last written by lifeboat (`HOT/NAME/server.json`).
@@ -32,6 +39,8 @@ public struct ServerRecord: Codable, Sendable {
     public var network: String?
     /// The VM's address, without prefix.
     public var ip: String?
+    /// The prefix length of `ip`'s subnet.
+    public var prefix: Int?
     public var mac: String?
     public var vcpus: Int?
     public var memoryMiB: Int?
@@ -43,6 +52,20 @@ public struct ServerRecord: Codable, Sendable {
     public var drill: String?
     /// Set while a command is part-way: "starting", "stopping", …; nil when settled.
     public var phase: String?
+    /// Failover: a host bridge instead of a libvirt network.
+    public var bridge: String?
+    /// Failover: lifeboat created the production network (and removes it when no VM uses it).
+    public var createdNetwork: Bool?
+    /// Failover: copy bandwidth limit in bytes per second.
+    public var bandwidth: UInt64?
+    /// Failover: the point's own disk paths (disk name -> path), where failback restores to.
+    public var sourceDisks: [String: String]?
+
+    /// `ip` with its prefix.
+    var interface: Interface4? {
+        guard let ip, let address = IPv4(ip) else { return nil }
+        return Interface4(address: address, prefix: prefix ?? 24)
+    }
 
     public init(machine: String, state: ServerState, repository: String) {
         self.machine = machine
@@ -60,6 +83,10 @@ public struct ServerRecord: Codable, Sendable {
 /// HOT/NAME/.lock               one command at a time per machine
 /// HOT/NAME/test/DISK.qcow2     drill overlays (deleted by stop-test)
 /// HOT/NAME/drills/ID/          drill.json, console.log, check.log, screenshot.png
+/// HOT/NAME/disks/DISK.qcow2     failover overlay over the point's disk (until the pivot)
+/// HOT/NAME/disks/DISK.raw       failover hot disk: the copy, then the VM's standalone disk
+/// HOT/NAME/console.log          the failed-over VM's serial console
+/// HOT/NAME/history.jsonl        every step with its time
 /// ```
 public struct HotStorage: Sendable {
     public let root: String
@@ -73,6 +100,7 @@ public struct HotStorage: Sendable {
     public func testDirectory(_ name: String) -> String { machineDirectory(name) + "/test" }
     public func drillsDirectory(_ name: String) -> String { machineDirectory(name) + "/drills" }
     public func drillDirectory(_ name: String, _ id: String) -> String { drillsDirectory(name) + "/" + id }
+    public func disksDirectory(_ name: String) -> String { machineDirectory(name) + "/disks" }
 
     /// Creates the folders (mode 0755: QEMU, running as its own user, must reach the images).
     func prepare(_ name: String) throws {

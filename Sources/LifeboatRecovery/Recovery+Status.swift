@@ -24,6 +24,8 @@ public struct ServerStatus: Codable, Sendable {
     public var network: String?
     public var ip: String?
     public var disks: [HotDisk]
+    /// Finalisation progress while Finalizing.
+    public var finalisation: FinalisationProgress?
     /// Things that do not match the state, each with what to do.
     public var problems: [String]
 }
@@ -43,7 +45,8 @@ extension Recovery {
             var status = ServerStatus(machine: machine.name, lastPoint: last?.id, lastPointTime: last?.time,
                                       lastPointAge: last.map { now.timeIntervalSince($0.time) }, rpoSeconds: machine.rpoSeconds,
                                       state: record?.state ?? .standby, since: record?.since, point: record?.point, vm: record?.vm,
-                                      network: record?.network, ip: record?.ip, disks: record?.disks ?? [], problems: [])
+                                      network: record?.bridge.map { "bridge " + $0 } ?? record?.network, ip: record?.ip,
+                                      disks: record?.disks ?? [], problems: [])
             if let rpo = machine.rpoSeconds, rpo > 0 {
                 let ratio = (status.lastPointAge ?? .infinity) / Double(rpo)
                 status.rpoRatio = ratio.isFinite ? ratio : nil
@@ -89,11 +92,23 @@ extension Recovery {
             for disk in status.disks where !FileSystem.exists(disk.path) {
                 status.problems.append("the disk \(disk.path) is missing: run \(undo)")
             }
+            if status.state == .finalizing, let progress = finalisation(name) {
+                status.finalisation = progress
+                for disk in progress.disks where disk.phase == "stalled" && domain != nil {
+                    status.problems.append("no copy of disk \(disk.name) into hot storage is running (libvirtd restarted?): run lifeboat resume \(name)")
+                }
+            }
             if status.state.usesMount, let mount = record?.mount, !Mounts.isMounted(mount),
                status.disks.contains(where: { $0.backing != nil }) {
                 status.problems.append("the FUSE mount \(mount) is gone, so the VM cannot read its backing disk: run \(undo)")
             }
         }
+    }
+
+    /// History of `name`, oldest first.
+    public func history(_ name: String) throws -> [HistoryEvent] {
+        _ = try repository.machine(name)
+        return hot.history(name)
     }
 
     /// Drills of `name`, oldest first.

@@ -15,8 +15,11 @@ extension Repository {
     /// unreferenced chunks that `gc` removes.
     /// - Parameters:
     ///   - progress: advanced by the bytes of disk covered.
+    ///   - sources: disk name -> path to read instead of the machine's own (a failed-over machine's
+    ///     hot disks, for failback).
     /// - Throws: `.busy` when another backup of the machine runs; `.noSpace` when the repository fills up.
-    public func backup(_ name: String, progress: ProgressMeter = ProgressMeter(), now: Date = Date()) throws -> RecoveryPoint {
+    public func backup(_ name: String, progress: ProgressMeter = ProgressMeter(), now: Date = Date(),
+                       sources overrides: [String: String] = [:]) throws -> RecoveryPoint {
         let machine = try self.machine(name)
         let started = Date()
         let lockPath = machinePath(name) + "/backup.lock"
@@ -29,7 +32,8 @@ extension Repository {
 
         let previous = try points(name).last
         var sources: [(disk: MachineDisk, file: PosixFile, size: Int)] = []
-        for disk in machine.disks {
+        for configured in machine.disks {
+            let disk = MachineDisk(name: configured.name, path: overrides[configured.name] ?? configured.path)
             try DiskSource.check(path: disk.path)
             let file = try PosixFile.openForReading(disk.path, what: "disk")
             let size: Int

@@ -301,6 +301,9 @@ public final class Domain: @unchecked Sendable {
         }
     }
 
+    /// Whether the domain is persistent (defined) rather than transient.
+    public func isPersistent() -> Bool { virDomainIsPersistent(handle) == 1 }
+
     /// Asks the guest to shut down (ACPI). The corresponding C function is `virDomainShutdown`.
     public func shutdown() throws { try check("shutting down \(name)", virDomainShutdown(handle)) }
 
@@ -369,10 +372,39 @@ public final class Domain: @unchecked Sendable {
         try check("starting the block pull of \(name) \(disk)", virDomainBlockPull(handle, disk, bandwidthMiBs, 0))
     }
 
+    /// Starts copying everything `disk` (target name, e.g. vda) reads, its whole backing chain, into
+    /// a new raw file `destination`, while the guest runs; writes are mirrored to both until
+    /// `abortBlockJob(disk:pivot: true)` switches the guest to the copy. The job is not made
+    /// recoverable, which is what lets libvirt run it on a persistent domain; a copy lost to a
+    /// libvirtd restart is simply started again. `bandwidth` is in bytes per second (0: no limit).
+    /// The corresponding C function is `virDomainBlockCopy`.
+    public func blockCopy(disk: String, toRaw destination: String, bandwidth: UInt64 = 0) throws {
+        let escaped = destination.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "'", with: "&apos;")
+            .replacingOccurrences(of: "<", with: "&lt;")
+        let xml = "<disk type='file'><driver type='raw'/><source file='\(escaped)'/></disk>"
+        var params: virTypedParameterPtr? = nil
+        var count: Int32 = 0
+        var capacity: Int32 = 0
+        defer { virTypedParamsFree(params, count) }
+        if bandwidth > 0 {
+            try check("setting the copy bandwidth", virTypedParamsAddULLong(&params, &count, &capacity, VIR_DOMAIN_BLOCK_COPY_BANDWIDTH, bandwidth))
+        }
+        let flags = UInt32(VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB.rawValue)
+        try check("starting the copy of \(name) \(disk) to \(destination)", virDomainBlockCopy(handle, disk, xml, params, count, flags))
+    }
+
+    /// Changes a running block job's speed limit (bytes per second; 0: none).
+    /// The corresponding C function is `virDomainBlockJobSetSpeed`.
+    public func setBlockJobSpeed(disk: String, bytesPerSecond: UInt64) throws {
+        try check("changing the speed of the block job of \(name) \(disk)",
+                  virDomainBlockJobSetSpeed(handle, disk, UInt(bytesPerSecond), UInt32(VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES.rawValue)))
+    }
+
     /// The block job on `disk`, or nil when none runs. The corresponding C function is `virDomainGetBlockJobInfo`.
     public func blockJob(disk: String) throws -> BlockJobInfo? {
         var info = virDomainBlockJobInfo()
-        let result = try check("reading the block job of \(name) \(disk)", virDomainGetBlockJobInfo(handle, disk, &info, 0))
+        let result = try check("reading the block job of \(name) \(disk)",
+                               virDomainGetBlockJobInfo(handle, disk, &info, UInt32(VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES.rawValue)))
         if result == 0 { return nil }
         return BlockJobInfo(type: info.type, current: UInt64(info.cur), end: UInt64(info.end))
     }
