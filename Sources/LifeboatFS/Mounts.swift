@@ -116,31 +116,7 @@ public enum Mounts {
     /// - Throws: with the daemon's last log line when it exits first or the mount never appears.
     public static func startDaemon(_ executable: String, _ arguments: [String], input: [UInt8], log: String,
                                    mountpoint: String, timeout: TimeInterval = 30) throws -> pid_t {
-        var pipeFDs: [Int32] = [0, 0]
-        guard pipe(&pipeFDs) == 0 else { throw LifeboatError(.io, "cannot create a pipe: \(Errno(rawValue: errno))") }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, pipeFDs[0], 0)
-        posix_spawn_file_actions_addclose(&actions, pipeFDs[1])
-        posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0o600)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        _ = addCloseFrom(&actions, 3)   // a daemon must not hold anyone's pipes open
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        posix_spawnattr_setflags(&attributes, Int16(0x80))  // POSIX_SPAWN_SETSID: not killed with our terminal
-        let argv = ([executable] + arguments).map { (text: String) in strdup(text) } + [nil]
-        defer { argv.forEach { free($0) } }
-        var pid: pid_t = 0
-        let spawned = posix_spawn(&pid, executable, &actions, &attributes, argv, environ)
-        Glibc.close(pipeFDs[0])
-        guard spawned == 0 else {
-            Glibc.close(pipeFDs[1])
-            throw LifeboatError(.io, "cannot start \(executable): \(Errno(rawValue: spawned))")
-        }
-        input.withUnsafeBytes { _ = write(pipeFDs[1], $0.baseAddress, $0.count) }
-        Glibc.close(pipeFDs[1])
+        let pid = try spawnDetached(executable, arguments, input: input, log: log)
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {
             if isMounted(mountpoint) { return pid }
@@ -161,6 +137,40 @@ public enum Mounts {
             if text.hasPrefix("lifeboat: ") { text.removeFirst("lifeboat: ".count) }
             return text
         }
+    }
+}
+
+extension Mounts {
+    /// Starts `executable arguments` in a session of its own (not killed with our terminal), stdin
+    /// from `input`, stdout and stderr appended to `log`, holding none of our file descriptors.
+    /// - Returns: its pid.
+    public static func spawnDetached(_ executable: String, _ arguments: [String], input: [UInt8], log: String) throws -> pid_t {
+        var pipeFDs: [Int32] = [0, 0]
+        guard pipe(&pipeFDs) == 0 else { throw LifeboatError(.io, "cannot create a pipe: \(Errno(rawValue: errno))") }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_adddup2(&actions, pipeFDs[0], 0)
+        posix_spawn_file_actions_addclose(&actions, pipeFDs[1])
+        posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0o600)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        _ = addCloseFrom(&actions, 3)   // a daemon must not hold anyone's pipes open
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        posix_spawnattr_setflags(&attributes, Int16(0x80))  // POSIX_SPAWN_SETSID
+        let argv = ([executable] + arguments).map { (text: String) in strdup(text) } + [nil]
+        defer { argv.forEach { free($0) } }
+        var pid: pid_t = 0
+        let spawned = posix_spawn(&pid, executable, &actions, &attributes, argv, environ)
+        Glibc.close(pipeFDs[0])
+        guard spawned == 0 else {
+            Glibc.close(pipeFDs[1])
+            throw LifeboatError(.io, "cannot start \(executable): \(Errno(rawValue: spawned))")
+        }
+        input.withUnsafeBytes { _ = write(pipeFDs[1], $0.baseAddress, $0.count) }
+        Glibc.close(pipeFDs[1])
+        return pid
     }
 }
 

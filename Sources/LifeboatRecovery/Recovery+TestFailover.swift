@@ -149,6 +149,8 @@ extension Recovery {
         try hot.save(record)
         try hot.save(drill)
         report(String(format: "VM %@ running after %.1f s (%@, %d vCPU, %d MiB)", domainName, drill.secondsToRunning!, virtType, vcpus, memory))
+        hot.record(name, HistoryEvent(event: "test-failover", state: .testingFailover, point: point.id,
+                                      detail: "drill \(drillID): VM \(domainName) running on \(Self.testNetworkName)"))
         lock = nil   // stop-test may now run while the drill waits for the guest
 
         let deadline = started.addingTimeInterval(options.timeout)
@@ -159,6 +161,7 @@ extension Recovery {
             drill.reason = problem ?? "the boot line /\(patternText)/ did not appear within \(Format.duration(options.timeout))"
             drill.ended = Date()
             try hot.save(drill)
+            hot.record(name, HistoryEvent(event: "drill-failed", state: .testingFailover, point: point.id, detail: "drill \(drillID): \(drill.reason!)"))
             return drill
         }
         drill.bootLine = line
@@ -192,6 +195,8 @@ extension Recovery {
         if drill.result == .running { drill.result = .passed }
         drill.ended = Date()
         try hot.save(drill)
+        hot.record(name, HistoryEvent(event: "drill-\(drill.result.rawValue)", state: .testingFailover, point: point.id,
+                                      detail: "drill \(drillID): " + (drill.reason ?? String(format: "boot line after %.1f s", drill.secondsToBootLine ?? 0))))
         return drill
     }
 
@@ -221,6 +226,8 @@ extension Recovery {
         try hot.save(settled)
         let networkRemoved = releaseTestNetwork(machine: name, mac: record.mac)
         let released = releaseMountIfUnused(except: name)
+        hot.record(name, HistoryEvent(event: "stop-test", state: .standby, point: record.point,
+                                      detail: domainRemoved ? "VM \(Self.testDomainName(name)) destroyed, \(overlays) overlay(s) deleted" : "leftovers removed"))
         if let id = record.drill, var drill = hot.drills(name).first(where: { $0.id == id }), drill.result == .running {
             drill.result = .failed
             drill.reason = "stopped before it finished (test-failover was interrupted or stop-test ran during the wait)"

@@ -84,7 +84,7 @@ public final class Recovery: @unchecked Sendable {
 
     /// The libvirt connection, opened on first use.
     public func connection() throws -> Connection {
-        if let cachedConnection { return cachedConnection }
+        if let cachedConnection, cachedConnection.isAlive { return cachedConnection }
         do {
             let connection = try Connection(uri: settings.connectURI)
             cachedConnection = connection

@@ -193,6 +193,10 @@ public final class Connection: @unchecked Sendable {
 
     deinit { virConnectClose(handle) }
 
+    /// False once the connection broke (libvirtd restarted): open a new one.
+    /// The corresponding C function is `virConnectIsAlive`.
+    public var isAlive: Bool { virConnectIsAlive(handle) == 1 }
+
     /// The libvirtd version as major.minor.micro.
     public func version() throws -> String {
         var version: UInt = 0

@@ -21,15 +21,12 @@ extension Lifeboat {
         var allowOther = false
         @Option(help: "Threads serving requests.")
         var threads = 8
-        @Flag(help: .hidden) var passwordStdin = false
 
         func run() throws {
             let path = Mounts.canonical(mountpoint)
             try Mounts.checkMountpoint(path)
-            if passwordStdin || foreground {
-                let repo = passwordStdin
-                    ? try Repository.open(at: repository.path) { readLine(strippingNewline: true) }
-                    : try repository.open()
+            if repository.passwordStdin || foreground {
+                let repo = try repository.open()
                 try MountService.serve(repo, at: path, cacheSize: cacheSize, allowOther: allowOther, threads: threads)
             } else {
                 let (repo, password) = try repository.openKeepingPassword()

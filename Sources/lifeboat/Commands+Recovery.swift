@@ -21,6 +21,11 @@ struct RecoveryOptions: ParsableArguments {
 
     /// Opens the recovery servers of `repository`; mounts it for QEMU when needed.
     func recovery(_ repository: RepositoryOptions) throws -> Recovery {
+        try recoveryKeepingPassword(repository).recovery
+    }
+
+    /// Also returns the password it took (nil when unencrypted), for a background process.
+    func recoveryKeepingPassword(_ repository: RepositoryOptions) throws -> (recovery: Recovery, password: String?) {
         let (repo, password) = try repository.openKeepingPassword()
         let environment = ProcessInfo.processInfo.environment
         let virtText = virtType ?? environment["LIFEBOAT_VIRT_TYPE"]
@@ -32,7 +37,7 @@ struct RecoveryOptions: ParsableArguments {
             startMount: { path in
                 _ = try MountService.start(repo, at: path, password: password, cacheSize: 512 << 20, allowOther: true, threads: 8)
             })
-        return Recovery(repository: repo, settings: settings)
+        return (Recovery(repository: repo, settings: settings), password)
     }
 
     func locateTemplates() throws -> Templates {
@@ -128,6 +133,7 @@ extension Lifeboat {
             }
             print(Format.table(["MACHINE", "LAST POINT", "AGE", "RPO", "STATE", "VM", "NETWORK", "IP"], rows))
             for status in statuses {
+                if let progress = status.finalisation { print("\(status.machine): " + Finalising.line(progress)) }
                 for problem in status.problems { print("\(status.machine): \(problem)") }
             }
         }

@@ -13,6 +13,9 @@ struct RepositoryOptions: ParsableArguments {
     @Option(help: "File whose first line is the repository password (else $LIFEBOAT_PASSWORD, else a prompt).")
     var passwordFile: String?
 
+    /// The password is the first line of stdin (lifeboat's own daemons get it this way).
+    @Flag(help: .hidden) var passwordStdin = false
+
     var path: String {
         repo ?? ProcessInfo.processInfo.environment["LIFEBOAT_REPO"] ?? "/var/lib/lifeboat/repo"
     }
@@ -34,6 +37,7 @@ struct RepositoryOptions: ParsableArguments {
 
     /// The password from the file, the environment or a terminal prompt; nil when none can be had.
     func password(confirm: Bool) throws -> String? {
+        if passwordStdin { return readLine(strippingNewline: true) ?? "" }
         if let passwordFile {
             guard let text = try? String(contentsOfFile: passwordFile, encoding: .utf8) else {
                 throw LifeboatError(.notFound, "cannot read password file \(passwordFile): check the path and its permissions")

@@ -10,6 +10,7 @@ import Glibc
 final class DrillLab {
     let scratch = Scratch()
     let machines: [String]
+    var networks: [String] = []
     var repo: String { scratch.file("repo") }
     var hot: String { scratch.file("hot") }
     var environment: [String: String] {
@@ -25,6 +26,10 @@ final class DrillLab {
     }
 
     deinit {
+        for network in networks {
+            _ = try? sh(["virsh", "-c", "qemu:///system", "net-destroy", network])
+            _ = try? sh(["virsh", "-c", "qemu:///system", "net-undefine", network])
+        }
         for machine in machines {
             _ = try? CLI.run(["stop-test", machine], environment: environment)
             for domain in ["lifeboat-test-" + machine, machine] {
@@ -48,6 +53,18 @@ final class DrillLab {
                   fields[dash + 2] == "lifeboat:" + repo else { return nil }
             return fields[4]
         }
+    }
+
+    /// An isolated libvirt network standing in for production (no forward element).
+    func productionNetwork(_ prefix: String) throws -> String {
+        let name = "lbprod-\(getpid())"
+        let xml = scratch.file("\(name).xml")
+        try "<network><name>\(name)</name><bridge stp='on' delay='0'/><ip address='\(prefix).1' netmask='255.255.255.0'><dhcp><range start='\(prefix).200' end='\(prefix).250'/></dhcp></ip></network>"
+            .write(toFile: xml, atomically: true, encoding: .utf8)
+        try sh(["virsh", "-c", "qemu:///system", "net-define", xml])
+        try sh(["virsh", "-c", "qemu:///system", "net-start", name])
+        networks.append(name)
+        return name
     }
 
     func run(_ arguments: [String]) throws -> CLI.Result {
@@ -104,9 +121,13 @@ final class DrillLab {
     }
 }
 
-/// Real libvirtd, real QEMU (domain type qemu), real FUSE. One at a time: drills share the
-/// test network and this host's two cores.
-@Suite("Test failover", .serialized)
+/// Every test that runs VMs, one at a time: they share the test network, libvirtd (which one
+/// test restarts) and this host's two cores. Real libvirtd, real QEMU (domain type qemu), real FUSE.
+@Suite("Recovery VMs", .serialized)
+struct RecoveryVMTests {}
+
+extension RecoveryVMTests {
+@Suite("Test failover")
 struct TestFailoverTests {
     @Test("drills boot each point's marker; the guest's writes never reach the repository and vanish at stop-test")
     func drillsShowEachPoint() throws {
@@ -307,4 +328,5 @@ struct TestFailoverTests {
         #expect(!lab.domainExists("lifeboat-test-" + name))
         #expect(lab.lifeboatMounts().isEmpty)
     }
+}
 }

@@ -142,6 +142,24 @@ public func sh(_ arguments: [String], environment: [String: String] = [:]) throw
     return String(decoding: stdout, as: UTF8.self)
 }
 
+/// Starts a program that daemonizes (libvirtd -d). It gets /dev/null and none of this process's
+/// other file descriptors: a daemon that kept a pipe of ours open would make `sh` wait for ever.
+public func startDaemon(_ arguments: [String]) throws {
+    let code = "import subprocess, sys; sys.exit(subprocess.Popen(sys.argv[1:], close_fds=True, stdin=subprocess.DEVNULL, "
+        + "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait())"
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+    process.arguments = ["-c", code] + arguments
+    process.standardInput = FileHandle.nullDevice
+    process.standardOutput = FileHandle.nullDevice
+    process.standardError = FileHandle.nullDevice
+    try process.run()
+    process.waitUntilExit()
+    guard process.terminationStatus == 0 else {
+        throw ShellError(description: "\(arguments.joined(separator: " ")) failed (\(process.terminationStatus))")
+    }
+}
+
 public struct ShellError: Error, CustomStringConvertible {
     public let description: String
     public init(description: String) { self.description = description }

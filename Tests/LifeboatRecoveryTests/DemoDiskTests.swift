@@ -2,6 +2,7 @@ import Foundation
 import LifeboatTestSupport
 import Testing
 
+extension RecoveryVMTests {
 @Suite("The demo disk")
 struct DemoDiskTests {
     @Test("boots under libvirt from its own MBR (boot dev='hd'), prints its marker and keeps a boot log")
@@ -42,4 +43,5 @@ struct DemoDiskTests {
         let bootLog = try sh(["debugfs", "-R", "cat /boot.log", "\(disk)?offset=\(DemoDisk.dataOffset)"])
         #expect(bootLog.contains("boot "), "the guest appended to /boot.log on its data partition")
     }
+}
 }

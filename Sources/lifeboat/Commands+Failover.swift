@@ -1,0 +1,275 @@
+import ArgumentParser
+import Foundation
+import LifeboatFS
+import LifeboatRecovery
+import LifeboatRepository
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension Lifeboat {
+    struct Failover: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Fail NAME over: its recovery VM boots on the production network from a point at once, then finalises into hot storage.",
+            discussion: """
+            The VM starts on a qcow2 overlay over the point's disk served by FUSE, so it serves users within its boot \
+            time whatever the disk size; block copies move every byte into standalone raw disks in hot storage while \
+            it runs (state Finalizing), then the VM no longer needs the backup (FailedOver). Without --wait the copy \
+            is finished by a background 'lifeboat' process; 'lifeboat status' shows its progress.
+            """)
+        @OptionGroup var repository: RepositoryOptions
+        @OptionGroup var recovery: RecoveryOptions
+        @Argument(help: "Machine name.") var name: String
+        @Option(help: "Point id or 'latest'.") var point = "latest"
+        @Flag(help: "The source is reachable: refuse while its disks are open, take a final backup, fail over from it (no data lost).")
+        var planned = false
+        @Flag(help: "With --planned: go on even though a process has the source disks open.") var force = false
+        @Option(help: "vCPUs (default: the machine's).") var vcpus: Int?
+        @Option(help: "Memory in MiB (default: the machine's).") var memory: Int?
+        @Option(help: "Production IP, ADDR/PREFIX (default: the machine's).") var ip: String?
+        @Option(help: "Production libvirt network (default: the machine's, else lifeboat-prod made from the template).")
+        var network: String?
+        @Option(help: "Production host bridge instead of a libvirt network.") var bridge: String?
+        @Option(help: "Limit the copy into hot storage to this many MiB/s (default: no limit).") var bandwidth: UInt64?
+        @Flag(help: "Wait for finalisation, showing progress.") var wait = false
+        @OptionGroup var output: OutputOptions
+
+        func validate() throws {
+            if force && !planned { throw ValidationError("--force only goes with --planned") }
+            if network != nil && bridge != nil { throw ValidationError("give --network or --bridge, not both") }
+            if planned && point != "latest" { throw ValidationError("--planned fails over from the final backup it takes: leave out --point") }
+        }
+
+        func run() throws {
+            let (recovery, password) = try self.recovery.recoveryKeepingPassword(repository)
+            let options = FailoverOptions(point: point, planned: planned, force: force, vcpus: vcpus, memoryMiB: memory, ip: ip,
+                                          network: network, bridge: bridge, bandwidth: bandwidth.map { $0 << 20 })
+            let started = Date()
+            let record = try recovery.failover(name, options) { line in
+                if Terminal.isInteractive && !output.json { Terminal.writeError("\(line)\n") }
+            }
+            if !output.json {
+                print(String(format: "%@ failed over from point %@: VM %@ running after %.1f s on %@%@", name, record.point ?? "?", name,
+                             Date().timeIntervalSince(started), record.bridge.map { "bridge " + $0 } ?? record.network ?? "?",
+                             record.ip.map { " at \($0)" } ?? ""))
+            }
+            if wait {
+                let done = try Finalising.wait(recovery, name, json: output.json)
+                if output.json { try JSON.print(done) } else { print(Finalising.summary(done)) }
+            } else {
+                let (pid, log) = try Finalising.startInBackground(recovery, self.recovery, repository, name: name, password: password)
+                if output.json { try JSON.print(record) } else {
+                    print("finalising into \(recovery.hot.disksDirectory(name)) in the background (pid \(pid), log \(log)); progress: lifeboat status \(name)")
+                }
+            }
+        }
+    }
+
+    struct Resume: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Finish an interrupted failover (restart the VM or its copies) or failback.")
+        @OptionGroup var repository: RepositoryOptions
+        @OptionGroup var recovery: RecoveryOptions
+        @Argument(help: "Machine name.") var name: String
+        @Flag(help: "Wait for finalisation, showing progress (else it finishes in the background).") var wait = false
+        @OptionGroup var output: OutputOptions
+
+        func run() throws {
+            let (recovery, password) = try self.recovery.recoveryKeepingPassword(repository)
+            if try recovery.hot.record(name)?.state == .failingBack {
+                let report = try recovery.failback(name) { line in if Terminal.isInteractive { Terminal.writeError("\(line)\n") } }
+                return output.json ? try JSON.print(report) : print(Failback.summary(report))
+            }
+            let record = try recovery.resume(name)
+            if record.state != .finalizing {
+                return output.json ? try JSON.print(record) : print("\(name) is \(record.state.rawValue): every disk is in hot storage")
+            }
+            if wait {
+                let done = try Finalising.wait(recovery, name, json: output.json)
+                if output.json { try JSON.print(done) } else { print(Finalising.summary(done)) }
+            } else {
+                let (pid, log) = try Finalising.startInBackground(recovery, self.recovery, repository, name: name, password: password)
+                print("finalising \(name) in the background (pid \(pid), log \(log)); progress: lifeboat status \(name)")
+            }
+        }
+    }
+
+    /// The background finaliser started by failover, resume and change-point.
+    struct Finalise: ParsableCommand {
+        static let configuration = CommandConfiguration(shouldDisplay: false)
+        @OptionGroup var repository: RepositoryOptions
+        @OptionGroup var recovery: RecoveryOptions
+        @Argument var name: String
+
+        func run() throws {
+            let recovery = try self.recovery.recovery(repository)
+            let record = try recovery.waitForFinalisation(name)
+            Terminal.writeError("\(Format.time(Date())) \(name): \(record.state.rawValue)\n")
+        }
+    }
+
+    struct CancelFailover: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "cancel-failover",
+            abstract: "Throw the failover away: VM destroyed, hot disks deleted, back to Standby (the VM's writes are lost).")
+        @OptionGroup var repository: RepositoryOptions
+        @OptionGroup var recovery: RecoveryOptions
+        @Argument(help: "Machine name.") var name: String
+        @Flag(help: "Yes, discard everything the recovery VM wrote since the failover.") var yes = false
+
+        func run() throws {
+            let recovery = try self.recovery.recovery(repository)
+            if !yes {
+                let since = (try? recovery.hot.record(name))?.flatMap { $0.state == .standby ? nil : $0.since }
+                let warning = "cancel-failover destroys \(name)'s recovery VM and deletes its hot disks: everything it wrote since the failover"
+                    + (since.map { " (\(Format.time($0)))" } ?? "") + " is lost"
+                guard isatty(0) != 0 else { throw LifeboatError(.invalidArgument, "\(warning); give --yes to confirm") }
+                Terminal.writeError("\(warning).\nType 'yes' to go on: ")
+                guard readLine()?.trimmingCharacters(in: .whitespaces) == "yes" else {
+                    throw LifeboatError(.invalidArgument, "not confirmed: nothing was changed")
+                }
+            }
+            try recovery.cancelFailover(name)
+            print("cancelled the failover of \(name): VM destroyed, hot disks deleted; \(name) is in Standby")
+        }
+    }
+
+    struct ChangePoint: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "change-point",
+            abstract: "Bring the failed-over VM back from another point (before commit); what it wrote since is discarded.")
+        @OptionGroup var repository: RepositoryOptions
+        @OptionGroup var recovery: RecoveryOptions
+        @Argument(help: "Machine name.") var name: String
+        @Option(help: "Point id or 'latest'.") var point: String
+        @Flag(help: "Wait for finalisation, showing progress.") var wait = false
+        @OptionGroup var output: OutputOptions
+
+        func run() throws {
+            let (recovery, password) = try self.recovery.recoveryKeepingPassword(repository)
+            let record = try recovery.changePoint(name, to: point) { line in
+                if Terminal.isInteractive && !output.json { Terminal.writeError("\(line)\n") }
+            }
+            if !output.json { print("\(name) restarted from point \(record.point ?? "?"); finalising again") }
+            if wait {
+                let done = try Finalising.wait(recovery, name, json: output.json)
+                if output.json { try JSON.print(done) } else { print(Finalising.summary(done)) }
+            } else {
+                _ = try Finalising.startInBackground(recovery, self.recovery, repository, name: name, password: password)
+                if output.json { try JSON.print(record) }
+            }
+        }
+    }
+
+    struct Commit: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Make NAME's failover final: its backups now read the recovery VM's hot disks.")
+        @OptionGroup var repository: RepositoryOptions
+        @OptionGroup var recovery: RecoveryOptions
+        @Argument(help: "Machine name.") var name: String
+
+        func run() throws {
+            let machine = try self.recovery.recovery(repository).commit(name)
+            print("committed the failover of \(name): backups now read " + machine.disks.map(\.path).joined(separator: ", "))
+        }
+    }
+
+    struct Failback: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Return NAME to its source: points of the recovery VM, shutdown, last point, restore onto the original disks.",
+            discussion: "Only chunks that differ are written to the original disks. The source is live again afterwards (Standby).")
+        @OptionGroup var repository: RepositoryOptions
+        @OptionGroup var recovery: RecoveryOptions
+        @Argument(help: "Machine name.") var name: String
+        @Option(name: .customLong("to"), help: "Restore onto this path instead of the original (repeat per disk, in disk order).")
+        var targets: [String] = []
+        @Option(help: "Seconds to wait for the guest to shut down before stopping it.") var shutdownTimeout = 120.0
+        @OptionGroup var output: OutputOptions
+
+        func run() throws {
+            let recovery = try self.recovery.recovery(repository)
+            let disks = try recovery.repository.machine(name).disks
+            guard targets.count <= disks.count else {
+                throw LifeboatError(.invalidArgument, "\(targets.count) --to paths for \(disks.count) disk(s) of \(name): give at most one per disk")
+            }
+            let map = Dictionary(uniqueKeysWithValues: zip(disks.map(\.name), targets.map {
+                $0.hasPrefix("/") ? $0 : FileManager.default.currentDirectoryPath + "/" + $0
+            }))
+            let report = try recovery.failback(name, targets: map, shutdownTimeout: shutdownTimeout) { line in
+                if Terminal.isInteractive && !output.json { Terminal.writeError("\(line)\n") }
+            }
+            if output.json { try JSON.print(report) } else { print(Self.summary(report)) }
+        }
+
+        static func summary(_ report: FailbackReport) -> String {
+            var lines = ["failed back \(report.machine): points \(report.points.joined(separator: ", ")) of the recovery VM"]
+            for restore in report.restores {
+                lines.append(String(format: "  %@ -> %@: %@ written of %@ (%.2f%%)", restore.disk, restore.path, Format.bytes(restore.bytesWritten),
+                                    Format.bytes(restore.size), restore.size > 0 ? 100 * Double(restore.bytesWritten) / Double(restore.size) : 0))
+            }
+            lines.append("\(report.machine) is in Standby: the source is live again")
+            return lines.joined(separator: "\n")
+        }
+    }
+
+    struct History: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "NAME's recovery history: drills, failovers, finalisation, commit, failback, with times.")
+        @OptionGroup var repository: RepositoryOptions
+        @OptionGroup var recovery: RecoveryOptions
+        @Argument(help: "Machine name.") var name: String
+        @OptionGroup var output: OutputOptions
+
+        func run() throws {
+            let events = try recovery.recovery(repository).history(name)
+            if output.json { return try JSON.print(events) }
+            print(Format.table(["TIME", "EVENT", "STATE", "POINT", "DETAIL"], events.map {
+                [Format.time($0.time), $0.event, $0.state.rawValue, $0.point ?? "-", $0.detail]
+            }))
+        }
+    }
+}
+
+/// Waiting for finalisation, in the foreground or in a background process.
+enum Finalising {
+    static func wait(_ recovery: Recovery, _ name: String, json: Bool) throws -> ServerRecord {
+        let started = Date()
+        let record = try recovery.waitForFinalisation(name) { progress in
+            guard Terminal.isInteractive && !json else { return }
+            Terminal.writeError("\r\u{1b}[K" + line(progress, elapsed: Date().timeIntervalSince(started)))
+        }
+        if Terminal.isInteractive && !json { Terminal.writeError("\r\u{1b}[K") }
+        return record
+    }
+
+    static func line(_ progress: FinalisationProgress, elapsed: Double? = nil) -> String {
+        let percent = progress.bytesTotal > 0 ? 100 * Double(progress.bytesDone) / Double(progress.bytesTotal) : 0
+        var text = String(format: "finalising %3.0f%%  %@ of %@", percent, Format.bytes(Int(progress.bytesDone)), Format.bytes(Int(progress.bytesTotal)))
+        if let rate = progress.rate { text += "  " + Format.rate(rate) }
+        if let eta = progress.eta { text += "  ETA " + Format.duration(eta) }
+        if progress.disks.contains(where: { $0.phase == "ready" }) { text += "  (switching to the hot disk)" }
+        return text
+    }
+
+    static func summary(_ record: ServerRecord) -> String {
+        switch record.state {
+        case .failedOver:
+            return "\(record.machine) is FailedOver: every disk is in hot storage (" + record.disks.map(\.path).joined(separator: ", ")
+                + "); the backup is no longer needed. Next: lifeboat commit \(record.machine), or change-point / cancel-failover"
+        default:
+            return "\(record.machine) is \(record.state.rawValue)"
+        }
+    }
+
+    /// Starts `lifeboat finalise NAME` in the background with the same settings.
+    static func startInBackground(_ recovery: Recovery, _ options: RecoveryOptions, _ repository: RepositoryOptions,
+                                  name: String, password: String?) throws -> (pid: pid_t, log: String) {
+        let log = recovery.hot.machineDirectory(name) + "/finalise.log"
+        var arguments = ["finalise", name, "--repo", recovery.repository.root, "--hot", recovery.settings.hotDirectory,
+                         "--connect", recovery.settings.connectURI, "--templates", recovery.settings.templates.directory]
+        if let virtType = options.virtType { arguments += ["--virt-type", virtType] }
+        if password != nil { arguments.append("--password-stdin") }
+        let pid = try Mounts.spawnDetached(MountService.executablePath(), arguments,
+                                           input: password.map { Array(($0 + "\n").utf8) } ?? [], log: log)
+        return (pid, log)
+    }
+}
