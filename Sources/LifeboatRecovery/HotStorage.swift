@@ -18,8 +18,8 @@ public struct HotDisk: Codable, Sendable, Equatable {
     public var size: Int
     /// Failover: the standalone raw hot disk the copy goes to (becomes `path` at the pivot).
     public var final: String?
-    /// When the current copy into `final` started.
-    public var copyStarted: Date?
+    /// True once `final` holds the point's disk, written from the repository (the bulk of finalisation).
+    public var seeded: Bool?
 
     /// True once the disk no longer needs the backup.
     public var isHot: Bool { backing == nil }

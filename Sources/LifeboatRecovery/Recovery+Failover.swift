@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import LifeboatFS
 import LifeboatRepository
 import LifeboatVirt
@@ -163,7 +164,7 @@ extension Recovery {
             unlink(final)
             try createOverlay(overlay, backing: backing)
             record.disks.append(HotDisk(name: disk.name, target: Self.target(index), path: overlay, backing: backing,
-                                        size: disk.size, final: final))
+                                        size: disk.size, final: final, seeded: false))
         }
         try hot.save(record)
         report("overlays in \(folder) over point \(point.id)")
@@ -185,7 +186,6 @@ extension Recovery {
         try startDomain(record, interface: interface, console: console)
         report(String(format: "VM %@ running (%@, %d vCPU, %d MiB) on %@", name, record.virtType ?? "?", record.vcpus ?? 1,
                       record.memoryMiB ?? 0, record.bridge.map { "bridge " + $0 } ?? record.network ?? "?"))
-        try startCopies(&record)
     }
 
     /// Defines (persistently) and starts the domain from the record's disks.
@@ -195,31 +195,12 @@ extension Recovery {
             name: name, type: record.virtType ?? "qemu", vcpus: record.vcpus ?? 1, memoryMiB: record.memoryMiB ?? 512,
             title: "lifeboat recovery VM of \(name)",
             description: "Failover of \(name) from recovery point \(record.point ?? "?"). Managed by lifeboat: see lifeboat status \(name)",
-            disks: record.disks.map { .init(target: $0.target, file: $0.path, format: $0.isHot ? "raw" : "qcow2", backingFile: $0.backing) },
+            disks: record.disks.map { .init(target: $0.target, file: $0.path, format: $0.path.hasSuffix(".raw") ? "raw" : "qcow2", backingFile: $0.backing) },
             interfaces: [interface], consoleLog: console)
         let xml = try virt("rendering the domain") { try settings.templates.render(Templates.domain, parameters) }
         let connection = try connection()
         let domain = try virt("defining the VM \(name)") { try connection.defineDomain(xml: xml) }
         try virt("starting the VM \(name)") { try domain.start() }
-    }
-
-    /// Starts a block copy for every disk still on its overlay that has none running.
-    func startCopies(_ record: inout ServerRecord) throws {
-        let name = record.machine
-        guard let domain = try virt("looking up \(name)", { try connection().domain(named: name) }) else {
-            throw LifeboatError(.notFound, "the VM \(name) does not exist")
-        }
-        for index in record.disks.indices where !record.disks[index].isHot {
-            let disk = record.disks[index]
-            if try virt("reading the block job of \(name)", { try domain.blockJob(disk: disk.target) }) != nil { continue }
-            guard let final = disk.final else { continue }
-            unlink(final)
-            try virt("starting the copy of \(disk.name) into hot storage") {
-                try domain.blockCopy(disk: disk.target, toRaw: final, bandwidth: record.bandwidth ?? 0)
-            }
-            record.disks[index].copyStarted = Date()
-        }
-        try hot.save(record)
     }
 
     /// Creates (when missing) and starts the production network; reserves the IP for the MAC.
@@ -257,10 +238,18 @@ extension Recovery {
     }
 
     // MARK: - finalisation
+    //
+    // Per disk, while the guest runs on overlay.qcow2 -> FUSE disk:
+    //  1. seed: lifeboat writes the point's disk into DISK.raw straight from the repository (the
+    //     parallel restore path: every core, whole chunks, holes skipped, fsync at the end);
+    //  2. shallow block copy of the overlay (only what the guest wrote) onto DISK.top.qcow2, whose
+    //     backing file is DISK.raw, then pivot: the FUSE disk is no longer in the chain;
+    //  3. active block commit of DISK.top.qcow2 into DISK.raw, then pivot: DISK.raw stands alone.
+    // Each step can be repeated after a crash: the live domain XML says which image the guest is on.
 
-    /// Moves finalisation on: pivots every disk whose copy has caught up, restarts copies that
-    /// are gone (and, with `restart`, the VM itself when it is not running), and completes the
-    /// failover (FailedOver) once every disk is hot.
+    /// Moves finalisation on by the block-job steps (seeding is done by `seed`): starts the next
+    /// job of each seeded disk, pivots jobs that have caught up, restarts the VM when `restart` and
+    /// it is not running, and completes the failover (FailedOver) once every disk is hot.
     /// - Returns: the record afterwards.
     @discardableResult
     public func advance(_ name: String, restart: Bool = false) throws -> ServerRecord {
@@ -271,20 +260,19 @@ extension Recovery {
         var domain = try virt("looking up \(name)") { try connection.domain(named: name) }
         if domain == nil || !((try? domain!.state().isActive) ?? false) {
             guard restart else { return record }
-            // The host or QEMU went away: the overlays (and any hot disk already pivoted) hold
-            // every write the guest made; boot from them again.
-            if record.disks.contains(where: { !$0.isHot }) {
+            // The host or QEMU went away: the images in the record hold every write the guest
+            // made; boot from them again.
+            if record.disks.contains(where: { $0.backing?.hasSuffix(".raw") == true && !FileSystem.exists($0.backing!) }) {
                 let mount = try ensureMount()
-                if mount != record.mount {
-                    throw LifeboatError(.invalidState, "the repository is now mounted at \(mount), not \(record.mount ?? "?"): cancel-failover and fail over again")
+                if let old = record.mount, mount != old {
+                    throw LifeboatError(.invalidState, "the repository is now mounted at \(mount), not \(old): cancel-failover and fail over again")
                 }
             }
             if let domain { try virt("starting the VM \(name)") { try domain.start() } } else {
                 let interface: DomainParameters.Interface = record.bridge.map { .init(bridge: $0, mac: record.mac ?? "") }
                     ?? .init(network: record.network ?? Self.productionNetworkName, mac: record.mac ?? "")
                 if let network = record.network {
-                    _ = try ensureProductionNetwork(network, machine: name, mac: record.mac ?? "",
-                                                    ip: record.interface, gateway: nil)
+                    _ = try ensureProductionNetwork(network, machine: name, mac: record.mac ?? "", ip: record.interface, gateway: nil)
                 }
                 try startDomain(record, interface: interface, console: hot.machineDirectory(name) + "/console.log")
             }
@@ -295,19 +283,45 @@ extension Recovery {
         let live = (try? domain.xml()) ?? ""
         for index in record.disks.indices where !record.disks[index].isHot {
             let disk = record.disks[index]
-            if let final = disk.final, Self.diskSource(in: live, target: disk.target) == final {
-                finishDisk(&record, index)   // pivoted already (by a command that then died)
-                continue
-            }
-            guard let job = try? domain.blockJob(disk: disk.target) else {
-                if restart {
-                    try startCopies(&record)
-                    hot.record(name, HistoryEvent(event: "resume", state: .finalizing, point: record.point, detail: "copy of \(disk.name) started again"))
+            guard let final = disk.final else { continue }
+            let top = Self.topImage(final)
+            let source = Self.diskSource(in: live, target: disk.target)
+            let job = try? domain.blockJob(disk: disk.target)
+            if source == final {
+                record.disks[index].path = final
+                record.disks[index].backing = nil
+                unlink(top)
+            } else if source == top {
+                record.disks[index].path = top
+                record.disks[index].backing = final
+                if disk.path != top { unlink(disk.path) }
+                if let job {
+                    if job.ready, (try? domain.abortBlockJob(disk: disk.target, pivot: true)) != nil {
+                        record.disks[index].path = final
+                        record.disks[index].backing = nil
+                        unlink(top)
+                    }
+                } else {
+                    try virt("merging the guest's writes into \(final)") { try domain.blockCommitActive(disk: disk.target) }
                 }
-                continue
-            }
-            if job.ready, (try? domain.abortBlockJob(disk: disk.target, pivot: true)) != nil {
-                finishDisk(&record, index)
+            } else if disk.seeded == true {
+                if let job {
+                    if job.ready, (try? domain.abortBlockJob(disk: disk.target, pivot: true)) != nil {
+                        unlink(disk.path)
+                        record.disks[index].path = top
+                        record.disks[index].backing = final
+                    }
+                } else {
+                    unlink(top)
+                    let result = try Command.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", final, "-F", "raw", top])
+                    guard result.status == 0 else { throw LifeboatError(.io, "cannot create \(top) over \(final): \(result.stderr)") }
+                    QemuUser.give(top)
+                    let xml = "<disk type='file'><driver type='qcow2'/><source file='\(Self.xmlEscaped(top))'/>"
+                        + "<backingStore type='file'><format type='raw'/><source file='\(Self.xmlEscaped(final))'/><backingStore/></backingStore></disk>"
+                    try virt("moving the guest's writes of \(disk.name) onto its hot disk") {
+                        try domain.blockCopy(disk: disk.target, destinationXML: xml, shallow: true, reuseExisting: true)
+                    }
+                }
             }
         }
         try hot.save(record)
@@ -317,6 +331,7 @@ extension Recovery {
             record.mount = nil
             try hot.save(record)
             try? domain.setAutostart(true)
+            unlink(progressPath(name))
             _ = releaseMountIfUnused(except: name)
             hot.record(name, HistoryEvent(event: "finalised", state: .failedOver, point: record.point,
                                           detail: "every disk is in hot storage (\(record.disks.map(\.path).joined(separator: ", "))); the backup is no longer needed"))
@@ -324,11 +339,87 @@ extension Recovery {
         return record
     }
 
-    private func finishDisk(_ record: inout ServerRecord, _ index: Int) {
-        let overlay = record.disks[index].path
-        record.disks[index].path = record.disks[index].final ?? overlay
-        record.disks[index].backing = nil
-        if overlay != record.disks[index].path { unlink(overlay) }
+    static func topImage(_ final: String) -> String {
+        (final.hasSuffix(".raw") ? String(final.dropLast(4)) : final) + ".top.qcow2"
+    }
+
+    static func xmlEscaped(_ text: String) -> String {
+        text.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "'", with: "&apos;")
+            .replacingOccurrences(of: "<", with: "&lt;")
+    }
+
+    /// Where the seeding process publishes its progress for `status`.
+    func progressPath(_ name: String) -> String { hot.machineDirectory(name) + "/finalise-progress.json" }
+
+    struct SeedProgress: Codable {
+        var disk: String
+        var done: Int
+        var total: Int
+        var started: Date
+        var pid: Int32
+    }
+
+    /// Writes every disk that is not seeded yet into its hot raw file, straight from the repository,
+    /// at `record.bandwidth` (re-read while it runs, so `resume` can lift it). Another process
+    /// already seeding (the lock is taken) makes this return at once.
+    /// - Returns: true when it seeded something.
+    @discardableResult
+    public func seed(_ name: String) throws -> Bool {
+        guard let record = try hot.record(name), record.state == .finalizing,
+              record.disks.contains(where: { $0.seeded != true && !$0.isHot }),
+              let pointID = record.point else { return false }
+        let lockPath = hot.machineDirectory(name) + "/.seed.lock"
+        guard let lock = try FileLock(path: lockPath, mode: .exclusive, wait: false) else { return false }
+        defer { withExtendedLifetime(lock) {} }
+        let point = try repository.point(name, pointID)
+        var seededAny = false
+        for disk in record.disks where disk.seeded != true && !disk.isHot {
+            guard let final = disk.final else { continue }
+            let meter = ProgressMeter(limit: Int(record.bandwidth ?? 0))
+            let started = Date()
+            let finished = Atomic<Bool>(false)
+            let progressFile = progressPath(name)
+            let reporter = Thread { [hot] in
+                while !finished.load(ordering: .relaxed) {
+                    let now = SeedProgress(disk: disk.name, done: meter.done, total: meter.total, started: started, pid: getpid())
+                    if let bytes = try? JSONEncoder.lifeboat.encode(now) { try? bytes.write(to: URL(fileURLWithPath: progressFile), options: .atomic) }
+                    if let limit = (try? hot.record(name))?.flatMap({ $0.bandwidth }) { meter.setLimit(Int(limit)) } else { meter.setLimit(0) }
+                    Thread.sleep(forTimeInterval: 0.5)
+                }
+            }
+            reporter.start()
+            defer { finished.store(true, ordering: .relaxed) }
+            _ = try repository.restore(point, disk: disk.name, to: final, progress: meter)
+            finished.store(true, ordering: .relaxed)
+            QemuUser.give(final)
+            // Record it under the machine's lock, on a fresh copy of the record.
+            let machineLock = try waitForLock(name)
+            if var current = try hot.record(name), current.state == .finalizing, current.point == pointID,
+               let index = current.disks.firstIndex(where: { $0.name == disk.name }) {
+                current.disks[index].seeded = true
+                try hot.save(current)
+            }
+            withExtendedLifetime(machineLock) {}
+            seededAny = true
+        }
+        return seededAny
+    }
+
+    /// True when process `pid` exists and is not a zombie (PID 1 here does not reap orphans).
+    static func isRunning(_ pid: Int32) -> Bool {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return false }
+        return stat[stat.index(close, offsetBy: 2)...].first != "Z"
+    }
+
+    /// The machine's lock, waiting up to a minute for another command to finish.
+    func waitForLock(_ name: String) throws -> FileLock {
+        let deadline = Date().addingTimeInterval(60)
+        while true {
+            do { return try hot.lock(name) } catch let error as LifeboatError where error.code == .busy && Date() < deadline {
+                Thread.sleep(forTimeInterval: 0.2)
+            }
+        }
     }
 
     /// The `<source file=…>` of the disk with target `target` in a domain XML.
@@ -343,29 +434,31 @@ extension Recovery {
         return nil
     }
 
-    /// Finalisation progress of `name`, read from libvirt's block jobs.
+    /// Finalisation progress of `name`: the seeding process's published progress for the disk it
+    /// writes, and whole disks for those already seeded or hot.
     public func finalisation(_ name: String) -> FinalisationProgress? {
         guard let record = try? hot.record(name), record.state == .finalizing || record.state == .failedOver else { return nil }
-        let domain = try? connection().domain(named: name)
+        let published = (try? Data(contentsOf: URL(fileURLWithPath: progressPath(name))))
+            .flatMap { try? JSONDecoder.lifeboat.decode(SeedProgress.self, from: $0) }
+        let alive = published.map { Self.isRunning($0.pid) } ?? false
         var disks: [FinalisationProgress.Disk] = []
-        var rate = 0.0
+        var rate: Double? = nil
         for disk in record.disks {
+            let size = UInt64(disk.size)
             if disk.isHot {
-                disks.append(.init(name: disk.name, done: UInt64(disk.size), total: UInt64(disk.size), phase: "hot"))
-                continue
-            }
-            if let job = try? domain?.blockJob(disk: disk.target) {
-                disks.append(.init(name: disk.name, done: job.current, total: max(job.end, UInt64(disk.size)),
-                                   phase: job.ready ? "ready" : "copying"))
-                if let started = disk.copyStarted, Date().timeIntervalSince(started) > 0.5 {
-                    rate += Double(job.current) / Date().timeIntervalSince(started)
-                }
+                disks.append(.init(name: disk.name, done: size, total: size, phase: "hot"))
+            } else if disk.seeded == true {
+                disks.append(.init(name: disk.name, done: size, total: size, phase: "switching"))
+            } else if let published, published.disk == disk.name, alive {
+                disks.append(.init(name: disk.name, done: UInt64(published.done), total: size, phase: "copying"))
+                let elapsed = Date().timeIntervalSince(published.started)
+                if elapsed > 0.5 { rate = Double(published.done) / elapsed }
             } else {
-                disks.append(.init(name: disk.name, done: 0, total: UInt64(disk.size), phase: "stalled"))
+                disks.append(.init(name: disk.name, done: 0, total: size, phase: alive ? "waiting" : "stalled"))
             }
         }
         var progress = FinalisationProgress(disks: disks)
-        if rate > 0 {
+        if let rate, rate > 0 {
             progress.rate = rate
             progress.eta = Double(progress.bytesTotal - min(progress.bytesTotal, progress.bytesDone)) / rate
         }
@@ -382,18 +475,24 @@ extension Recovery {
         _ = try StateMachine.check(.resume, machine: name, state: state)
         if var record, record.state == .finalizing, let bandwidth = record.bandwidth, bandwidth > 0 {
             // Resuming means "finish now": lift a bandwidth limit.
-            record.bandwidth = nil
+            record.bandwidth = nil   // a seeding process re-reads it within half a second
             try hot.save(record)
-            if let domain = try? connection().domain(named: name) {
-                for disk in record.disks where !disk.isHot { try? domain.setBlockJobSpeed(disk: disk.target, bytesPerSecond: 0) }
-            }
         }
         return try advance(name, restart: true)
     }
 
     /// Advances finalisation until the failover is complete (or cancelled, or changed by another
     /// command), calling `progress` about twice a second. Holds the machine's lock only for each step.
-    public func waitForFinalisation(_ name: String, progress: (FinalisationProgress) -> Void = { _ in }) throws -> ServerRecord {
+    public func waitForFinalisation(_ name: String, progress: @escaping @Sendable (FinalisationProgress) -> Void = { _ in }) throws -> ServerRecord {
+        let done = Atomic<Bool>(false)
+        let reporter = Thread { [self] in
+            while !done.load(ordering: .relaxed) {
+                if let now = finalisation(name) { progress(now) }
+                Thread.sleep(forTimeInterval: 0.5)
+            }
+        }
+        reporter.start()
+        defer { done.store(true, ordering: .relaxed) }
         while true {
             do {
                 let lock = try hot.lock(name)
@@ -403,8 +502,7 @@ extension Recovery {
             } catch let error as LifeboatError where error.code == .busy {
                 // another command works on the machine: look again shortly
             }
-            if let now = finalisation(name) { progress(now) }
-            Thread.sleep(forTimeInterval: 0.5)
+            if try !seed(name) { Thread.sleep(forTimeInterval: 0.3) }
         }
     }
 

@@ -95,7 +95,7 @@ extension Recovery {
             if status.state == .finalizing, let progress = finalisation(name) {
                 status.finalisation = progress
                 for disk in progress.disks where disk.phase == "stalled" && domain != nil {
-                    status.problems.append("no copy of disk \(disk.name) into hot storage is running (libvirtd restarted?): run lifeboat resume \(name)")
+                    status.problems.append("the copy of disk \(disk.name) into hot storage is not running (its lifeboat process stopped): run lifeboat resume \(name)")
                 }
             }
             if status.state.usesMount, let mount = record?.mount, !Mounts.isMounted(mount),

@@ -158,7 +158,7 @@ extension Recovery {
         defer { events?.close() }
         guard let line else {
             drill.result = .failed
-            drill.reason = problem ?? "the boot line /\(patternText)/ did not appear within \(Format.duration(options.timeout))"
+            drill.reason = problem ?? "the boot line /\(patternText)/ did not appear within \(DurationText.format(options.timeout))"
             drill.ended = Date()
             try hot.save(drill)
             hot.record(name, HistoryEvent(event: "drill-failed", state: .testingFailover, point: point.id, detail: "drill \(drillID): \(drill.reason!)"))
@@ -279,10 +279,4 @@ enum Format {
         ISO8601DateFormatter().string(from: date)
     }
 
-    static func duration(_ seconds: TimeInterval) -> String {
-        if seconds < 120 { return "\(Int(seconds.rounded())) s" }
-        if seconds < 7200 { return "\(Int((seconds / 60).rounded())) min" }
-        if seconds < 172_800 { return String(format: "%.1f h", seconds / 3600) }
-        return String(format: "%.1f days", seconds / 86400)
-    }
 }

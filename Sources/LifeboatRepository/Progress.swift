@@ -1,19 +1,47 @@
+import Foundation
 import Synchronization
 
 /// Bytes done out of a total, updated by workers and read by whoever shows progress.
+/// With a `limit`, workers that get ahead of it are made to wait (a bandwidth cap).
 public final class ProgressMeter: Sendable {
     private let totalBytes = Atomic<Int>(0)
     private let doneBytes = Atomic<Int>(0)
+    private let limitBytes = Atomic<Int>(0)
+    private let dataBytes = Atomic<Int>(0)
+    private let startedNanos = Atomic<UInt64>(0)
 
-    public init() {}
+    /// - Parameter limit: bytes per second the work may go at (0: no limit).
+    public init(limit: Int = 0) {
+        limitBytes.store(limit, ordering: .relaxed)
+    }
 
     public var total: Int { totalBytes.load(ordering: .relaxed) }
     public var done: Int { doneBytes.load(ordering: .relaxed) }
 
+    /// Changes the bandwidth cap while the work runs (0: none).
+    public func setLimit(_ bytesPerSecond: Int) { limitBytes.store(bytesPerSecond, ordering: .relaxed) }
+
     func start(total: Int) {
         totalBytes.store(total, ordering: .relaxed)
         doneBytes.store(0, ordering: .relaxed)
+        dataBytes.store(0, ordering: .relaxed)
+        startedNanos.store(DispatchTime.now().uptimeNanoseconds, ordering: .relaxed)
     }
 
-    func add(_ bytes: Int) { doneBytes.add(bytes, ordering: .relaxed) }
+    /// Counts `bytes` as done; `data` bytes (read or written, not holes) count against the limit:
+    /// the caller waits until the average since `start` is back under it. The wait is taken in
+    /// short slices, so a limit lifted meanwhile (`setLimit(0)`) takes effect at once.
+    func add(_ bytes: Int, data: Bool = true) {
+        doneBytes.add(bytes, ordering: .relaxed)
+        guard data, limitBytes.load(ordering: .relaxed) > 0 else { return }
+        let moved = dataBytes.add(bytes, ordering: .relaxed).newValue
+        while true {
+            let limit = limitBytes.load(ordering: .relaxed)
+            guard limit > 0 else { return }
+            let due = Double(moved) / Double(limit)
+            let elapsed = Double(DispatchTime.now().uptimeNanoseconds - startedNanos.load(ordering: .relaxed)) / 1e9
+            guard due > elapsed else { return }
+            Thread.sleep(forTimeInterval: min(due - elapsed, 0.25))
+        }
+    }
 }

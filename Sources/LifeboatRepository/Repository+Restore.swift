@@ -79,13 +79,14 @@ extension Repository {
             while let i = work.take() {
                 let offset = i * index.chunkSize
                 let length = index.length(ofChunk: i)
-                defer { progress.add(length) }
                 let id = index.ids[i]
+                var moved = !id.isZero
+                defer { progress.add(length, data: moved) }
                 if compareFirst {
                     let have = UnsafeMutableRawBufferPointer(rebasing: current[0..<length])
                     do { _ = try file.read(into: have, at: offset) } catch { throw LifeboatError.io(error, "cannot read", file.path) }
                     let matches = id.isZero ? UnsafeRawBufferPointer(have).isAllZero : codec.id(of: UnsafeRawBufferPointer(have)) == id
-                    if matches { continue }
+                    if matches { moved = false; continue }
                 } else if id.isZero {
                     continue  // a hole in the new file
                 }

@@ -376,16 +376,17 @@ public final class Domain: @unchecked Sendable {
         try check("starting the block pull of \(name) \(disk)", virDomainBlockPull(handle, disk, bandwidthMiBs, 0))
     }
 
-    /// Starts copying everything `disk` (target name, e.g. vda) reads, its whole backing chain, into
-    /// a new raw file `destination`, while the guest runs; writes are mirrored to both until
-    /// `abortBlockJob(disk:pivot: true)` switches the guest to the copy. The job is not made
-    /// recoverable, which is what lets libvirt run it on a persistent domain; a copy lost to a
-    /// libvirtd restart is simply started again. `bandwidth` is in bytes per second (0: no limit).
-    /// The corresponding C function is `virDomainBlockCopy`.
-    public func blockCopy(disk: String, toRaw destination: String, bandwidth: UInt64 = 0) throws {
-        let escaped = destination.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "'", with: "&apos;")
-            .replacingOccurrences(of: "<", with: "&lt;")
-        let xml = "<disk type='file'><driver type='raw'/><source file='\(escaped)'/></disk>"
+    /// Starts a block copy (mirror) of `disk` (target name, e.g. vda) to `destinationXML`, a
+    /// `<disk>` element, while the guest runs; writes are mirrored to both until
+    /// `abortBlockJob(disk:pivot: true)` switches the guest to the copy.
+    /// - Parameters:
+    ///   - shallow: copy only the top image; the destination must then already have a backing
+    ///     chain with the same content as the source's (given in the XML's `<backingStore>`).
+    ///   - reuseExisting: the destination file exists (made by the caller) and is used as it is.
+    ///   - bandwidth: bytes per second (0: no limit).
+    /// The job is not made recoverable, which is what lets libvirt 9 run it on a persistent
+    /// domain. The corresponding C function is `virDomainBlockCopy`.
+    public func blockCopy(disk: String, destinationXML: String, shallow: Bool, reuseExisting: Bool, bandwidth: UInt64 = 0) throws {
         var params: virTypedParameterPtr? = nil
         var count: Int32 = 0
         var capacity: Int32 = 0
@@ -393,8 +394,18 @@ public final class Domain: @unchecked Sendable {
         if bandwidth > 0 {
             try check("setting the copy bandwidth", virTypedParamsAddULLong(&params, &count, &capacity, VIR_DOMAIN_BLOCK_COPY_BANDWIDTH, bandwidth))
         }
-        let flags = UInt32(VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB.rawValue)
-        try check("starting the copy of \(name) \(disk) to \(destination)", virDomainBlockCopy(handle, disk, xml, params, count, flags))
+        var flags = UInt32(VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB.rawValue)
+        if shallow { flags |= UInt32(VIR_DOMAIN_BLOCK_COPY_SHALLOW.rawValue) }
+        if reuseExisting { flags |= UInt32(VIR_DOMAIN_BLOCK_COPY_REUSE_EXT.rawValue) }
+        try check("starting the block copy of \(name) \(disk)", virDomainBlockCopy(handle, disk, destinationXML, params, count, flags))
+    }
+
+    /// Starts an active block commit: the top image of `disk` is merged into its backing file
+    /// while the guest runs; `abortBlockJob(disk:pivot: true)` then makes the backing file the
+    /// disk. The corresponding C function is `virDomainBlockCommit`.
+    public func blockCommitActive(disk: String) throws {
+        try check("starting the block commit of \(name) \(disk)",
+                  virDomainBlockCommit(handle, disk, nil, nil, 0, UInt32(VIR_DOMAIN_BLOCK_COMMIT_ACTIVE.rawValue)))
     }
 
     /// Changes a running block job's speed limit (bytes per second; 0: none).

@@ -53,15 +53,7 @@ extension Lifeboat {
                              Date().timeIntervalSince(started), record.bridge.map { "bridge " + $0 } ?? record.network ?? "?",
                              record.ip.map { " at \($0)" } ?? ""))
             }
-            if wait {
-                let done = try Finalising.wait(recovery, name, json: output.json)
-                if output.json { try JSON.print(done) } else { print(Finalising.summary(done)) }
-            } else {
-                let (pid, log) = try Finalising.startInBackground(recovery, self.recovery, repository, name: name, password: password)
-                if output.json { try JSON.print(record) } else {
-                    print("finalising into \(recovery.hot.disksDirectory(name)) in the background (pid \(pid), log \(log)); progress: lifeboat status \(name)")
-                }
-            }
+            try Finalising.finish(recovery, self.recovery, repository, record, password: password, wait: wait, json: output.json)
         }
     }
 
@@ -84,13 +76,7 @@ extension Lifeboat {
             if record.state != .finalizing {
                 return output.json ? try JSON.print(record) : print("\(name) is \(record.state.rawValue): every disk is in hot storage")
             }
-            if wait {
-                let done = try Finalising.wait(recovery, name, json: output.json)
-                if output.json { try JSON.print(done) } else { print(Finalising.summary(done)) }
-            } else {
-                let (pid, log) = try Finalising.startInBackground(recovery, self.recovery, repository, name: name, password: password)
-                print("finalising \(name) in the background (pid \(pid), log \(log)); progress: lifeboat status \(name)")
-            }
+            try Finalising.finish(recovery, self.recovery, repository, record, password: password, wait: wait, json: output.json)
         }
     }
 
@@ -151,13 +137,7 @@ extension Lifeboat {
                 if Terminal.isInteractive && !output.json { Terminal.writeError("\(line)\n") }
             }
             if !output.json { print("\(name) restarted from point \(record.point ?? "?"); finalising again") }
-            if wait {
-                let done = try Finalising.wait(recovery, name, json: output.json)
-                if output.json { try JSON.print(done) } else { print(Finalising.summary(done)) }
-            } else {
-                _ = try Finalising.startInBackground(recovery, self.recovery, repository, name: name, password: password)
-                if output.json { try JSON.print(record) }
-            }
+            try Finalising.finish(recovery, self.recovery, repository, record, password: password, wait: wait, json: output.json)
         }
     }
 
@@ -231,6 +211,19 @@ extension Lifeboat {
 
 /// Waiting for finalisation, in the foreground or in a background process.
 enum Finalising {
+    /// Waits for finalisation (`wait`) or leaves it to a background process; prints the outcome.
+    static func finish(_ recovery: Recovery, _ options: RecoveryOptions, _ repository: RepositoryOptions, _ record: ServerRecord,
+                       password: String?, wait: Bool, json: Bool) throws {
+        let name = record.machine
+        if wait {
+            let done = try Finalising.wait(recovery, name, json: json)
+            return json ? try JSON.print(done) : print(summary(done))
+        }
+        let (pid, log) = try startInBackground(recovery, options, repository, name: name, password: password)
+        if json { return try JSON.print(record) }
+        print("finalising into \(recovery.hot.disksDirectory(name)) in the background (pid \(pid), log \(log)); progress: lifeboat status \(name)")
+    }
+
     static func wait(_ recovery: Recovery, _ name: String, json: Bool) throws -> ServerRecord {
         let started = Date()
         let record = try recovery.waitForFinalisation(name) { progress in
@@ -245,8 +238,8 @@ enum Finalising {
         let percent = progress.bytesTotal > 0 ? 100 * Double(progress.bytesDone) / Double(progress.bytesTotal) : 0
         var text = String(format: "finalising %3.0f%%  %@ of %@", percent, Format.bytes(Int(progress.bytesDone)), Format.bytes(Int(progress.bytesTotal)))
         if let rate = progress.rate { text += "  " + Format.rate(rate) }
-        if let eta = progress.eta { text += "  ETA " + Format.duration(eta) }
-        if progress.disks.contains(where: { $0.phase == "ready" }) { text += "  (switching to the hot disk)" }
+        if let eta = progress.eta { text += "  ETA " + DurationText.format(eta) }
+        if progress.disks.contains(where: { $0.phase == "switching" }) { text += "  (switching to the hot disk)" }
         return text
     }
 

@@ -121,11 +121,11 @@ extension Lifeboat {
             let statuses = try recovery.recovery(repository).status(only: name)
             if output.json { return try JSON.print(statuses) }
             let rows = statuses.map { status -> [String] in
-                let age = status.lastPointAge.map { Format.duration($0) } ?? "-"
+                let age = status.lastPointAge.map { DurationText.format($0) } ?? "-"
                 var rpo = "-"
                 if let seconds = status.rpoSeconds {
                     let ratio = status.rpoRatio.map { String(format: "%.0f%%", $0 * 100) } ?? "no point"
-                    rpo = "\(Format.duration(Double(seconds))) \(ratio) " + (status.rpoCompliant == true ? "ok" : "BREACHED")
+                    rpo = "\(DurationText.format(Double(seconds))) \(ratio) " + (status.rpoCompliant == true ? "ok" : "BREACHED")
                 }
                 let vm = status.vm.map { "\($0) (\(status.vmState ?? "?"))" } ?? "-"
                 return [status.machine, status.lastPoint ?? "-", age, rpo, status.state.rawValue, vm,

@@ -54,14 +54,6 @@ enum Terminal {
 }
 
 enum Format {
-    /// 45 s, 12 min, 3.5 h, 2.0 days.
-    static func duration(_ seconds: Double) -> String {
-        if seconds < 120 { return "\(Int(seconds.rounded())) s" }
-        if seconds < 7200 { return "\(Int((seconds / 60).rounded())) min" }
-        if seconds < 172_800 { return String(format: "%.1f h", seconds / 3600) }
-        return String(format: "%.1f days", seconds / 86400)
-    }
-
     static func bytes(_ n: Int) -> String {
         let units = ["B", "KiB", "MiB", "GiB", "TiB"]
         var value = Double(n), unit = 0

@@ -188,8 +188,18 @@ struct FailoverTests {
         let status = try lab.status(name)
         #expect(status["state"] as? String == "Finalizing")
         #expect(status["vmState"] as? String == "running", "QEMU outlived libvirtd")
+        #expect((status["problems"] as? [String])?.contains { $0.contains("not running") && $0.contains("resume") } == true,
+                "the killed copy is reported: \(status)")
+
+        // Then as if the host rebooted: the VM is off and the FUSE mount gone.
+        _ = try sh(["virsh", "-c", "qemu:///system", "destroy", name])
+        for mount in lab.lifeboatMounts() { umount2(mount, Int32(MNT_DETACH)) }
+        let rebooted = try lab.status(name)
+        #expect(rebooted["vmState"] as? String == "shut-off")
+        #expect((rebooted["problems"] as? [String])?.contains { $0.contains("FUSE mount") } == true, "\(rebooted)")
 
         try lab.check(["resume", name, "--wait"])
+        #expect(lab.waitForConsole(name, "LIFEBOAT-BOOTS: 2"), "booted again from its overlay, first boot's write kept: \(lab.console(of: name))")
         #expect(try lab.status(name)["state"] as? String == "FailedOver")
         let info = try lab.imageInfo(lab.hotDisk(name, name))
         #expect(info["backing-filename"] == nil)

@@ -203,6 +203,12 @@ struct TestFailoverTests {
         #expect(checkLog.contains("checked \(db) 192.168.77.20"))
         #expect(lab.domainExists("lifeboat-test-" + db))
 
+        // Another subnet than the one the running drill uses is refused, and undone cleanly.
+        let outside = try lab.run(["test-failover", app, "--ip", "10.9.9.9/24"])
+        #expect(outside.status != 0 && outside.stderr.contains("outside the test network"), "\(outside.stderr)")
+        #expect(try lab.status(app)["state"] as? String == "Standby")
+        #expect(lab.networkExists() && lab.domainExists("lifeboat-test-" + db), "the running drill is untouched")
+
         let appDrill = try lab.drillJSON([app, "--wait-for", "LIFEBOAT-READY", "--timeout", "120s",
                                           "--check", "grep -q LIFEBOAT-PING-OK \"$LIFEBOAT_CONSOLE_LOG\""])
         #expect(appDrill.status == 0, "\(appDrill.stderr)\n\(lab.console(appDrill.drill))")
@@ -258,7 +264,7 @@ struct TestFailoverTests {
         try lab.check(["backup", name])
         let result = try lab.drillJSON([name, "--wait-for", "NEVER-PRINTED", "--timeout", "20s"])
         #expect(result.status != 0)
-        #expect(result.stderr.contains("did not appear within 20 s") && result.stderr.contains("stop-test"), "\(result.stderr)")
+        #expect(result.stderr.contains("did not appear within 20s") && result.stderr.contains("stop-test"), "\(result.stderr)")
         #expect(result.drill["result"] as? String == "failed")
         #expect(FileManager.default.fileExists(atPath: result.drill["consoleLog"] as? String ?? "/nonexistent"))
         #expect(lab.domainExists("lifeboat-test-" + name))
