@@ -73,19 +73,11 @@ public enum Browser {
                     continue
                 }
                 for (partition, device) in found {
-                    var volume = BrowsedVolume(disk: disk.name, partition: partition)
-                    let target = "\(dir)/\(disk.name)/\(partition)"
-                    do {
-                        let type = try fileSystemType(device)
-                        volume.type = type
-                        try FileSystemPaths.makeDirectory("\(dir)/\(disk.name)")
-                        try FileSystemPaths.makeDirectory(target)
-                        try mount(device, type: type, at: target)
-                        volume.path = target
-                    } catch let error as LifeboatError {
-                        volume.problem = error.message
+                    if (try? fileSystemType(device)) == Self.lvmMember {
+                        volumes += try browseLogicalVolumes(on: device, disk: disk.name, partition: partition, dir: dir, state: &state)
+                        continue
                     }
-                    volumes.append(volume)
+                    volumes.append(mountVolume(device, disk: disk.name, partition: partition, dir: dir))
                 }
             }
         } catch {
@@ -93,6 +85,124 @@ public enum Browser {
             throw error
         }
         return volumes
+    }
+
+    /// Mounts one file system read-only at `dir/DISK/PARTITION`; a failure is reported in the volume.
+    static func mountVolume(_ device: String, disk: String, partition: String, dir: String) -> BrowsedVolume {
+        var volume = BrowsedVolume(disk: disk, partition: partition)
+        let target = "\(dir)/\(disk)/\(partition)"
+        do {
+            let type = try fileSystemType(device)
+            volume.type = type
+            try FileSystemPaths.makeDirectory("\(dir)/\(disk)")
+            try FileSystemPaths.makeDirectory(target)
+            try mount(device, type: type, at: target)
+            volume.path = target
+        } catch let error as LifeboatError {
+            volume.problem = error.message
+        } catch {
+            volume.problem = "\(error)"
+        }
+        return volume
+    }
+
+    static let lvmMember = "LVM2_member"
+
+    /// A logical volume's place on its physical volume.
+    struct LogicalVolume: Equatable {
+        var vg: String
+        var lv: String
+        /// Bytes from the start of the physical volume, and length; nil with `problem` when the
+        /// volume is not one contiguous linear range.
+        var offset: Int?
+        var size: Int?
+        var problem: String?
+    }
+
+    /// Mounts the linear logical volumes of an LVM physical volume at `dir/DISK/pN-VG-LV`.
+    /// Nothing is activated: no device-mapper is needed (this kernel has none), and the host's own
+    /// volume groups, even ones with the same names, are never touched. Each volume is a read-only
+    /// loop device over its extents of the partition, found from the LVM metadata that `lvs` reads
+    /// from this one device (`--devices`).
+    static func browseLogicalVolumes(on device: String, disk: String, partition: String, dir: String,
+                                     state: inout BrowseState) throws -> [BrowsedVolume] {
+        let volumes: [LogicalVolume]
+        do { volumes = try logicalVolumes(on: device) } catch let error as LifeboatError {
+            return [BrowsedVolume(disk: disk, partition: partition, type: lvmMember, problem: error.message)]
+        }
+        if volumes.isEmpty {
+            return [BrowsedVolume(disk: disk, partition: partition, type: lvmMember, problem: "LVM physical volume without logical volumes")]
+        }
+        var result: [BrowsedVolume] = []
+        for volume in volumes {
+            let name = "\(partition)-\(volume.vg)-\(volume.lv)"
+            guard let offset = volume.offset, let size = volume.size else {
+                result.append(BrowsedVolume(disk: disk, partition: name, type: "LVM", problem: volume.problem))
+                continue
+            }
+            let attach = try Command.run(["losetup", "-r", "-f", "--show", "--offset", "\(offset)", "--sizelimit", "\(size)", device])
+            guard attach.status == 0 else {
+                result.append(BrowsedVolume(disk: disk, partition: name, type: "LVM", problem: "cannot attach a loop device: \(attach.stderr)"))
+                continue
+            }
+            state.loops.append(attach.stdout.trimmingCharacters(in: .whitespacesAndNewlines))
+            try save(state, dir)
+            result.append(mountVolume(state.loops.last!, disk: disk, partition: name, dir: dir))
+        }
+        return result
+    }
+
+    /// The logical volumes recorded on physical volume `device`, with their byte ranges.
+    static func logicalVolumes(on device: String) throws -> [LogicalVolume] {
+        let pv = try Command.run(["pvs", "--readonly", "--devices", device, "--noheadings", "--units", "b", "--nosuffix", "-o", "pe_start", device])
+        guard pv.status == 0, let peStart = Int(pv.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) else {
+            throw LifeboatError(.unsupported, "LVM physical volume whose metadata cannot be read (\(pv.stderr.split(separator: "\n").first ?? "is lvm2 installed?"))")
+        }
+        let lvs = try Command.run(["lvs", "--readonly", "--devices", device, "--segments", "--noheadings", "--units", "b", "--nosuffix",
+                                   "--separator", "|", "-o", "vg_name,lv_name,segtype,seg_pe_ranges,vg_extent_size,seg_start"])
+        guard lvs.status == 0 else {
+            throw LifeboatError(.unsupported, "LVM logical volumes cannot be listed: \(lvs.stderr.split(separator: "\n").first ?? "")")
+        }
+        return parseSegments(lvs.stdout, device: device, peStart: peStart)
+    }
+
+    /// Joins `lvs --segments` lines (vg|lv|segtype|pe ranges|extent size|segment start) into one
+    /// byte range per logical volume, or a problem when it is not one linear, contiguous range.
+    static func parseSegments(_ text: String, device: String, peStart: Int) -> [LogicalVolume] {
+        var order: [String] = []
+        var byName: [String: LogicalVolume] = [:]
+        var nextExtent: [String: Int] = [:]
+        for line in text.split(separator: "\n") {
+            let fields = line.trimmingCharacters(in: .whitespaces).split(separator: "|", omittingEmptySubsequences: false).map(String.init)
+            guard fields.count >= 6, let extent = Int(fields[4]) else { continue }
+            let key = fields[0] + "/" + fields[1]
+            if byName[key] == nil {
+                order.append(key)
+                byName[key] = LogicalVolume(vg: fields[0], lv: fields[1])
+            }
+            guard byName[key]!.problem == nil else { continue }
+            guard fields[2] == "linear" else {
+                byName[key] = LogicalVolume(vg: fields[0], lv: fields[1], problem: "LVM \(fields[2]) volume: only linear volumes can be browsed without device-mapper")
+                continue
+            }
+            // "/dev/loop0p2:2-11"
+            guard let colon = fields[3].lastIndex(of: ":"), String(fields[3][..<colon]) == device else {
+                byName[key] = LogicalVolume(vg: fields[0], lv: fields[1], problem: "spans another physical volume (\(fields[3])): not browsable from this disk alone")
+                continue
+            }
+            let range = fields[3][fields[3].index(after: colon)...].split(separator: "-").compactMap { Int($0) }
+            guard range.count == 2 else { continue }
+            if let expected = nextExtent[key], expected != range[0] {
+                byName[key] = LogicalVolume(vg: fields[0], lv: fields[1], problem: "its extents are not contiguous: not browsable without device-mapper")
+                continue
+            }
+            var volume = byName[key]!
+            if volume.offset == nil { volume.offset = peStart + range[0] * extent }
+            volume.size = (volume.size ?? 0) + (range[1] - range[0] + 1) * extent
+            byName[key] = volume
+            nextExtent[key] = range[1] + 1
+        }
+        return order.compactMap { byName[$0] }
     }
 
     /// Undoes a browse: unmounts, detaches every loop device, stops the FUSE mount if browse
@@ -111,10 +221,15 @@ public enum Browser {
         for path in below.sorted(by: { $0.count > $1.count }) {
             do { try Mounts.unmount(path) } catch { problems.append("\(error)") }
         }
-        // Loop devices reading from the FUSE mount (or recorded in the state).
-        var loops = Set(state?.loops ?? [])
-        if startedFuse, let fuse { loops.formUnion(loopDevices(backedBelow: fuse)) }  // ours alone
-        for loop in loops.sorted() where FileManager.default.fileExists(atPath: loop) {
+        // Loop devices reading from the FUSE mount (or recorded in the state), and those over
+        // their partitions (logical volumes); the latter first, so the partitions are free.
+        var loops = state?.loops ?? []
+        if startedFuse, let fuse {  // ours alone
+            let disks = loopDevices(backedBelow: fuse)
+            loops += disks.filter { !loops.contains($0) }
+            loops += disks.flatMap { loopDevices(backedBelow: $0 + "p") }.filter { !loops.contains($0) }
+        }
+        for loop in loops.reversed() where FileManager.default.fileExists(atPath: loop) {
             _ = try Command.run(["partx", "-d", loop])
             let result = try Command.run(["losetup", "-d", loop])
             if result.status != 0 && !result.stderr.contains("No such device") { problems.append("cannot detach \(loop): \(result.stderr)") }
@@ -176,7 +291,6 @@ public enum Browser {
         guard !type.isEmpty else { throw LifeboatError(.notFound, "no file system found") }
         switch type {
         case "swap": throw LifeboatError(.unsupported, "swap space: nothing to browse")
-        case "LVM2_member": throw LifeboatError(.unsupported, "LVM physical volume: browsing logical volumes is not supported yet")
         case "crypto_LUKS": throw LifeboatError(.unsupported, "LUKS-encrypted: open it with cryptsetup to browse")
         default: return type
         }
@@ -216,7 +330,7 @@ public enum Browser {
         let blocks = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/block")) ?? []
         return blocks.filter { $0.hasPrefix("loop") }.compactMap { name in
             guard let backing = try? String(contentsOfFile: "/sys/block/\(name)/loop/backing_file", encoding: .utf8) else { return nil }
-            return backing.hasPrefix(path + "/") ? "/dev/" + name : nil
+            return backing.hasPrefix(path.hasSuffix("p") ? path : path + "/") ? "/dev/" + name : nil
         }
     }
 }

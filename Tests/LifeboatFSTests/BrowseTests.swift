@@ -40,6 +40,32 @@ struct BrowseTests {
         #expect(!processRunning("lifeboat mount \(demo.scratch.path)"))
     }
 
+    @Test("LVM: linear logical volumes are mounted without device-mapper, others reported; two disks with the same volume group name do not clash")
+    func logicalVolumes() throws {
+        let scratch = Scratch()
+        let first = scratch.file("one.raw"), second = scratch.file("two.raw")
+        try sh([packageRoot + "/scripts/make-lvm-disk", first, "--marker", "first disk", "--vg", "lbsame"])
+        try sh([packageRoot + "/scripts/make-lvm-disk", second, "--marker", "second disk", "--vg", "lbsame"])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        try repo.protect(Machine(name: "lvm", disks: Repository.diskNames(for: [first, second])))
+        _ = try repo.backup("lvm")
+        let loopsBefore = loopDevices()
+        let dir = scratch.file("browse")
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: false)
+        let result = try CLI.run(["browse", "lvm", dir, "--repo", repo.root])
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(try String(contentsOfFile: "\(dir)/one/p2-lbsame-root/marker", encoding: .utf8) == "first disk\n")
+        #expect(try String(contentsOfFile: "\(dir)/two/p2-lbsame-root/marker", encoding: .utf8) == "second disk\n")
+        #expect(try String(contentsOfFile: "\(dir)/one/p1/marker", encoding: .utf8) == "boot\n")
+        #expect(result.stdout.contains("not mounted one p2-lbsame-split (LVM): its extents are not contiguous"), "\(result.stdout)")
+        let undo = try CLI.run(["unbrowse", dir])
+        #expect(undo.status == 0, "\(undo.stderr)")
+        #expect(loopDevices() == loopsBefore, "every loop device detached, the logical volumes' too")
+        #expect(((try? sh(["vgs", "--noheadings", "-o", "vg_name"])) ?? "").contains("lbsame") == false,
+                "nothing of the browsed volume groups is left on the host")
+        #expect(!Mounts.all().contains { $0.mountpoint.hasPrefix(dir + "/") })
+    }
+
     @Test("a disk without a partition table is browsed as one file system; a partial browse is undone")
     func wholeDiskAndPartial() throws {
         let scratch = Scratch()
