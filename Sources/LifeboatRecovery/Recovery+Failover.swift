@@ -440,7 +440,11 @@ extension Recovery {
         guard let record = try? hot.record(name), record.state == .finalizing || record.state == .failedOver else { return nil }
         let published = (try? Data(contentsOf: URL(fileURLWithPath: progressPath(name))))
             .flatMap { try? JSONDecoder.lifeboat.decode(SeedProgress.self, from: $0) }
-        let alive = published.map { Self.isRunning($0.pid) } ?? false
+        // Someone is seeding when the publisher lives or the seed lock is held; a failover of
+        // the last few seconds may not have started its finaliser yet.
+        let lockHeld = (try? FileLock(path: hot.machineDirectory(name) + "/.seed.lock", mode: .exclusive, wait: false)) == nil
+        let starting = record.state == .finalizing && Date().timeIntervalSince(record.since) < 5
+        let alive = (published.map { Self.isRunning($0.pid) } ?? false) || lockHeld || starting
         var disks: [FinalisationProgress.Disk] = []
         var rate: Double? = nil
         for disk in record.disks {
@@ -449,7 +453,7 @@ extension Recovery {
                 disks.append(.init(name: disk.name, done: size, total: size, phase: "hot"))
             } else if disk.seeded == true {
                 disks.append(.init(name: disk.name, done: size, total: size, phase: "switching"))
-            } else if let published, published.disk == disk.name, alive {
+            } else if let published, published.disk == disk.name, Self.isRunning(published.pid) {
                 disks.append(.init(name: disk.name, done: UInt64(published.done), total: size, phase: "copying"))
                 let elapsed = Date().timeIntervalSince(published.started)
                 if elapsed > 0.5 { rate = Double(published.done) / elapsed }
