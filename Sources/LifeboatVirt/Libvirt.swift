@@ -197,13 +197,6 @@ public final class Connection: @unchecked Sendable {
     /// The corresponding C function is `virConnectIsAlive`.
     public var isAlive: Bool { virConnectIsAlive(handle) == 1 }
 
-    /// The libvirtd version as major.minor.micro.
-    public func version() throws -> String {
-        var version: UInt = 0
-        try check("reading the libvirt version", virConnectGetLibVersion(handle, &version))
-        return "\(version / 1_000_000).\(version / 1000 % 1000).\(version % 1000)"
-    }
-
     /// CPUs and memory of the host. The corresponding C function is `virNodeGetInfo`.
     public func hostInfo() throws -> HostInfo {
         var info = virNodeInfo()
@@ -219,18 +212,6 @@ public final class Connection: @unchecked Sendable {
             throw error
         }
         return Domain(pointer, name: name)
-    }
-
-    /// Names of all domains, running or only defined.
-    public func domainNames() throws -> [String] {
-        var list: UnsafeMutablePointer<OpaquePointer?>?
-        let count = try check("listing domains", virConnectListAllDomains(handle, &list, 0))
-        defer { free(list) }
-        return (0..<Int(count)).compactMap { index in
-            guard let pointer = list?[index] else { return nil }
-            defer { virDomainFree(pointer) }
-            return virDomainGetName(pointer).map { String(cString: $0) }
-        }
     }
 
     /// Defines a persistent domain from XML. The corresponding C function is `virDomainDefineXML`.
@@ -305,9 +286,6 @@ public final class Domain: @unchecked Sendable {
         }
     }
 
-    /// Whether the domain is persistent (defined) rather than transient.
-    public func isPersistent() -> Bool { virDomainIsPersistent(handle) == 1 }
-
     /// Asks the guest to shut down (ACPI). The corresponding C function is `virDomainShutdown`.
     public func shutdown() throws { try check("shutting down \(name)", virDomainShutdown(handle)) }
 
@@ -369,13 +347,6 @@ public final class Domain: @unchecked Sendable {
 
     private func connectionHandle() -> OpaquePointer? { virDomainGetConnect(handle) }
 
-    /// Starts a block pull into the active layer of `disk` (target name, e.g. vda): every
-    /// block the backing chain provides is copied into the top image, which then stands alone.
-    /// The corresponding C function is `virDomainBlockPull`.
-    public func blockPull(disk: String, bandwidthMiBs: UInt = 0) throws {
-        try check("starting the block pull of \(name) \(disk)", virDomainBlockPull(handle, disk, bandwidthMiBs, 0))
-    }
-
     /// Starts a block copy (mirror) of `disk` (target name, e.g. vda) to `destinationXML`, a
     /// `<disk>` element, while the guest runs; writes are mirrored to both until
     /// `abortBlockJob(disk:pivot: true)` switches the guest to the copy.
@@ -406,13 +377,6 @@ public final class Domain: @unchecked Sendable {
     public func blockCommitActive(disk: String) throws {
         try check("starting the block commit of \(name) \(disk)",
                   virDomainBlockCommit(handle, disk, nil, nil, 0, UInt32(VIR_DOMAIN_BLOCK_COMMIT_ACTIVE.rawValue)))
-    }
-
-    /// Changes a running block job's speed limit (bytes per second; 0: none).
-    /// The corresponding C function is `virDomainBlockJobSetSpeed`.
-    public func setBlockJobSpeed(disk: String, bytesPerSecond: UInt64) throws {
-        try check("changing the speed of the block job of \(name) \(disk)",
-                  virDomainBlockJobSetSpeed(handle, disk, UInt(bytesPerSecond), UInt32(VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES.rawValue)))
     }
 
     /// The block job on `disk`, or nil when none runs. The corresponding C function is `virDomainGetBlockJobInfo`.
@@ -467,13 +431,6 @@ public final class Network: @unchecked Sendable {
 
     public func xml() throws -> String {
         let text = try check("reading the XML of network \(name)", virNetworkGetXMLDesc(handle, 0))
-        defer { free(text) }
-        return String(cString: text)
-    }
-
-    /// The bridge device the host sits on.
-    public func bridgeName() throws -> String {
-        let text = try check("reading the bridge of network \(name)", virNetworkGetBridgeName(handle))
         defer { free(text) }
         return String(cString: text)
     }
