@@ -148,6 +148,8 @@ extension Recovery {
     /// starts the domain, and starts the copies. Used by failover and change-point.
     func bootFromPoint(_ record: inout ServerRecord, point: RecoveryPoint, gateway: IPv4?, report: (String) -> Void) throws {
         let name = record.machine
+        repository.release(name, by: "failover")
+        try repository.hold(name, point: point.id, by: "failover")   // read until every disk is hot
         let mount = try ensureMount()
         record.mount = mount
         let folder = hot.disksDirectory(name)
@@ -332,6 +334,7 @@ extension Recovery {
             try hot.save(record)
             try? domain.setAutostart(true)
             unlink(progressPath(name))
+            repository.release(name, by: "failover")
             _ = releaseMountIfUnused(except: name)
             hot.record(name, HistoryEvent(event: "finalised", state: .failedOver, point: record.point,
                                           detail: "every disk is in hot storage (\(record.disks.map(\.path).joined(separator: ", "))); the backup is no longer needed"))
@@ -534,6 +537,7 @@ extension Recovery {
     /// Removes the failed-over VM, its hot disks and its network reservation.
     func tearDown(_ name: String, record: ServerRecord) throws {
         _ = try removeDomain(name)
+        repository.release(name, by: "failover")
         FileSystem.removeTree(hot.disksDirectory(name))
         releaseProductionNetwork(record)
     }

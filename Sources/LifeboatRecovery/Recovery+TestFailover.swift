@@ -98,6 +98,7 @@ extension Recovery {
                           vm: domainName, network: Self.testNetworkName, ip: ip?.address.description, vcpus: vcpus, memoryMiB: memory,
                           virtType: virtType, bootPattern: patternText, check: options.check, consoleLog: consoleLog)
         try hot.save(drill)
+        try repository.hold(name, point: point.id, by: "test-failover")   // prune must not take it away meanwhile
 
         let domain: Domain
         let events: DomainEventWatch?
@@ -126,7 +127,7 @@ extension Recovery {
             let parameters = DomainParameters(
                 name: domainName, type: virtType, vcpus: vcpus, memoryMiB: memory,
                 title: "lifeboat drill of \(name)",
-                description: "Test failover of \(name) from recovery point \(point.id) (\(Format.iso(point.time))), drill \(drillID). Remove with: lifeboat stop-test \(name)",
+                description: "Test failover of \(name) from recovery point \(point.id) (\(ISO8601DateFormatter().string(from: point.time))), drill \(drillID). Remove with: lifeboat stop-test \(name)",
                 disks: record.disks.map { .init(target: $0.target, file: $0.path, backingFile: $0.backing) },
                 interfaces: [.init(network: Self.testNetworkName, mac: mac)],
                 consoleLog: consoleLog)
@@ -224,6 +225,7 @@ extension Recovery {
         var settled = ServerRecord(machine: name, state: .standby, repository: repository.root)
         settled.since = Date()
         try hot.save(settled)
+        repository.release(name, by: "test-failover")
         let networkRemoved = releaseTestNetwork(machine: name, mac: record.mac)
         let released = releaseMountIfUnused(except: name)
         hot.record(name, HistoryEvent(event: "stop-test", state: .standby, point: record.point,
@@ -271,12 +273,4 @@ extension Recovery {
         formatter.dateFormat = "yyyyMMdd'T'HHmmss'Z'"
         return formatter.string(from: date)
     }
-}
-
-/// Text for times and durations in messages.
-enum Format {
-    static func iso(_ date: Date) -> String {
-        ISO8601DateFormatter().string(from: date)
-    }
-
 }

@@ -30,7 +30,10 @@ extension Repository {
         }
         let lock = try repositoryLock(.shared, wait: true)
         let points = try self.points(machine)
-        let reasons = policy.keep(points.map { ($0.id, $0.time) })
+        var reasons = policy.keep(points.map { ($0.id, $0.time) })
+        for (point, holders) in try holds(machine) {
+            reasons[point, default: []].append(contentsOf: holders.map { "held by \($0)" })
+        }
         let kept = points.filter { reasons[$0.id] != nil }.map { PruneResult.Kept(point: $0.id, reasons: reasons[$0.id]!) }
         let removed = points.filter { reasons[$0.id] == nil }.map(\.id)
         if !dryRun {
@@ -44,6 +47,34 @@ extension Repository {
         }
         withExtendedLifetime(lock) {}
         return PruneResult(kept: kept, removed: removed, dryRun: dryRun)
+    }
+
+    // MARK: Holds
+
+    func holdsPath(_ machine: String) -> String { machinePath(machine) + "/holds" }
+
+    /// Keeps `point` from being pruned while `holder` (a drill, a failover) reads it:
+    /// `machines/NAME/holds/POINT@HOLDER`, an empty file.
+    public func hold(_ machine: String, point: String, by holder: String) throws {
+        try FileSystem.makeDirectory(holdsPath(machine), mode: 0o755)
+        try FileSystem.writeAtomically([], to: holdsPath(machine) + "/\(point)@\(holder)")
+    }
+
+    /// Lets go of every hold of `holder` on `machine`'s points.
+    public func release(_ machine: String, by holder: String) {
+        for name in (try? FileSystem.list(holdsPath(machine))) ?? [] where name.hasSuffix("@" + holder) {
+            FileSystem.remove(holdsPath(machine) + "/" + name)
+        }
+    }
+
+    /// Point id -> holders.
+    public func holds(_ machine: String) throws -> [String: [String]] {
+        var result: [String: [String]] = [:]
+        for name in (try? FileSystem.list(holdsPath(machine))) ?? [] {
+            guard let at = name.firstIndex(of: "@"), !name.hasPrefix(".") else { continue }
+            result[String(name[..<at]), default: []].append(String(name[name.index(after: at)...]))
+        }
+        return result
     }
 
     /// Deletes every stored chunk no recovery point uses (mark and sweep).

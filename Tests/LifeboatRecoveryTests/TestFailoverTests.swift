@@ -154,6 +154,10 @@ struct TestFailoverTests {
         #expect(lab.chunkFiles() == chunksBefore, "the guest's writes stay in the overlay")
         // The source keeps running and its backups still work during the drill.
         try lab.check(["backup", web])
+        // Retention cannot take away the point the drill runs from.
+        let pruned = try lab.check(["prune", web, "--keep-last", "1", "--json"])
+        #expect(pruned.contains("held by test-failover"), "\(pruned)")
+        #expect(try lab.check(["points", web, "--json"]).contains(first))
         let chunksAfterBackup = lab.chunkFiles()
         try lab.check(["stop-test", web])
         #expect(lab.chunkFiles() == chunksAfterBackup)
