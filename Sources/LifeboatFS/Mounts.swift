@@ -178,17 +178,26 @@ extension Mounts {
 public enum QemuAccess {
     /// The group from libvirt's qemu.conf (`group = "…"`), else Debian's default `libvirt-qemu`.
     public static func groupName(config: String = "/etc/libvirt/qemu.conf") -> String {
-        if let text = try? String(contentsOfFile: config, encoding: .utf8) {
-            for line in text.split(separator: "\n") {
-                let trimmed = line.trimmingCharacters(in: .whitespaces)
-                guard trimmed.hasPrefix("group"), let eq = trimmed.firstIndex(of: "=") else { continue }
-                guard trimmed[..<eq].trimmingCharacters(in: .whitespaces) == "group" else { continue }
-                let value = trimmed[trimmed.index(after: eq)...].trimmingCharacters(in: .whitespaces)
-                    .trimmingCharacters(in: CharacterSet(charactersIn: "\""))
-                if !value.isEmpty { return value }
-            }
+        setting("group", config: config) ?? "libvirt-qemu"
+    }
+
+    /// The user from libvirt's qemu.conf (`user = "…"`), else Debian's default `libvirt-qemu`.
+    public static func userName(config: String = "/etc/libvirt/qemu.conf") -> String {
+        setting("user", config: config) ?? "libvirt-qemu"
+    }
+
+    /// A `key = "value"` line of qemu.conf.
+    static func setting(_ key: String, config: String) -> String? {
+        guard let text = try? String(contentsOfFile: config, encoding: .utf8) else { return nil }
+        for line in text.split(separator: "\n") {
+            let trimmed = line.trimmingCharacters(in: .whitespaces)
+            guard trimmed.hasPrefix(key), let eq = trimmed.firstIndex(of: "=") else { continue }
+            guard trimmed[..<eq].trimmingCharacters(in: .whitespaces) == key else { continue }
+            let value = trimmed[trimmed.index(after: eq)...].trimmingCharacters(in: .whitespaces)
+                .trimmingCharacters(in: CharacterSet(charactersIn: "\""))
+            if !value.isEmpty { return value }
         }
-        return "libvirt-qemu"
+        return nil
     }
 
     /// The gid of that group, or 0 (root only) when it does not exist.

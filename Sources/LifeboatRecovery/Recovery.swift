@@ -246,15 +246,7 @@ public final class Recovery: @unchecked Sendable {
 /// The user libvirt runs QEMU as (qemu.conf `user`, Debian's default libvirt-qemu).
 enum QemuUser {
     static func ids() -> (uid: uid_t, gid: gid_t)? {
-        var name = "libvirt-qemu"
-        if let text = try? String(contentsOfFile: "/etc/libvirt/qemu.conf", encoding: .utf8) {
-            for line in text.split(separator: "\n") {
-                let trimmed = line.trimmingCharacters(in: .whitespaces)
-                guard trimmed.hasPrefix("user"), let eq = trimmed.firstIndex(of: "="),
-                      trimmed[..<eq].trimmingCharacters(in: .whitespaces) == "user" else { continue }
-                name = trimmed[trimmed.index(after: eq)...].trimmingCharacters(in: CharacterSet(charactersIn: " \""))
-            }
-        }
+        let name = QemuAccess.userName()
         if let uid = uid_t(name.trimmingCharacters(in: CharacterSet(charactersIn: "+"))) { return (uid, QemuAccess.gid()) }
         guard let user = getpwnam(name) else { return nil }
         return (user.pointee.pw_uid, user.pointee.pw_gid)
