@@ -375,6 +375,11 @@ extension Recovery {
         guard let lock = try FileLock(path: lockPath, mode: .exclusive, wait: false) else { return false }
         defer { withExtendedLifetime(lock) {} }
         let point = try repository.point(name, pointID)
+        // A seeder that was killed left its half-written temporary file behind: it starts over.
+        let folder = hot.disksDirectory(name)
+        for file in (try? FileSystem.list(folder)) ?? [] where FileSystem.isStaleTemporary(file) {
+            FileSystem.remove(folder + "/" + file)
+        }
         var seededAny = false
         for disk in record.disks where disk.seeded != true && !disk.isHot {
             guard let final = disk.final else { continue }
@@ -406,13 +411,6 @@ extension Recovery {
             seededAny = true
         }
         return seededAny
-    }
-
-    /// True when process `pid` exists and is not a zombie (PID 1 here does not reap orphans).
-    static func isRunning(_ pid: Int32) -> Bool {
-        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-              let close = stat.lastIndex(of: ")") else { return false }
-        return stat[stat.index(close, offsetBy: 2)...].first != "Z"
     }
 
     /// The machine's lock, waiting up to a minute for another command to finish.
@@ -447,7 +445,7 @@ extension Recovery {
         // the last few seconds may not have started its finaliser yet.
         let lockHeld = (try? FileLock(path: hot.machineDirectory(name) + "/.seed.lock", mode: .exclusive, wait: false)) == nil
         let starting = record.state == .finalizing && Date().timeIntervalSince(record.since) < 5
-        let alive = (published.map { Self.isRunning($0.pid) } ?? false) || lockHeld || starting
+        let alive = (published.map { FileSystem.isRunning($0.pid) } ?? false) || lockHeld || starting
         var disks: [FinalisationProgress.Disk] = []
         var rate: Double? = nil
         for disk in record.disks {
@@ -456,7 +454,7 @@ extension Recovery {
                 disks.append(.init(name: disk.name, done: size, total: size, phase: "hot"))
             } else if disk.seeded == true {
                 disks.append(.init(name: disk.name, done: size, total: size, phase: "switching"))
-            } else if let published, published.disk == disk.name, Self.isRunning(published.pid) {
+            } else if let published, published.disk == disk.name, FileSystem.isRunning(published.pid) {
                 disks.append(.init(name: disk.name, done: UInt64(published.done), total: size, phase: "copying"))
                 let elapsed = Date().timeIntervalSince(published.started)
                 if elapsed > 0.5 { rate = Double(published.done) / elapsed }

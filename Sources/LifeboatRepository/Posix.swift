@@ -230,7 +230,17 @@ package enum FileSystem {
         let parts = name.split(separator: "-")
         guard parts.count >= 3, let pid = pid_t(parts[1]) else { return true }
         if pid == getpid() { return false }
-        return kill(pid, 0) != 0 && errno == ESRCH
+        return !isRunning(pid)
+    }
+
+    /// True when process `pid` exists and is not a zombie (a dead process that nobody reaped:
+    /// where PID 1 does not reap orphans, a killed daemon stays one).
+    package static func isRunning(_ pid: pid_t) -> Bool {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else {
+            return kill(pid, 0) == 0 || errno == EPERM   // no /proc: ask the kernel
+        }
+        guard let close = stat.lastIndex(of: ")"), stat.distance(from: close, to: stat.endIndex) > 2 else { return false }
+        return stat[stat.index(close, offsetBy: 2)] != "Z"
     }
 }
 

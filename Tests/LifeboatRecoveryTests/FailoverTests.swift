@@ -199,6 +199,8 @@ struct FailoverTests {
         #expect((rebooted["problems"] as? [String])?.contains { $0.contains("FUSE mount") } == true, "\(rebooted)")
 
         try lab.check(["resume", name, "--wait"])
+        let left = (try? FileManager.default.contentsOfDirectory(atPath: lab.hot + "/" + name + "/disks")) ?? []
+        #expect(left.allSatisfy { !$0.hasPrefix(".tmp-") }, "the killed seeder's half-written file is gone: \(left)")
         #expect(lab.waitForConsole(name, "LIFEBOAT-BOOTS: 2"), "booted again from its overlay, first boot's write kept: \(lab.console(of: name))")
         #expect(try lab.status(name)["state"] as? String == "FailedOver")
         let info = try lab.imageInfo(lab.hotDisk(name, name))
