@@ -133,6 +133,7 @@ extension Recovery {
             var standby = ServerRecord(machine: name, state: .standby, repository: repository.root)
             standby.since = Date()
             try? hot.save(standby)
+            _ = releaseMountIfUnused(except: name)
             hot.record(name, HistoryEvent(event: "failover", state: .standby, point: point.id, detail: "failed and undone: \(error)"))
             throw error
         }
@@ -144,8 +145,9 @@ extension Recovery {
         return record
     }
 
-    /// Mounts, makes the overlays and hot-disk names, joins the production network, defines and
-    /// starts the domain, and starts the copies. Used by failover and change-point.
+    /// Holds the point, mounts, makes the overlays and names the hot disks, joins the production
+    /// network, defines and starts the domain; finalisation (`seed`, `advance`) follows.
+    /// Used by failover and change-point.
     func bootFromPoint(_ record: inout ServerRecord, point: RecoveryPoint, gateway: IPv4?, report: (String) -> Void) throws {
         let name = record.machine
         repository.release(name, by: "failover")

@@ -134,6 +134,18 @@ struct FailoverTests {
         #expect(lab.lifeboatMounts().isEmpty)
         #expect(try lab.status(name)["state"] as? String == "Standby")
         try lab.refused(["cancel-failover", name, "--yes"], state: "Standby")
+
+        // A failover that cannot start (here: a broken domain template) is undone: Standby, nothing left.
+        let templates = lab.scratch.file("templates")
+        try FileManager.default.copyItem(atPath: packageRoot + "/templates", toPath: templates)
+        let domainTemplate = templates + "/domain.xml.mustache"
+        try (try String(contentsOfFile: domainTemplate, encoding: .utf8)).replacingOccurrences(of: "{{/disks}}", with: "{{/disk}}")
+            .write(toFile: domainTemplate, atomically: true, encoding: .utf8)
+        let broken = try lab.run(["failover", name, "--templates", templates])
+        #expect(broken.status != 0 && broken.stderr.contains("domain.xml.mustache line"), "\(broken.stderr)")
+        #expect(try lab.status(name)["state"] as? String == "Standby")
+        #expect(!lab.domainExists(name))
+        #expect(lab.lifeboatMounts().isEmpty, "the mount it started is released")
     }
 
     @Test("planned failover: refused while the source disk is open, then takes a final point and loses nothing")
