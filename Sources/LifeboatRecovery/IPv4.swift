@@ -64,6 +64,15 @@ public struct Interface4: Hashable, Sendable, CustomStringConvertible {
 
     public func contains(_ other: IPv4) -> Bool { other.value & mask == address.value & mask }
 
+    /// The host's (bridge) address on a network made around this subnet for a VM at `vm`: the
+    /// production gateway when it lies inside, else the first host address, else the last.
+    public func bridgeAddress(gateway: IPv4?, vm: IPv4?) -> Interface4 {
+        var address = firstHost
+        if let gateway, contains(gateway), gateway != vm { address = gateway }
+        if address == vm { address = lastHost }
+        return Interface4(address: address, prefix: prefix)
+    }
+
     /// First and last usable host addresses.
     public var firstHost: IPv4 { IPv4(network.value + 1) }
     public var lastHost: IPv4 { IPv4(broadcast.value - 1) }

@@ -53,7 +53,6 @@ public struct FinalisationProgress: Codable, Sendable {
     public var rate: Double?
     /// Seconds left at that rate.
     public var eta: Double?
-    public var complete: Bool { disks.allSatisfy { $0.phase == "hot" } }
 }
 
 /// What a failback did.
@@ -220,10 +219,7 @@ extension Recovery {
                 throw LifeboatError(.invalidArgument,
                     "network \(name) does not exist and \(machine) has no IP to build it around: create it in libvirt, give --network or --bridge, or set --ip")
             }
-            var address = ip.firstHost
-            if let gateway, ip.contains(gateway), gateway != ip.address { address = gateway }
-            if address == ip.address { address = ip.lastHost }
-            let host = Interface4(address: address, prefix: ip.prefix)
+            let host = ip.bridgeAddress(gateway: gateway, vm: ip.address)
             let parameters = Self.networkParameters(name: name, host: host, avoiding: ip.address)
             let xml = try virt("rendering the production network") { try settings.templates.render(Templates.productionNetwork, parameters) }
             network = try virt("creating the production network \(name) (\(host.subnet))") { try connection.defineNetwork(xml: xml) }

@@ -65,15 +65,14 @@ extension Recovery {
     /// Compares the record with libvirt, the overlays and the mount; fills vmState and problems.
     func reconcile(_ status: inout ServerStatus, record: ServerRecord?, connection: Connection) {
         let name = status.machine
-        let testDomain = try? connection.domain(named: Self.testDomainName(name))
         switch status.state {
         case .standby:
-            let overlays = ((try? FileSystem.list(hot.testDirectory(name))) ?? []).filter { $0.hasSuffix(".qcow2") }
-            if testDomain != nil || !overlays.isEmpty {
+            let (testDomain, overlays) = testLeftovers(name)
+            if testDomain != nil || overlays > 0 {
                 status.state = .testingFailover
                 status.vm = Self.testDomainName(name)
                 status.vmState = testDomain.flatMap { try? $0.state().rawValue } ?? "missing"
-                status.problems.append("an interrupted drill left \(testDomain != nil ? "the VM \(Self.testDomainName(name))" : "") \(overlays.isEmpty ? "" : "\(overlays.count) overlay(s)") behind: run lifeboat stop-test \(name)")
+                status.problems.append("an interrupted drill left \(testDomain != nil ? "the VM \(Self.testDomainName(name))" : "") \(overlays == 0 ? "" : "\(overlays) overlay(s)") behind: run lifeboat stop-test \(name)")
             }
         case .testingFailover, .finalizing, .failedOver, .committed, .failingBack:
             guard let vm = status.vm else { break }

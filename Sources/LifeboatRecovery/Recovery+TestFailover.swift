@@ -75,7 +75,7 @@ extension Recovery {
         let domainName = Self.testDomainName(name)
 
         // Written first, so that a crash from here on leaves a record stop-test can follow.
-        let drillID = Self.drillID(started)
+        let drillID = Repository.pointID(for: started, existing: Set((try? FileSystem.list(hot.drillsDirectory(name))) ?? []))
         try hot.prepare(name)
         let drillFolder = hot.drillDirectory(name, drillID)
         try FileSystem.makeDirectories(drillFolder)
@@ -220,7 +220,7 @@ extension Recovery {
     func cleanUpTest(_ name: String, record: ServerRecord) throws -> StopReport {
         let domainRemoved = try removeDomain(Self.testDomainName(name))
         let folder = hot.testDirectory(name)
-        let overlays = ((try? FileSystem.list(folder)) ?? []).filter { $0.hasSuffix(".qcow2") }.count
+        let overlays = testLeftovers(name).overlays
         FileSystem.removeTree(folder)
         var settled = ServerRecord(machine: name, state: .standby, repository: repository.root)
         settled.since = Date()
@@ -245,9 +245,15 @@ extension Recovery {
     func reconciledState(_ name: String, record: ServerRecord?) throws -> ServerState {
         let recorded = record?.state ?? .standby
         guard recorded == .standby else { return recorded }
-        let domainLeft = (try? connection().domain(named: Self.testDomainName(name))) != nil
-        let overlaysLeft = !((try? FileSystem.list(hot.testDirectory(name))) ?? []).isEmpty
-        return domainLeft || overlaysLeft ? .testingFailover : .standby
+        let left = testLeftovers(name)
+        return left.domain != nil || left.overlays > 0 ? .testingFailover : .standby
+    }
+
+    /// What a drill left: its domain, if any, and how many overlays.
+    func testLeftovers(_ name: String) -> (domain: Domain?, overlays: Int) {
+        let domain = (try? connection().domain(named: Self.testDomainName(name))) ?? nil
+        let overlays = ((try? FileSystem.list(hot.testDirectory(name))) ?? []).filter { $0.hasSuffix(".qcow2") }.count
+        return (domain, overlays)
     }
 
     /// The IP the network's DHCP server gave `mac`, waiting a little for the lease.
@@ -264,13 +270,5 @@ extension Recovery {
 
     static func target(_ index: Int) -> String {
         "vd" + String(UnicodeScalar(UInt8(97 + index % 26)))
-    }
-
-    static func drillID(_ date: Date) -> String {
-        let formatter = DateFormatter()
-        formatter.locale = Locale(identifier: "en_US_POSIX")
-        formatter.timeZone = TimeZone(identifier: "UTC")
-        formatter.dateFormat = "yyyyMMdd'T'HHmmss'Z'"
-        return formatter.string(from: date)
     }
 }

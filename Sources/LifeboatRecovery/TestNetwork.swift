@@ -53,10 +53,7 @@ extension Recovery {
             host = try virt("reading network \(name)") { Self.subnet(ofNetworkXML: try network.xml()) } ?? Self.defaultTestSubnet
         } else {
             let around = ip ?? Self.defaultTestSubnet
-            var address = around.firstHost
-            if let gateway, around.contains(gateway), gateway != ip?.address { address = gateway }
-            if address == ip?.address { address = around.lastHost }
-            host = Interface4(address: address, prefix: around.prefix)
+            host = around.bridgeAddress(gateway: gateway, vm: ip?.address)
             let parameters = Self.networkParameters(name: name, host: host, avoiding: ip?.address)
             let xml = try virt("rendering the test network") { try settings.templates.render(Templates.testNetwork, parameters) }
             network = try virt("creating the isolated test network \(name) (\(host.subnet))") { try connection.defineNetwork(xml: xml) }

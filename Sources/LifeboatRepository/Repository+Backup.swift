@@ -95,8 +95,8 @@ extension Repository {
         }
     }
 
-    /// Point ids sort by time: `YYYYMMDD-HHMMSS`, with a suffix if that second is taken.
-    static func pointID(for date: Date, existing: Set<String>) -> String {
+    /// Point ids sort by time: `YYYYMMDD-HHMMSS` in UTC, with a suffix if that second is taken (drill ids too).
+    package static func pointID(for date: Date, existing: Set<String>) -> String {
         let formatter = DateFormatter()
         formatter.locale = Locale(identifier: "en_US_POSIX")
         formatter.timeZone = TimeZone(identifier: "UTC")

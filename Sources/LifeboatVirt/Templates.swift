@@ -21,7 +21,6 @@ public struct Templates: Sendable {
     public static let domain = "domain.xml.mustache"
     public static let testNetwork = "test-network.xml.mustache"
     public static let productionNetwork = "production-network.xml.mustache"
-    public static let all = [domain, testNetwork, productionNetwork]
 
     /// The folder the templates are read from.
     public let directory: String
