@@ -59,7 +59,7 @@ public enum Browser {
         do {
             for disk in point.disks {
                 let file = "\(state.fuseMount)/\(point.machine)/\(point.id)/\(disk.name).raw"
-                let attach = try Command.run(["losetup", "-r", "-P", "-f", "--show", file])
+                let attach = try ChildProcess.run(["losetup", "-r", "-P", "-f", "--show", file])
                 guard attach.status == 0 else {
                     volumes.append(BrowsedVolume(disk: disk.name, partition: "whole", problem: "cannot attach a loop device: \(attach.stderr)"))
                     continue
@@ -140,7 +140,7 @@ public enum Browser {
                 result.append(BrowsedVolume(disk: disk, partition: name, type: "LVM", problem: volume.problem))
                 continue
             }
-            let attach = try Command.run(["losetup", "-r", "-f", "--show", "--offset", "\(offset)", "--sizelimit", "\(size)", device])
+            let attach = try ChildProcess.run(["losetup", "-r", "-f", "--show", "--offset", "\(offset)", "--sizelimit", "\(size)", device])
             guard attach.status == 0 else {
                 result.append(BrowsedVolume(disk: disk, partition: name, type: "LVM", problem: "cannot attach a loop device: \(attach.stderr)"))
                 continue
@@ -154,11 +154,11 @@ public enum Browser {
 
     /// The logical volumes recorded on physical volume `device`, with their byte ranges.
     static func logicalVolumes(on device: String) throws -> [LogicalVolume] {
-        let pv = try Command.run(["pvs", "--readonly", "--devices", device, "--noheadings", "--units", "b", "--nosuffix", "-o", "pe_start", device])
+        let pv = try ChildProcess.run(["pvs", "--readonly", "--devices", device, "--noheadings", "--units", "b", "--nosuffix", "-o", "pe_start", device])
         guard pv.status == 0, let peStart = Int(pv.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) else {
             throw LifeboatError(.unsupported, "LVM physical volume whose metadata cannot be read (\(pv.stderr.split(separator: "\n").first ?? "is lvm2 installed?"))")
         }
-        let lvs = try Command.run(["lvs", "--readonly", "--devices", device, "--segments", "--noheadings", "--units", "b", "--nosuffix",
+        let lvs = try ChildProcess.run(["lvs", "--readonly", "--devices", device, "--segments", "--noheadings", "--units", "b", "--nosuffix",
                                    "--separator", "|", "-o", "vg_name,lv_name,segtype,seg_pe_ranges,vg_extent_size,seg_start"])
         guard lvs.status == 0 else {
             throw LifeboatError(.unsupported, "LVM logical volumes cannot be listed: \(lvs.stderr.split(separator: "\n").first ?? "")")
@@ -230,8 +230,8 @@ public enum Browser {
             loops += disks.flatMap { loopDevices(backedBelow: $0 + "p") }.filter { !loops.contains($0) }
         }
         for loop in loops.reversed() where FileManager.default.fileExists(atPath: loop) {
-            _ = try Command.run(["partx", "-d", loop])
-            let result = try Command.run(["losetup", "-d", loop])
+            _ = try ChildProcess.run(["partx", "-d", loop])
+            let result = try ChildProcess.run(["losetup", "-d", loop])
             if result.status != 0 && !result.stderr.contains("No such device") { problems.append("cannot detach \(loop): \(result.stderr)") }
         }
         if startedFuse, let fuse, Mounts.isMounted(fuse) {
@@ -266,7 +266,7 @@ public enum Browser {
     /// The kernel's own scan (`losetup -P`) does not always register partitions (seen in
     /// containers); then `partx -a` adds them from the table.
     static func partitions(of loop: String) throws -> [(String, String)] {
-        let table = try Command.run(["blkid", "-p", "-o", "value", "-s", "PTTYPE", loop])
+        let table = try ChildProcess.run(["blkid", "-p", "-o", "value", "-s", "PTTYPE", loop])
         guard !table.stdout.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty else { return [("whole", loop)] }
         let name = String(loop.split(separator: "/").last!)
         func found() -> [(String, String)] {
@@ -279,14 +279,14 @@ public enum Browser {
         for attempt in 0..<100 {
             let partitions = found()
             if !partitions.isEmpty && partitions.allSatisfy({ FileManager.default.fileExists(atPath: $0.1) }) { return partitions }
-            if attempt == 10 && partitions.isEmpty { _ = try Command.run(["partx", "-a", loop]) }
+            if attempt == 10 && partitions.isEmpty { _ = try ChildProcess.run(["partx", "-a", loop]) }
             usleep(20_000)
         }
         throw LifeboatError(.io, "the partitions of \(loop) did not appear")
     }
 
     static func fileSystemType(_ device: String) throws -> String {
-        let probe = try Command.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device])
+        let probe = try ChildProcess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device])
         let type = probe.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         guard !type.isEmpty else { throw LifeboatError(.notFound, "no file system found") }
         switch type {
@@ -313,7 +313,7 @@ public enum Browser {
             }
             command = ["fusefat", "-o", "ro", device, target]
         }
-        let result = try Command.run(command)
+        let result = try ChildProcess.run(command)
         guard result.status == 0 else {
             let reason = result.stderr.split(separator: "\n").first.map(String.init) ?? "exit \(result.status)"
             throw LifeboatError(.io, "mount failed: \(reason)")

@@ -5,10 +5,6 @@ import SystemPackage
 import Glibc
 #endif
 
-// glibc 2.34+; not in Swift's Glibc module (needs _GNU_SOURCE).
-@_silgen_name("posix_spawn_file_actions_addclosefrom_np")
-private func addCloseFrom(_ actions: UnsafeMutablePointer<posix_spawn_file_actions_t>, _ from: Int32) -> Int32
-
 /// One line of /proc/self/mountinfo.
 public struct MountEntry: Sendable, Equatable {
     public var mountpoint: String
@@ -116,17 +112,16 @@ public enum Mounts {
     /// - Throws: with the daemon's last log line when it exits first or the mount never appears.
     public static func startDaemon(_ executable: String, _ arguments: [String], input: [UInt8], log: String,
                                    mountpoint: String, timeout: TimeInterval = 30) throws -> pid_t {
-        let pid = try spawnDetached(executable, arguments, input: input, log: log)
+        let daemon = try ChildProcess.startDetached(executable, arguments, input: input, log: log)
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {
-            if isMounted(mountpoint) { return pid }
-            var status: Int32 = 0
-            if waitpid(pid, &status, WNOHANG) == pid {
+            if isMounted(mountpoint) { return daemon.pid }
+            if daemon.hasExited {
                 throw LifeboatError(.io, lastLine(of: log) ?? "the mount process exited before mounting (see \(log))")
             }
             usleep(20_000)
         }
-        kill(pid, SIGTERM)
+        kill(daemon.pid, SIGTERM)
         throw LifeboatError(.io, "the mount did not appear at \(mountpoint) within \(Int(timeout)) s (see \(log))")
     }
 
@@ -137,40 +132,6 @@ public enum Mounts {
             if text.hasPrefix("lifeboat: ") { text.removeFirst("lifeboat: ".count) }
             return text
         }
-    }
-}
-
-extension Mounts {
-    /// Starts `executable arguments` in a session of its own (not killed with our terminal), stdin
-    /// from `input`, stdout and stderr appended to `log`, holding none of our file descriptors.
-    /// - Returns: its pid.
-    public static func spawnDetached(_ executable: String, _ arguments: [String], input: [UInt8], log: String) throws -> pid_t {
-        var pipeFDs: [Int32] = [0, 0]
-        guard pipe(&pipeFDs) == 0 else { throw LifeboatError(.io, "cannot create a pipe: \(Errno(rawValue: errno))") }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, pipeFDs[0], 0)
-        posix_spawn_file_actions_addclose(&actions, pipeFDs[1])
-        posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0o600)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        _ = addCloseFrom(&actions, 3)   // a daemon must not hold anyone's pipes open
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        posix_spawnattr_setflags(&attributes, Int16(0x80))  // POSIX_SPAWN_SETSID
-        let argv = ([executable] + arguments).map { (text: String) in strdup(text) } + [nil]
-        defer { argv.forEach { free($0) } }
-        var pid: pid_t = 0
-        let spawned = posix_spawn(&pid, executable, &actions, &attributes, argv, environ)
-        Glibc.close(pipeFDs[0])
-        guard spawned == 0 else {
-            Glibc.close(pipeFDs[1])
-            throw LifeboatError(.io, "cannot start \(executable): \(Errno(rawValue: spawned))")
-        }
-        input.withUnsafeBytes { _ = write(pipeFDs[1], $0.baseAddress, $0.count) }
-        Glibc.close(pipeFDs[1])
-        return pid
     }
 }
 
@@ -206,37 +167,5 @@ public enum QemuAccess {
         if let number = UInt32(name.trimmingCharacters(in: CharacterSet(charactersIn: "+"))) { return number }
         guard let group = getgrnam(name) else { return 0 }
         return group.pointee.gr_gid
-    }
-}
-
-/// Runs a system command and collects its output.
-package enum Command {
-    package struct Output { package var status: Int32; package var stdout: String; package var stderr: String }
-
-    /// Output goes through temporary files rather than pipes: a command that leaves a daemon
-    /// behind (fusefat, for one) would otherwise hold the pipe open forever.
-    package static func run(_ arguments: [String]) throws -> Output {
-        let base = "/tmp/lifeboat-command-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        defer { unlink(base + ".out"); unlink(base + ".err") }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, base + ".out", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-        posix_spawn_file_actions_addopen(&actions, 2, base + ".err", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-        _ = addCloseFrom(&actions, 3)   // commands that leave daemons (fusefat) must not hold our pipes
-        let argv = arguments.map { (text: String) in strdup(text) } + [nil]
-        defer { argv.forEach { free($0) } }
-        var pid: pid_t = 0
-        let spawned = posix_spawnp(&pid, arguments[0], &actions, nil, argv, environ)
-        guard spawned == 0 else {
-            throw LifeboatError(.notFound, "cannot run \(arguments[0]): \(String(cString: strerror(spawned))) (is it installed?)")
-        }
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-        let exited = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
-        let stdout = (try? String(contentsOfFile: base + ".out", encoding: .utf8)) ?? ""
-        let stderr = (try? String(contentsOfFile: base + ".err", encoding: .utf8)) ?? ""
-        return Output(status: exited, stdout: stdout, stderr: stderr.trimmingCharacters(in: .whitespacesAndNewlines))
     }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatFS
 import LifeboatRepository
 #if canImport(Glibc)
 import Glibc
@@ -97,10 +98,36 @@ public struct HotStorage: Sendable {
 
     public func machineDirectory(_ name: String) -> String { root + "/" + name }
     public func recordPath(_ name: String) -> String { machineDirectory(name) + "/server.json" }
+    /// The machine's lock: held by any command that changes its recovery server.
+    func lockPath(_ name: String) -> String { machineDirectory(name) + "/.lock" }
     public func testDirectory(_ name: String) -> String { machineDirectory(name) + "/test" }
     public func drillsDirectory(_ name: String) -> String { machineDirectory(name) + "/drills" }
     public func drillDirectory(_ name: String, _ id: String) -> String { drillsDirectory(name) + "/" + id }
     public func disksDirectory(_ name: String) -> String { machineDirectory(name) + "/disks" }
+
+    /// Checks that QEMU, running as `user` (uid, gid), can reach hot storage: every folder from /
+    /// down to it (those that exist) must let that user through (search permission).
+    /// - Throws: `.invalidArgument` naming the first folder that stops it and the command that fixes it.
+    func checkReachable(user name: String, uid: uid_t, gid: gid_t) throws {
+        guard uid != 0 else { return }
+        var groups = [gid_t](repeating: 0, count: 64)
+        var count = Int32(groups.count)
+        if getgrouplist(name, gid, &groups, &count) < 0 { count = 0 }
+        let memberOf = Set(groups.prefix(Int(max(count, 0)))).union([gid])
+        var folder = ""
+        for part in Mounts.canonical(root).split(separator: "/") {
+            folder += "/" + part
+            var st = stat()
+            guard stat(folder, &st) == 0 else { break }   // created later, mode 0755
+            let mode = st.st_mode
+            let through = st.st_uid == uid ? mode & S_IXUSR != 0 : memberOf.contains(st.st_gid) ? mode & S_IXGRP != 0 : mode & S_IXOTH != 0
+            if !through {
+                throw LifeboatError(.invalidArgument, String(format:
+                    "hot storage %@ is out of QEMU's reach: libvirt runs QEMU as %@, which may not enter %@ (mode %04o): run chmod o+x %@, or choose --hot under another folder",
+                    root, name, folder, Int(mode & 0o7777), folder))
+            }
+        }
+    }
 
     /// Creates the folders (mode 0755: QEMU, running as its own user, must reach the images).
     func prepare(_ name: String) throws {
@@ -133,7 +160,7 @@ public struct HotStorage: Sendable {
     /// Takes the machine's lock, or says who holds it.
     func lock(_ name: String) throws -> FileLock {
         try prepare(name)
-        let path = machineDirectory(name) + "/.lock"
+        let path = lockPath(name)
         guard let lock = try FileLock(path: path, mode: .exclusive, wait: false) else {
             let owner = FileLock.owner(of: path).map { " (pid \($0))" } ?? ""
             throw LifeboatError(.busy, "another lifeboat command\(owner) is working on \(name): wait for it to finish")

@@ -42,13 +42,23 @@ public struct FinalisationProgress: Codable, Sendable {
         public var name: String
         public var done: UInt64
         public var total: UInt64
-        /// copying, ready (waiting for the pivot), hot, stalled (no copy running)
+        /// waiting, copying, switching (seeded; the guest's writes follow, then the pivot), hot, stalled
         public var phase: String
     }
 
     public var disks: [Disk]
     public var bytesDone: UInt64 { disks.reduce(0) { $0 + $1.done } }
     public var bytesTotal: UInt64 { disks.reduce(0) { $0 + $1.total } }
+    /// Who finalises, in which step, and whether it is alive (while Finalizing).
+    public struct Finaliser: Codable, Sendable {
+        public var pid: Int32?
+        /// starting, seeding, seeded, copying writes, pivoting, merging, finished
+        public var step: String?
+        public var disk: String?
+        public var health: FinaliserHealth
+    }
+
+    public var finaliser: Finaliser?
     /// Bytes per second since the copies started.
     public var rate: Double?
     /// Seconds left at that rate.
@@ -79,6 +89,7 @@ extension Recovery {
     public func failover(_ name: String, _ options: FailoverOptions, report: (String) -> Void = { _ in }) throws -> ServerRecord {
         let started = Date()
         var machine = try repository.machine(name)
+        try QemuUser.checkReach(hot)
         let lock = try hot.lock(name)
         defer { withExtendedLifetime(lock) {} }
         let state = try reconciledState(name, record: try hot.record(name))
@@ -141,6 +152,7 @@ extension Recovery {
         hot.record(name, HistoryEvent(event: "failover", state: .finalizing, point: point.id, detail: String(
             format: "%@VM %@ running after %.1f s on %@; finalising into %@", options.planned ? "planned: " : "", name,
             Date().timeIntervalSince(started), record.bridge.map { "bridge " + $0 } ?? record.network ?? "?", hot.disksDirectory(name))))
+        announceFinaliser(name)   // this process, until the finaliser it starts takes over
         return record
     }
 
@@ -253,6 +265,11 @@ extension Recovery {
     /// - Returns: the record afterwards.
     @discardableResult
     public func advance(_ name: String, restart: Bool = false) throws -> ServerRecord {
+        try advance(name, restart: restart, heartbeat: nil)
+    }
+
+    @discardableResult
+    func advance(_ name: String, restart: Bool, heartbeat: Heartbeat?) throws -> ServerRecord {
         guard var record = try hot.record(name), record.state == .finalizing else {
             return try hot.record(name) ?? ServerRecord(machine: name, state: .standby, repository: repository.root)
         }
@@ -290,30 +307,41 @@ extension Recovery {
             if source == final {
                 record.disks[index].path = final
                 record.disks[index].backing = nil
+                try hot.save(record)
                 unlink(top)
             } else if source == top {
                 record.disks[index].path = top
                 record.disks[index].backing = final
-                if disk.path != top { unlink(disk.path) }
+                if disk.path != top {
+                    try hot.save(record)
+                    unlink(disk.path)
+                }
                 if let job {
+                    heartbeat?.set(job.ready ? "pivoting" : "merging", disk: disk.name)
                     if job.ready, (try? domain.abortBlockJob(disk: disk.target, pivot: true)) != nil {
                         record.disks[index].path = final
                         record.disks[index].backing = nil
+                        try hot.save(record)
                         unlink(top)
                     }
                 } else {
+                    heartbeat?.set("merging", disk: disk.name)
                     try virt("merging the guest's writes into \(final)") { try domain.blockCommitActive(disk: disk.target) }
                 }
             } else if disk.seeded == true {
                 if let job {
+                    heartbeat?.set(job.ready ? "pivoting" : "copying writes", disk: disk.name)
                     if job.ready, (try? domain.abortBlockJob(disk: disk.target, pivot: true)) != nil {
-                        unlink(disk.path)
+                        let overlay = disk.path
                         record.disks[index].path = top
                         record.disks[index].backing = final
+                        try hot.save(record)
+                        unlink(overlay)
                     }
                 } else {
+                    heartbeat?.set("copying writes", disk: disk.name)
                     unlink(top)
-                    let result = try Command.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", final, "-F", "raw", top])
+                    let result = try ChildProcess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", final, "-F", "raw", top])
                     guard result.status == 0 else { throw LifeboatError(.io, "cannot create \(top) over \(final): \(result.stderr)") }
                     QemuUser.give(top)
                     let xml = "<disk type='file'><driver type='qcow2'/><source file='\(Self.xmlEscaped(top))'/>"
@@ -331,7 +359,7 @@ extension Recovery {
             record.mount = nil
             try hot.save(record)
             try? domain.setAutostart(true)
-            unlink(progressPath(name))
+            heartbeat?.set("finished")
             repository.release(name, by: "failover")
             _ = releaseMountIfUnused(except: name)
             hot.record(name, HistoryEvent(event: "finalised", state: .failedOver, point: record.point,
@@ -349,23 +377,17 @@ extension Recovery {
             .replacingOccurrences(of: "<", with: "&lt;")
     }
 
-    /// Where the seeding process publishes its progress for `status`.
-    func progressPath(_ name: String) -> String { hot.machineDirectory(name) + "/finalise-progress.json" }
-
-    struct SeedProgress: Codable {
-        var disk: String
-        var done: Int
-        var total: Int
-        var started: Date
-        var pid: Int32
-    }
-
     /// Writes every disk that is not seeded yet into its hot raw file, straight from the repository,
     /// at `record.bandwidth` (re-read while it runs, so `resume` can lift it). Another process
     /// already seeding (the lock is taken) makes this return at once.
     /// - Returns: true when it seeded something.
     @discardableResult
     public func seed(_ name: String) throws -> Bool {
+        try seed(name, heartbeat: nil)
+    }
+
+    @discardableResult
+    func seed(_ name: String, heartbeat: Heartbeat?) throws -> Bool {
         guard let record = try hot.record(name), record.state == .finalizing,
               record.disks.contains(where: { $0.seeded != true && !$0.isHot }),
               let pointID = record.point else { return false }
@@ -382,21 +404,20 @@ extension Recovery {
         for disk in record.disks where disk.seeded != true && !disk.isHot {
             guard let final = disk.final else { continue }
             let meter = ProgressMeter(limit: Int(record.bandwidth ?? 0))
-            let started = Date()
+            heartbeat?.set("seeding", disk: disk.name, meter: meter)
             let finished = Atomic<Bool>(false)
-            let progressFile = progressPath(name)
-            let reporter = Thread { [hot] in
+            // `resume` lifts a bandwidth limit by changing the record: follow it.
+            let follower = Thread { [hot] in
                 while !finished.load(ordering: .relaxed) {
-                    let now = SeedProgress(disk: disk.name, done: meter.done, total: meter.total, started: started, pid: getpid())
-                    if let bytes = try? JSONEncoder.lifeboat.encode(now) { try? bytes.write(to: URL(fileURLWithPath: progressFile), options: .atomic) }
                     if let limit = (try? hot.record(name))?.flatMap({ $0.bandwidth }) { meter.setLimit(Int(limit)) } else { meter.setLimit(0) }
                     Thread.sleep(forTimeInterval: 0.5)
                 }
             }
-            reporter.start()
+            follower.start()
             defer { finished.store(true, ordering: .relaxed) }
             _ = try repository.restore(point, disk: disk.name, to: final, progress: meter)
             finished.store(true, ordering: .relaxed)
+            heartbeat?.set("seeded", disk: disk.name)
             QemuUser.give(final)
             // Record it under the machine's lock, on a fresh copy of the record.
             let machineLock = try waitForLock(name)
@@ -433,17 +454,11 @@ extension Recovery {
         return nil
     }
 
-    /// Finalisation progress of `name`: the seeding process's published progress for the disk it
-    /// writes, and whole disks for those already seeded or hot.
+    /// Finalisation progress of `name`: the finaliser's published progress for the disk it
+    /// seeds, whole disks for those already seeded or hot, and how the finaliser is doing.
     public func finalisation(_ name: String) -> FinalisationProgress? {
         guard let record = try? hot.record(name), record.state == .finalizing || record.state == .failedOver else { return nil }
-        let published = (try? Data(contentsOf: URL(fileURLWithPath: progressPath(name))))
-            .flatMap { try? JSONDecoder.lifeboat.decode(SeedProgress.self, from: $0) }
-        // Someone is seeding when the publisher lives or the seed lock is held; a failover of
-        // the last few seconds may not have started its finaliser yet.
-        let lockHeld = (try? FileLock(path: hot.machineDirectory(name) + "/.seed.lock", mode: .exclusive, wait: false)) == nil
-        let starting = record.state == .finalizing && Date().timeIntervalSince(record.since) < 5
-        let alive = (published.map { FileSystem.isRunning($0.pid) } ?? false) || lockHeld || starting
+        let (beat, health) = finaliser(name)
         var disks: [FinalisationProgress.Disk] = []
         var rate: Double? = nil
         for disk in record.disks {
@@ -452,15 +467,20 @@ extension Recovery {
                 disks.append(.init(name: disk.name, done: size, total: size, phase: "hot"))
             } else if disk.seeded == true {
                 disks.append(.init(name: disk.name, done: size, total: size, phase: "switching"))
-            } else if let published, published.disk == disk.name, FileSystem.isRunning(published.pid) {
-                disks.append(.init(name: disk.name, done: UInt64(published.done), total: size, phase: "copying"))
-                let elapsed = Date().timeIntervalSince(published.started)
-                if elapsed > 0.5 { rate = Double(published.done) / elapsed }
+            } else if let beat, beat.step == "seeding", beat.disk == disk.name, health != .gone {
+                let done = beat.done ?? 0
+                disks.append(.init(name: disk.name, done: done, total: size, phase: health == .working ? "copying" : "stalled"))
+                let elapsed = beat.updated.timeIntervalSince(beat.stepSince)
+                if elapsed > 0.5 { rate = Double(done) / elapsed }
             } else {
-                disks.append(.init(name: disk.name, done: 0, total: size, phase: alive ? "waiting" : "stalled"))
+                disks.append(.init(name: disk.name, done: 0, total: size, phase: health == .working ? "waiting" : "stalled"))
             }
         }
         var progress = FinalisationProgress(disks: disks)
+        if record.state == .finalizing {
+            progress.finaliser = beat.map { .init(pid: $0.pid, step: $0.step, disk: $0.disk, health: health) }
+                ?? .init(pid: nil, step: nil, disk: nil, health: .gone)
+        }
         if let rate, rate > 0 {
             progress.rate = rate
             progress.eta = Double(progress.bytesTotal - min(progress.bytesTotal, progress.bytesDone)) / rate
@@ -481,12 +501,20 @@ extension Recovery {
             record.bandwidth = nil   // a seeding process re-reads it within half a second
             try hot.save(record)
         }
-        return try advance(name, restart: true)
+        let resumed = try advance(name, restart: true)
+        if resumed.state == .finalizing && finaliser(name).health != .working { announceFinaliser(name) }
+        return resumed
     }
 
     /// Advances finalisation until the failover is complete (or cancelled, or changed by another
     /// command), calling `progress` about twice a second. Holds the machine's lock only for each step.
     public func waitForFinalisation(_ name: String, progress: @escaping @Sendable (FinalisationProgress) -> Void = { _ in }) throws -> ServerRecord {
+        let heartbeat = Heartbeat(path: finaliserPath(name))
+        heartbeat.start()
+        defer {
+            heartbeat.set("finished")
+            heartbeat.stop()
+        }
         let done = Atomic<Bool>(false)
         let reporter = Thread { [self] in
             while !done.load(ordering: .relaxed) {
@@ -499,13 +527,13 @@ extension Recovery {
         while true {
             do {
                 let lock = try hot.lock(name)
-                let record = try advance(name)
+                let record = try advance(name, restart: false, heartbeat: heartbeat)
                 withExtendedLifetime(lock) {}
                 if record.state != .finalizing { return record }
             } catch let error as LifeboatError where error.code == .busy {
                 // another command works on the machine: look again shortly
             }
-            if try !seed(name) { Thread.sleep(forTimeInterval: 0.3) }
+            if try !seed(name, heartbeat: heartbeat) { Thread.sleep(forTimeInterval: 0.3) }
         }
     }
 
@@ -578,6 +606,7 @@ extension Recovery {
         try hot.save(record)
         hot.record(name, HistoryEvent(event: "change-point", state: .finalizing, point: point.id,
                                       detail: "VM \(name) restarted from point \(point.id) instead of \(previous ?? "?"); what it wrote since the failover was discarded"))
+        announceFinaliser(name)
         return record
     }
 

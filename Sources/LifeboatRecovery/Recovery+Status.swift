@@ -26,6 +26,8 @@ public struct ServerStatus: Codable, Sendable {
     public var disks: [HotDisk]
     /// Finalisation progress while Finalizing.
     public var finalisation: FinalisationProgress?
+    /// Work in progress right now (a command at work, the finaliser's step): nothing to do but wait.
+    public var transition: String?
     /// Things that do not match the state, each with what to do.
     public var problems: [String]
 }
@@ -79,28 +81,65 @@ extension Recovery {
             let domain = try? connection.domain(named: vm)
             let state = domain.flatMap { try? $0.state() }
             status.vmState = state?.rawValue ?? "missing"
+            // A command at work on the machine (it holds the lock) or a living finaliser changes
+            // files, the record and the VM step by step: what is in flux is a transition, not a
+            // fault. Only a command or finaliser that is gone or stalled leaves work for a person.
+            let busy = commandAtWork(name)
+            if let busy {
+                status.transition = "lifeboat (pid \(busy)) is at work on \(name)" + (record?.phase.map { " (\($0))" } ?? "")
+            }
+            var finaliserWorking = false
+            if status.state == .finalizing, let progress = finalisation(name) {
+                status.finalisation = progress
+                let finaliser = progress.finaliser
+                finaliserWorking = finaliser?.health == .working
+                if finaliserWorking, let finaliser, busy == nil || busy == finaliser.pid {
+                    status.transition = "finaliser (pid \(finaliser.pid ?? 0)) " + Self.describe(step: finaliser.step, disk: finaliser.disk)
+                }
+            }
             let undo = status.state == .testingFailover ? "lifeboat stop-test \(name)" : "lifeboat resume \(name) or lifeboat cancel-failover \(name)"
-            if record?.phase != nil {
-                status.problems.append("\(record!.phase!) did not finish (lifeboat was interrupted): run \(undo)")
+            guard busy == nil else { break }
+            if let phase = record?.phase {
+                status.problems.append("\(phase) did not finish (lifeboat was interrupted): run \(undo)")
             }
             if domain == nil {
                 status.problems.append("the VM \(vm) does not exist (interrupted, or removed outside lifeboat): run \(undo)")
             } else if let state, !state.isActive, status.state != .failingBack {
                 status.problems.append("the VM \(vm) is \(state.rawValue) (the guest stopped, or the host restarted): run \(undo)")
             }
-            for disk in status.disks where !FileSystem.exists(disk.path) {
-                status.problems.append("the disk \(disk.path) is missing: run \(undo)")
+            if !finaliserWorking {
+                for disk in status.disks where !FileSystem.exists(disk.path) {
+                    status.problems.append("the disk \(disk.path) is missing: run \(undo)")
+                }
             }
-            if status.state == .finalizing, let progress = finalisation(name) {
-                status.finalisation = progress
-                for disk in progress.disks where disk.phase == "stalled" && domain != nil {
-                    status.problems.append("the copy of disk \(disk.name) into hot storage is not running (its lifeboat process stopped): run lifeboat resume \(name)")
+            if status.state == .finalizing, domain != nil, let finaliser = status.finalisation?.finaliser {
+                switch finaliser.health {
+                case .working: break
+                case .stalled:
+                    status.problems.append("finalisation of \(name) is stalled: its lifeboat process (pid \(finaliser.pid ?? 0)) has made no progress "
+                        + "\(Self.describe(step: finaliser.step, disk: finaliser.disk)): run lifeboat resume \(name)")
+                case .gone:
+                    status.problems.append("finalisation of \(name) is not running (its lifeboat process stopped): run lifeboat resume \(name)")
                 }
             }
             if status.state.usesMount, let mount = record?.mount, !Mounts.isMounted(mount),
                status.disks.contains(where: { $0.backing != nil }) {
                 status.problems.append("the FUSE mount \(mount) is gone, so the VM cannot read its backing disk: run \(undo)")
             }
+        }
+    }
+
+    /// A finaliser's step in words.
+    static func describe(step: String?, disk: String?) -> String {
+        let disk = disk ?? "a disk"
+        switch step {
+        case "seeding": return "is copying \(disk) from the backup into hot storage"
+        case "seeded": return "has copied \(disk) into hot storage"
+        case "copying writes": return "is moving the guest's writes of \(disk) onto its hot disk"
+        case "pivoting": return "is switching \(disk) to its hot disk"
+        case "merging": return "is merging the guest's writes into \(disk)'s hot disk"
+        case "finished": return "has finished"
+        default: return "is starting"
         }
     }
 

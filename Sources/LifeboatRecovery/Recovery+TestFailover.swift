@@ -53,6 +53,7 @@ extension Recovery {
         let started = Date()
         let machine = try repository.machine(name)
         let point = try resolvePoint(name, options.point)
+        try QemuUser.checkReach(hot)
         var lock: FileLock? = try hot.lock(name)
         defer { withExtendedLifetime(lock) {} }
         let state = try reconciledState(name, record: try hot.record(name))
@@ -178,7 +179,7 @@ extension Recovery {
             let log = drillFolder + "/check.log"
             drill.checkLog = log
             report("running the check: \(check)")
-            let outcome = try Script.run(check, environment: [
+            let outcome = try ChildProcess.runScript(check, environment: [
                 "LIFEBOAT_MACHINE": name, "LIFEBOAT_POINT": point.id, "LIFEBOAT_VM": domainName,
                 "LIFEBOAT_VM_IP": drill.ip ?? "", "LIFEBOAT_CONSOLE_LOG": consoleLog, "LIFEBOAT_DRILL": drillID,
             ], log: log, timeout: max(10, deadline.timeIntervalSinceNow))

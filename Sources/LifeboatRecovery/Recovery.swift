@@ -184,7 +184,7 @@ public final class Recovery: @unchecked Sendable {
     /// Creates a qcow2 overlay at `path` over the raw `backing` file, owned by the user QEMU runs as.
     func createOverlay(_ path: String, backing: String) throws {
         unlink(path)
-        let result = try Command.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "raw", path])
+        let result = try ChildProcess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "raw", path])
         guard result.status == 0 else {
             throw LifeboatError(.io, "cannot create the overlay \(path) over \(backing): \(result.stderr)")
         }
@@ -245,6 +245,12 @@ public final class Recovery: @unchecked Sendable {
 
 /// The user libvirt runs QEMU as (qemu.conf `user`, Debian's default libvirt-qemu).
 enum QemuUser {
+    /// Throws when QEMU's user cannot reach `hot` (checked before a drill or failover creates anything).
+    static func checkReach(_ hot: HotStorage) throws {
+        guard let ids = ids() else { return }
+        try hot.checkReachable(user: QemuAccess.userName(), uid: ids.uid, gid: ids.gid)
+    }
+
     static func ids() -> (uid: uid_t, gid: gid_t)? {
         let name = QemuAccess.userName()
         if let uid = uid_t(name.trimmingCharacters(in: CharacterSet(charactersIn: "+"))) { return (uid, QemuAccess.gid()) }

@@ -277,6 +277,25 @@ package final class FileLock {
         return text.isEmpty ? nil : text
     }
 
+    /// The pid of the process holding a flock on `path`, read from /proc/locks without taking
+    /// the lock (taking it, even for an instant, could make that process's next attempt fail).
+    /// - Returns: nil when nobody holds it (or the file does not exist).
+    package static func holder(of path: String) -> pid_t? {
+        var st = stat()
+        guard stat(path, &st) == 0, let table = try? String(contentsOfFile: "/proc/locks", encoding: .utf8) else { return nil }
+        let dev = UInt64(st.st_dev)
+        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & ~UInt64(0xfff))
+        let minor = (dev & 0xff) | ((dev >> 12) & ~UInt64(0xff))
+        let id = String(format: "%02x:%02x:%llu", major, minor, UInt64(st.st_ino))
+        // "1: FLOCK  ADVISORY  WRITE 1234 00:1f:5678 0 EOF"; waiters carry "->" and hold nothing.
+        for line in table.split(separator: "\n") where !line.contains("->") {
+            let fields = line.split(separator: " ")
+            guard fields.count >= 6, fields[1] == "FLOCK", fields[5] == id else { continue }
+            return pid_t(fields[4])
+        }
+        return nil
+    }
+
     deinit { flock(file.fd, LOCK_UN) }
 }
 

@@ -261,8 +261,9 @@ enum Finalising {
                          "--connect", recovery.settings.connectURI, "--templates", recovery.settings.templates.directory]
         if let virtType = options.virtType { arguments += ["--virt-type", virtType] }
         if password != nil { arguments.append("--password-stdin") }
-        let pid = try Mounts.spawnDetached(MountService.executablePath(), arguments,
-                                           input: password.map { Array(($0 + "\n").utf8) } ?? [], log: log)
-        return (pid, log)
+        let finaliser = try ChildProcess.startDetached(MountService.executablePath(), arguments,
+                                                       input: password.map { Array(($0 + "\n").utf8) } ?? [], log: log)
+        recovery.announceFinaliser(name, pid: finaliser.pid)
+        return (finaliser.pid, log)
     }
 }

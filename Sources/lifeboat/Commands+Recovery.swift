@@ -134,6 +134,7 @@ extension Lifeboat {
             print(Format.table(["MACHINE", "LAST POINT", "AGE", "RPO", "STATE", "VM", "NETWORK", "IP"], rows))
             for status in statuses {
                 if let progress = status.finalisation { print("\(status.machine): " + Finalising.line(progress)) }
+                if let transition = status.transition { print("\(status.machine): \(transition)") }
                 for problem in status.problems { print("\(status.machine): \(problem)") }
             }
         }

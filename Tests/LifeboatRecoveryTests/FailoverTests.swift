@@ -175,6 +175,57 @@ struct FailoverTests {
         try lab.check(["cancel-failover", name, "--yes"])
     }
 
+    @Test("status polled every 100 ms through a whole failover never tells a person to act while lifeboat works")
+    func statusNeverCriesWolf() throws {
+        let lab = try DrillLab(["calm"])
+        let name = lab.machines[0]
+        let network = try lab.productionNetwork("192.168.93")
+        _ = try lab.protect(name, marker: "calm", ip: "192.168.93.10/24", mac: "52:54:00:93:00:10")
+        try lab.check(["configure", name, "--network", network])
+        try lab.check(["backup", name])
+
+        // From before the command starts until FailedOver: the failover command, the background
+        // finaliser starting, seeding (8 MiB/s, a few seconds), the block copy, both pivots.
+        let failover = CLI.start(["failover", name, "--bandwidth", "8"], environment: lab.environment)
+        var alarms: [String] = []
+        var transitions = Set<String>()
+        var polls = 0
+        let deadline = Date().addingTimeInterval(240)
+        var state = ""
+        while Date() < deadline {
+            let text = try lab.check(["status", name, "--json"])
+            let status = (try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [[String: Any]])?.first ?? [:]
+            polls += 1
+            state = status["state"] as? String ?? ""
+            for problem in status["problems"] as? [String] ?? [] { alarms.append("\(state): \(problem)") }
+            if let transition = status["transition"] as? String { transitions.insert(transition) }
+            if state == "FailedOver" && !failover.isRunning { break }
+            Thread.sleep(forTimeInterval: 0.1)
+        }
+        failover.waitUntilExit()
+        #expect(failover.terminationStatus == 0)
+        #expect(state == "FailedOver", "finalisation ended within 4 minutes")
+        #expect(alarms.isEmpty, "status told a person to act while all was well (\(alarms.count) of \(polls) polls): \(Array(Set(alarms)))")
+        #expect(transitions.contains { $0.contains("finaliser") && $0.contains("copying") },
+                "status showed the finaliser at work: \(transitions)")
+        #expect(polls > 20, "status was polled through the whole failover (\(polls) polls)")
+
+        // And a dead finaliser is reported at once: failover again, kill it while it seeds.
+        try lab.check(["cancel-failover", name, "--yes"])
+        try lab.check(["failover", name, "--bandwidth", "1"])
+        let beat = lab.hot + "/" + name + "/finaliser.json"
+        let seeding = Date().addingTimeInterval(30)
+        while Date() < seeding, !((try? String(contentsOfFile: beat, encoding: .utf8)) ?? "").contains("\"seeding\"") {
+            Thread.sleep(forTimeInterval: 0.1)
+        }
+        _ = try? sh(["pkill", "-9", "-f", "lifeboat finalise \(name) "])
+        Thread.sleep(forTimeInterval: 0.5)
+        let dead = try lab.status(name)
+        #expect((dead["problems"] as? [String])?.contains { $0.contains("not running") && $0.contains("lifeboat resume \(name)") } == true,
+                "a killed finaliser is reported with what to do: \(dead)")
+        try lab.check(["cancel-failover", name, "--yes"])
+    }
+
     @Test("lifeboat killed and libvirtd restarted mid-finalisation: status tells the truth, resume completes, the guest's data intact")
     func killedFinalisation() throws {
         let lab = try DrillLab(["crash"])

@@ -324,6 +324,16 @@ struct TestFailoverTests {
         #expect(try message(["test-failover", name], environment: ["LIFEBOAT_CONNECT": "qemu:///system?socket=/nonexistent/sock"])
             .contains("libvirtd -d"))
 
+        // Hot storage under a folder QEMU's user may not enter (mktemp -d makes 0700): refused
+        // before anything is made, naming the folder and the fix.
+        let closed = lab.scratch.file("closed")
+        try FileManager.default.createDirectory(atPath: closed, withIntermediateDirectories: false, attributes: [.posixPermissions: 0o700])
+        for command in [["test-failover", name], ["failover", name]] {
+            let unreachable = try message(command + ["--hot", closed + "/hot"])
+            #expect(unreachable.contains("may not enter \(closed) (mode 0700)") && unreachable.contains("chmod o+x \(closed)"), "\(unreachable)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: closed + "/hot"), "nothing was created")
+
         // A broken template names its file and line.
         let templates = lab.scratch.file("templates")
         try FileManager.default.copyItem(atPath: packageRoot + "/templates", toPath: templates)

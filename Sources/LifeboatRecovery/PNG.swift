@@ -4,59 +4,6 @@ import LifeboatRepository
 import Glibc
 #endif
 
-/// Runs a drill's check script: `/bin/sh -c SCRIPT` in its own process group, with extra
-/// environment variables, output to a log file, killed (the whole group) after a time limit.
-enum Script {
-    struct Outcome {
-        /// Exit status; 128+signal when killed by one.
-        var status: Int32
-        var timedOut: Bool
-    }
-
-    static func run(_ script: String, environment extra: [String: String], log: String, timeout: TimeInterval) throws -> Outcome {
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP))
-        posix_spawnattr_setpgroup(&attributes, 0)
-
-        var environment = ProcessInfo.processInfo.environment
-        for (key, value) in extra { environment[key] = value }
-        let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer { envp.forEach { free($0) } }
-        let argv = ["/bin/sh", "-c", script].map { (text: String) in strdup(text) } + [nil]
-        defer { argv.forEach { free($0) } }
-        var pid: pid_t = 0
-        let spawned = posix_spawn(&pid, "/bin/sh", &actions, &attributes, argv, envp)
-        guard spawned == 0 else {
-            throw LifeboatError(.io, "cannot run the check script: \(String(cString: strerror(spawned)))")
-        }
-        let deadline = Date().addingTimeInterval(timeout)
-        var status: Int32 = 0
-        var timedOut = false
-        while true {
-            let done = waitpid(pid, &status, WNOHANG)
-            if done == pid { break }
-            if done < 0 && errno != EINTR { break }
-            if Date() > deadline && !timedOut {
-                timedOut = true
-                kill(-pid, SIGTERM)
-                Thread.sleep(forTimeInterval: 1)
-                kill(-pid, SIGKILL)
-            }
-            Thread.sleep(forTimeInterval: 0.05)
-        }
-        let exited = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
-        return Outcome(status: exited, timedOut: timedOut)
-    }
-}
-
 /// Turns QEMU's PPM screenshots into PNG (stored deflate blocks: no compressor needed).
 enum PNG {
     static func fromPPM(_ bytes: [UInt8]) -> [UInt8]? {
