@@ -10,6 +10,7 @@ let package = Package(
         .library(name: "LifeboatFS", targets: ["LifeboatFS"]),
         .library(name: "LifeboatVirt", targets: ["LifeboatVirt"]),
         .library(name: "LifeboatRecovery", targets: ["LifeboatRecovery"]),
+        .library(name: "LifeboatReplication", targets: ["LifeboatReplication"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -23,6 +24,7 @@ let package = Package(
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CFuse", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
         .systemLibrary(name: "CVirt", pkgConfig: "libvirt", providers: [.apt(["libvirt-dev"])]),
+        .systemLibrary(name: "CNbd", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
 
         .target(
             name: "LifeboatRepository",
@@ -45,6 +47,14 @@ let package = Package(
             name: "LifeboatVirt",
             dependencies: ["CVirt", .product(name: "Mustache", package: "swift-mustache")]
         ),
+        .target(name: "LifeboatNBD", dependencies: ["CNbd"]),
+        .target(
+            name: "LifeboatReplication",
+            dependencies: [
+                "LifeboatRepository", "LifeboatFS", "LifeboatVirt", "LifeboatNBD",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
         .target(
             name: "LifeboatRecovery",
             dependencies: [
@@ -55,7 +65,7 @@ let package = Package(
         .executableTarget(
             name: "lifeboat",
             dependencies: [
-                "LifeboatRepository", "LifeboatFS", "LifeboatVirt", "LifeboatRecovery",
+                "LifeboatRepository", "LifeboatFS", "LifeboatVirt", "LifeboatRecovery", "LifeboatReplication",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

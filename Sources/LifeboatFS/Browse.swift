@@ -235,9 +235,10 @@ public enum Browser {
             if result.status != 0 && !result.stderr.contains("No such device") { problems.append("cannot detach \(loop): \(result.stderr)") }
         }
         if startedFuse, let fuse, Mounts.isMounted(fuse) {
-            // Loop devices let go of the file asynchronously: retry briefly while busy.
+            // Loop devices let go of the file asynchronously (a fusefat daemon exits some time
+            // after its unmount, and only then the loop device under it): retry while busy.
             var lastError: (any Error)? = nil
-            for _ in 0..<50 {
+            for _ in 0..<200 {
                 do { try Mounts.unmount(fuse); lastError = nil; break } catch { lastError = error; usleep(100_000) }
             }
             if let lastError { problems.append("\(lastError)") }

@@ -27,6 +27,11 @@ public struct MachineDisk: Codable, Sendable, Equatable {
     /// Short name, used for the index file and the restored file (`NAME.raw`).
     public var name: String
     public var path: String
+
+    public init(name: String, path: String) {
+        self.name = name
+        self.path = path
+    }
 }
 
 /// A protected machine and its recovery-server settings (used by failover; stored and shown now).
@@ -51,6 +56,18 @@ public struct Machine: Codable, Sendable, Equatable {
     public var network: String?
     /// Production host bridge, instead of a libvirt network.
     public var bridge: String?
+    /// The libvirt domain this machine is (protect --domain): points come from libvirt's backup
+    /// API while it runs, and its disks are read from its XML at every point.
+    public var domain: String?
+    /// The libvirt URI of that domain (nil: the host's default).
+    public var connectURI: String?
+    /// The replication service takes a point this often (nil: half the RPO).
+    public var everySeconds: Int?
+    /// Retention the replication service applies after each point (nil: keep every point).
+    public var retention: RetentionPolicy?
+
+    /// How often the replication service takes a point: the setting, else half the RPO, else hourly.
+    public var interval: Int { everySeconds ?? rpoSeconds.map { max(1, $0 / 2) } ?? 3600 }
 
     public init(name: String, disks: [MachineDisk], vcpus: Int = 1, memoryMiB: Int = 512, macs: [String] = [],
                 ip: String? = nil, gateway: String? = nil, testIP: String? = nil, rpoSeconds: Int? = nil,
@@ -109,6 +126,14 @@ public struct RecoveryPoint: Codable, Sendable, Equatable {
     public var disks: [PointDisk]
     public var bytesRead: Int
     public var seconds: Double
+    /// full or incremental (points of libvirt domains; nil for disk files, always read whole).
+    public var readMode: String?
+    /// Why the point was read the way it was; disks that appeared or went.
+    public var note: String?
+    /// The libvirt checkpoint taken at this point's instant: the next incremental reads what changed since.
+    public var checkpoint: String?
+    /// The UUID of the libvirt domain it was taken from.
+    public var domainUUID: String?
 
     public var newBytes: Int { disks.reduce(0) { $0 + $1.newBytes } }
     public var storedBytes: Int { disks.reduce(0) { $0 + $1.storedBytes } }

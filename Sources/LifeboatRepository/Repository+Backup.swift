@@ -21,6 +21,94 @@ extension Repository {
     public func backup(_ name: String, progress: ProgressMeter = ProgressMeter(), now: Date = Date(),
                        sources overrides: [String: String] = [:]) throws -> RecoveryPoint {
         let machine = try self.machine(name)
+        return try writePoint(name, now: now) { previous, known, staging in
+            var sources: [(disk: MachineDisk, file: PosixFile, size: Int)] = []
+            for configured in machine.disks {
+                let disk = MachineDisk(name: configured.name, path: overrides[configured.name] ?? configured.path)
+                try DiskSource.check(path: disk.path)
+                let file = try PosixFile.openForReading(disk.path, what: "disk")
+                let size: Int
+                do { size = try file.size() } catch { throw LifeboatError.io(error, "cannot read size of disk", disk.path) }
+                sources.append((disk, file, size))
+            }
+            progress.start(total: sources.reduce(0) { $0 + $1.size })
+            var disks: [PointDisk] = []
+            var consistent = true
+            var bytesRead = 0
+            for source in sources {
+                let before = try? source.file.stat()
+                let file = source.file
+                let dataRanges = file.dataRanges(size: source.size)
+                file.advise(sequential: true)
+                // Read ahead of the workers so that they rarely wait for the disk; only data is
+                // read ahead: asking for a hole would fill the page cache with zeros.
+                let prefetch: @Sendable (Range<Int>) -> Void = { range in
+                    guard let dataRanges else { return file.prefetch(range) }
+                    for data in Self.dataRanges(dataRanges, overlapping: range) { file.prefetch(data) }
+                }
+                let input = ChunkInput(size: source.size, ranges: dataRanges, base: nil, prefetch: prefetch,
+                                       openReader: { FileReader(file: file, path: source.disk.path) })
+                let (index, disk, read) = try backupDisk(source.disk.name, path: source.disk.path, input: input,
+                                                         known: known, progress: progress)
+                let after = try? source.file.stat()
+                if let before, let after, (before.st_mode & S_IFMT) == S_IFREG,
+                   before.st_mtim.tv_sec != after.st_mtim.tv_sec || before.st_mtim.tv_nsec != after.st_mtim.tv_nsec
+                    || before.st_size != after.st_size {
+                    consistent = false
+                }
+                disks.append(disk)
+                bytesRead += read
+                try writeFile(index.encoded(), staging + "/" + disk.name + ".idx")
+            }
+            return PointDraft(disks: disks, bytesRead: bytesRead, consistency: consistent ? "consistent" : "changed-during-backup")
+        }
+    }
+
+    /// Takes a recovery point from disks read through `BlockReader`s (a libvirt backup's NBD
+    /// exports, say), reading only each capture's `ranges`: the chunks they do not touch come
+    /// from the capture's `base` index (the previous point: changed-block tracking) or are holes.
+    /// Same guarantees as `backup`: nothing is visible until everything is durable.
+    /// - Parameters:
+    ///   - details: what the point says of itself (consistency, how it was read and why).
+    ///   - checkBeforeCommit: called after every chunk is read and before the point is made
+    ///     visible; throwing there (the source's job vanished, say) leaves no point.
+    public func backup(_ name: String, captures: [DiskCapture], details: PointDetails, progress: ProgressMeter = ProgressMeter(),
+                       now: Date = Date(), checkBeforeCommit: () throws -> Void = {}) throws -> RecoveryPoint {
+        try writePoint(name, now: now) { previous, known, staging in
+            progress.start(total: captures.reduce(0) { $0 + $1.size })
+            var disks: [PointDisk] = []
+            var bytesRead = 0
+            for capture in captures {
+                if let base = capture.base, base.chunkSize != config.chunkSize || base.diskSize != capture.size {
+                    throw LifeboatError(.invalidArgument, "the base index of disk \(capture.name) does not match its size: take a full point")
+                }
+                let input = ChunkInput(size: capture.size, ranges: capture.ranges, base: capture.base, prefetch: nil,
+                                       openReader: capture.openReader)
+                let (index, disk, read) = try backupDisk(capture.name, path: capture.origin, input: input, known: known, progress: progress)
+                disks.append(disk)
+                bytesRead += read
+                try writeFile(index.encoded(), staging + "/" + disk.name + ".idx")
+            }
+            try checkBeforeCommit()
+            var draft = PointDraft(disks: disks, bytesRead: bytesRead, consistency: details.consistency)
+            draft.details = details
+            return draft
+        }
+    }
+
+    /// What a point's disks came to, before the point is written.
+    struct PointDraft {
+        var disks: [PointDisk]
+        var bytesRead: Int
+        var consistency: String
+        var details: PointDetails? = nil
+    }
+
+    /// The locking, staging and commit every point shares: `makeDisks` writes the indexes into
+    /// `staging`; the point becomes visible only once every chunk and index is durable.
+    private func writePoint(_ name: String, now: Date,
+                            makeDisks: (_ previous: RecoveryPoint?, _ known: ChunkSet, _ staging: String) throws -> PointDraft) throws -> RecoveryPoint {
+        _ = try self.machine(name)
         let started = Date()
         let lockPath = machinePath(name) + "/backup.lock"
         guard let machineLock = try FileLock(path: lockPath, mode: .exclusive, wait: false) else {
@@ -29,50 +117,29 @@ extension Repository {
         }
         machineLock.recordOwner()
         let repoLock = try repositoryLock(.shared, wait: true)
-
         let previous = try points(name).last
-        var sources: [(disk: MachineDisk, file: PosixFile, size: Int)] = []
-        for configured in machine.disks {
-            let disk = MachineDisk(name: configured.name, path: overrides[configured.name] ?? configured.path)
-            try DiskSource.check(path: disk.path)
-            let file = try PosixFile.openForReading(disk.path, what: "disk")
-            let size: Int
-            do { size = try file.size() } catch { throw LifeboatError.io(error, "cannot read size of disk", disk.path) }
-            sources.append((disk, file, size))
-        }
-        progress.start(total: sources.reduce(0) { $0 + $1.size })
-
         let known = ChunkSet(try store.all())
         let pointsDir = pointsPath(name)
         let staging = pointsDir + "/" + FileSystem.temporaryName()
         try FileSystem.makeDirectory(staging)
         do {
-            var disks: [PointDisk] = []
-            var consistent = true
-            var bytesRead = 0
-            for source in sources {
-                let before = try? source.file.stat()
-                let (index, disk, read) = try backupDisk(source.disk, file: source.file, size: source.size,
-                                                          known: known, progress: progress)
-                let after = try? source.file.stat()
-                if let before, let after, (before.st_mode & S_IFMT) == S_IFREG,
-                   before.st_mtim.tv_sec != after.st_mtim.tv_sec || before.st_mtim.tv_nsec != after.st_mtim.tv_nsec
-                    || before.st_size != after.st_size {
-                    consistent = false
+            var draft = try makeDisks(previous, known, staging)
+            for index in draft.disks.indices {
+                if let old = previous?.disks.first(where: { $0.name == draft.disks[index].name }), old.size != draft.disks[index].size {
+                    draft.disks[index].previousSize = old.size
                 }
-                var pointDisk = disk
-                if let old = previous?.disks.first(where: { $0.name == disk.name }), old.size != disk.size {
-                    pointDisk.previousSize = old.size
-                }
-                disks.append(pointDisk)
-                bytesRead += read
-                try writeFile(index.encoded(), staging + "/" + disk.name + ".idx")
             }
-            let point = RecoveryPoint(
+            var point = RecoveryPoint(
                 id: Self.pointID(for: now, existing: Set(try FileSystem.list(pointsDir))), machine: name, time: now,
-                consistency: consistent ? "consistent" : "changed-during-backup", parent: previous?.id,
-                chunkSize: config.chunkSize, disks: disks, bytesRead: bytesRead,
+                consistency: draft.consistency, parent: previous?.id,
+                chunkSize: config.chunkSize, disks: draft.disks, bytesRead: draft.bytesRead,
                 seconds: Date().timeIntervalSince(started))
+            if let details = draft.details {
+                point.readMode = details.readMode
+                point.note = details.note
+                point.checkpoint = details.checkpoint
+                point.domainUUID = details.domainUUID
+            }
             try writeFile(Array(try JSONEncoder.lifeboat.encode(point)), staging + "/point.json")
             try store.sync()  // every chunk the point names is durable before the point is visible
             try FileSystem.rename(staging, pointsDir + "/" + point.id)
@@ -108,27 +175,36 @@ extension Repository {
         return id
     }
 
-    private func backupDisk(_ disk: MachineDisk, file: PosixFile, size: Int, known: ChunkSet,
+    /// Where `backupDisk` gets a disk's bytes.
+    struct ChunkInput {
+        var size: Int
+        /// Sorted, disjoint byte ranges that hold data (nil: all of it); chunks overlapping none
+        /// come from `base` or are holes.
+        var ranges: [Range<Int>]?
+        var base: DiskIndex?
+        /// Called with the byte range the workers will need next (files: read ahead).
+        var prefetch: (@Sendable (Range<Int>) -> Void)?
+        var openReader: @Sendable () throws -> any BlockReader
+    }
+
+    private func backupDisk(_ name: String, path: String, input: ChunkInput, known: ChunkSet,
                             progress: ProgressMeter) throws -> (DiskIndex, PointDisk, Int) {
         let chunkSize = config.chunkSize
+        let size = input.size
         let count = DiskIndex.chunkCount(diskSize: size, chunkSize: chunkSize)
-        let dataRanges = file.dataRanges(size: size)
-        file.advise(sequential: true)
+        let dataRanges = input.ranges
+        let base = input.base
         let ids = SlotArray(count: count, initial: ChunkID.zero)
         let newBytes = Atomic<Int>(0), storedBytes = Atomic<Int>(0), dataBytes = Atomic<Int>(0), readBytes = Atomic<Int>(0)
         let work = ParallelWork(count: count)
         let codec = self.codec, store = self.store
-        // Read ahead of the workers so that they rarely wait for the disk: every `window` bytes,
-        // ask for the window that starts `window` ahead.
         let window = 32 << 20
         let chunksPerWindow = max(1, window / chunkSize)
-        // Only data is read ahead: asking for a hole would fill the page cache with zeros.
-        let prefetch: @Sendable (Range<Int>) -> Void = { range in
-            guard let dataRanges else { return file.prefetch(range) }
-            for data in Self.dataRanges(dataRanges, overlapping: range) { file.prefetch(data) }
-        }
-        prefetch(0..<min(size, window))
+        let prefetch = input.prefetch
+        prefetch?(0..<min(size, window))
+        let openReader = input.openReader
         try work.run { work in
+            let reader = try openReader()
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
             let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: codec.scratchSize(chunkSize: chunkSize), alignment: 64)
             defer { buffer.deallocate(); scratch.deallocate() }
@@ -136,18 +212,22 @@ extension Repository {
                 let offset = i * chunkSize
                 let length = min(chunkSize, size - offset)
                 defer { progress.add(length) }
-                if i % chunksPerWindow == 0, offset + window < size {
+                if let prefetch, i % chunksPerWindow == 0, offset + window < size {
                     prefetch((offset + window)..<min(size, offset + 2 * window))
                 }
-                if let dataRanges, !Self.overlaps(dataRanges, offset..<(offset + length)) { continue }
-                let chunk = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
-                let n: Int
-                do { n = try file.read(into: chunk, at: offset) } catch {
-                    throw LifeboatError.io(error, "cannot read disk", disk.path)
+                if let dataRanges, !Self.overlaps(dataRanges, offset..<(offset + length)) {
+                    // Unchanged since the base point (or never written): reuse its chunk.
+                    if let base, base.ids[i] != ChunkID.zero {
+                        ids[i] = base.ids[i]
+                        dataBytes.add(length, ordering: .relaxed)
+                    }
+                    continue
                 }
+                let chunk = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
+                let n = try reader.read(into: chunk, at: offset)
                 readBytes.add(n, ordering: .relaxed)
                 guard n == length else {
-                    throw LifeboatError(.io, "disk \(disk.path) shrank while being read: take the backup again")
+                    throw LifeboatError(.io, "disk \(path) shrank while being read: take the backup again")
                 }
                 let data = UnsafeRawBufferPointer(chunk)
                 if data.isAllZero { continue }
@@ -167,7 +247,7 @@ extension Repository {
             }
         }
         let index = DiskIndex(chunkSize: chunkSize, diskSize: size, ids: ids.array)
-        let pointDisk = PointDisk(name: disk.name, path: disk.path, size: size,
+        let pointDisk = PointDisk(name: name, path: path, size: size,
                                   dataBytes: dataBytes.load(ordering: .relaxed), newBytes: newBytes.load(ordering: .relaxed),
                                   storedBytes: storedBytes.load(ordering: .relaxed), previousSize: nil)
         return (index, pointDisk, readBytes.load(ordering: .relaxed))
@@ -211,4 +291,71 @@ final class ChunkSet: Sendable {
     func insert(_ id: ChunkID) -> Bool { ids.withLock { $0.insert(id).inserted } }
 
     func remove(_ id: ChunkID) { _ = ids.withLock { $0.remove(id) } }
+}
+
+/// Reads a disk for a backup worker; each worker opens its own.
+public protocol BlockReader: AnyObject {
+    /// Reads `buffer.count` bytes at `offset`. - Returns: bytes read (fewer only at the end).
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws -> Int
+}
+
+/// A disk to back up through a `BlockReader`, with the ranges to read.
+public struct DiskCapture: Sendable {
+    public var name: String
+    /// Where it comes from, in words (recorded as the point disk's path).
+    public var origin: String
+    public var size: Int
+    /// Sorted, disjoint byte ranges to read; chunks that overlap none come from `base` or are holes.
+    public var ranges: [Range<Int>]
+    /// The previous point's index of this disk (changed-block tracking), or nil.
+    public var base: DiskIndex?
+    public var openReader: @Sendable () throws -> any BlockReader
+
+    public init(name: String, origin: String, size: Int, ranges: [Range<Int>], base: DiskIndex?,
+                openReader: @escaping @Sendable () throws -> any BlockReader) {
+        self.name = name
+        self.origin = origin
+        self.size = size
+        self.ranges = ranges
+        self.base = base
+        self.openReader = openReader
+    }
+}
+
+/// What a point taken from captures says of itself.
+public struct PointDetails: Sendable {
+    /// application-consistent, crash-consistent …
+    public var consistency: String
+    /// full or incremental
+    public var readMode: String
+    /// Why it was read that way, disks added or removed …
+    public var note: String?
+    /// The libvirt checkpoint taken at the point's instant (the base of the next incremental).
+    public var checkpoint: String?
+    public var domainUUID: String?
+
+    public init(consistency: String, readMode: String, note: String? = nil, checkpoint: String? = nil, domainUUID: String? = nil) {
+        self.consistency = consistency
+        self.readMode = readMode
+        self.note = note
+        self.checkpoint = checkpoint
+        self.domainUUID = domainUUID
+    }
+}
+
+/// A disk file read with pread.
+final class FileReader: BlockReader {
+    let file: PosixFile
+    let path: String
+
+    init(file: PosixFile, path: String) {
+        self.file = file
+        self.path = path
+    }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws -> Int {
+        do { return try file.read(into: buffer, at: offset) } catch {
+            throw LifeboatError.io(error, "cannot read disk", path)
+        }
+    }
 }

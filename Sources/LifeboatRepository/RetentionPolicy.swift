@@ -6,7 +6,7 @@ import Foundation
 /// recent periods that have points; periods are UTC calendar hours, days, ISO weeks and months.
 /// `within` keeps every point younger than the duration, measured back from the newest point
 /// (not from now, so a machine that stopped backing up does not lose everything).
-public struct RetentionPolicy: Sendable, Equatable {
+public struct RetentionPolicy: Codable, Sendable, Equatable {
     public var last = 0
     public var hourly = 0
     public var daily = 0

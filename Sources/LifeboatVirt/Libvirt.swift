@@ -396,6 +396,93 @@ public final class Domain: @unchecked Sendable {
     }
 }
 
+// MARK: - backups and checkpoints (changed-block tracking)
+
+extension Domain {
+    /// The domain's UUID: a redefined domain with the same name has another one.
+    /// The corresponding C function is `virDomainGetUUIDString`.
+    public func uuid() throws -> String {
+        var buffer = [CChar](repeating: 0, count: Int(VIR_UUID_STRING_BUFLEN))
+        try check("reading the UUID of \(name)", virDomainGetUUIDString(pointer, &buffer))
+        return String(cString: buffer)
+    }
+
+    /// Starts a backup job (pull mode: QEMU serves the disks at the instant of the call over NBD,
+    /// and keeps the guest's later writes out of it with a scratch file per disk), creating the
+    /// checkpoint `checkpointXML` at the same instant when given.
+    /// The corresponding C function is `virDomainBackupBegin`.
+    public func beginBackup(backupXML: String, checkpointXML: String?) throws {
+        try check("starting a backup of \(name)", virDomainBackupBegin(pointer, backupXML, checkpointXML, 0))
+    }
+
+    /// Ends the domain's job (a pull-mode backup ends this way; libvirt removes its scratch files
+    /// and socket). Succeeds when no job runs. The corresponding C function is `virDomainAbortJob`.
+    public func abortJob() throws {
+        if virDomainAbortJob(pointer) < 0 {
+            let error = LibvirtError.last("ending the job of \(name)")
+            if !error.isOperationInvalid { throw error }
+        }
+    }
+
+    /// True while a backup job runs on the domain. The corresponding C function is `virDomainGetJobStats`.
+    public func hasBackupJob() -> Bool {
+        var type: Int32 = 0
+        var params: virTypedParameterPtr? = nil
+        var count: Int32 = 0
+        guard virDomainGetJobStats(pointer, &type, &params, &count, 0) == 0 else {
+            virResetLastError()
+            return false
+        }
+        defer { virTypedParamsFree(params, count) }
+        var operation: Int32 = 0
+        _ = virTypedParamsGetInt(params, count, VIR_DOMAIN_JOB_OPERATION, &operation)
+        return type != Int32(VIR_DOMAIN_JOB_NONE.rawValue) && operation == Int32(VIR_DOMAIN_JOB_OPERATION_BACKUP.rawValue)
+    }
+
+    /// Names of the domain's checkpoints. The corresponding C function is `virDomainListAllCheckpoints`.
+    public func checkpoints() throws -> [String] {
+        var list: UnsafeMutablePointer<OpaquePointer?>? = nil
+        let count = try check("listing the checkpoints of \(name)", virDomainListAllCheckpoints(pointer, &list, 0))
+        defer { free(list) }
+        var names: [String] = []
+        for i in 0..<Int(count) {
+            guard let checkpoint = list?[i] else { continue }
+            if let text = virDomainCheckpointGetName(checkpoint) { names.append(String(cString: text)) }
+            virDomainCheckpointFree(checkpoint)
+        }
+        return names
+    }
+
+    /// Deletes checkpoint `checkpoint` (its bitmap is merged into its parent's by libvirt).
+    /// Succeeds when it does not exist. The corresponding C function is `virDomainCheckpointDelete`.
+    public func deleteCheckpoint(_ checkpoint: String) throws {
+        guard let handle = virDomainCheckpointLookupByName(pointer, checkpoint, 0) else {
+            virResetLastError()
+            return
+        }
+        defer { virDomainCheckpointFree(handle) }
+        try check("deleting checkpoint \(checkpoint) of \(name)", virDomainCheckpointDelete(handle, 0))
+    }
+
+    /// Sets how long libvirt waits for the guest agent (seconds; -2 block, -1 default, 0 no wait).
+    /// The corresponding C function is `virDomainAgentSetResponseTimeout`.
+    public func setAgentTimeout(_ seconds: Int32) throws {
+        try check("setting the guest agent timeout of \(name)", virDomainAgentSetResponseTimeout(pointer, seconds, 0))
+    }
+
+    /// Freezes the guest's file systems through the guest agent.
+    /// - Returns: how many were frozen. The corresponding C function is `virDomainFSFreeze`.
+    public func freezeFileSystems() throws -> Int {
+        Int(try check("freezing the file systems of \(name)", virDomainFSFreeze(pointer, nil, 0, 0)))
+    }
+
+    /// Thaws them. The corresponding C function is `virDomainFSThaw`.
+    @discardableResult
+    public func thawFileSystems() throws -> Int {
+        Int(try check("thawing the file systems of \(name)", virDomainFSThaw(pointer, nil, 0, 0)))
+    }
+}
+
 /// A libvirt virtual network (`virNetworkPtr`).
 public final class Network: @unchecked Sendable {
     public let name: String

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import LifeboatReplication
 import LifeboatRepository
 
 extension Lifeboat {
@@ -34,17 +35,40 @@ extension Lifeboat {
         @OptionGroup var repository: RepositoryOptions
         @Argument(help: "Machine name.") var name: String
         @Option(name: .customLong("disk"), help: "Raw image file or block device (repeat for more disks).") var disks: [String] = []
+        @Option(help: "A libvirt domain: its disks are read from its XML, points of it running come from libvirt's backup API.")
+        var domain: String?
+        @Option(help: "libvirt URI of that domain (default: $LIFEBOAT_CONNECT, else qemu:///system).") var connect: String?
+        @Option(help: "Hot storage folder (scratch files while a running domain is read; default: $LIFEBOAT_HOT, else /var/lib/lifeboat/hot).")
+        var hot: String?
         @OptionGroup var settings: ServerSettingsOptions
 
-        func validate() throws { try settings.check() }
+        func validate() throws {
+            if domain == nil && disks.isEmpty { throw ValidationError("give the machine's disks (--disk FILE) or its libvirt domain (--domain NAME)") }
+            if domain != nil && !disks.isEmpty { throw ValidationError("give --disk or --domain, not both: a domain's disks come from its XML") }
+            if connect != nil && domain == nil { throw ValidationError("--connect goes with --domain") }
+            try settings.check()
+        }
 
         func run() throws {
             let repo = try repository.open()
-            let disks = Repository.diskNames(for: disks.map { $0.hasPrefix("/") ? $0 : FileManager.default.currentDirectoryPath + "/" + $0 })
-            var machine = Machine(name: name, disks: disks, macs: [Network.randomMAC()])
+            var machine: Machine
+            if let domain {
+                let uri = connect ?? ProcessInfo.processInfo.environment["LIFEBOAT_CONNECT"]
+                machine = Machine(name: name, disks: [], macs: [Network.randomMAC()])
+                machine.domain = domain
+                machine.connectURI = uri
+                let replication = Replication(repository: repo, hotDirectory: ReplicationOptions.hotDirectory(hot),
+                                              defaultConnectURI: uri ?? "qemu:///system")
+                let (_, found) = try replication.domain(of: machine)
+                machine.disks = try replication.disks(of: found).map { MachineDisk(name: $0.target, path: $0.source) }
+            } else {
+                let disks = Repository.diskNames(for: disks.map { $0.hasPrefix("/") ? $0 : FileManager.default.currentDirectoryPath + "/" + $0 })
+                machine = Machine(name: name, disks: disks, macs: [Network.randomMAC()])
+            }
             try settings.apply(to: &machine)
             try repo.protect(machine)
-            print("protected \(name): " + disks.map { "\($0.name)=\($0.path)" }.joined(separator: ", "))
+            print("protected \(name)" + (domain.map { " (libvirt domain \($0))" } ?? "") + ": "
+                + machine.disks.map { "\($0.name)=\($0.path)" }.joined(separator: ", "))
         }
     }
 
@@ -118,6 +142,13 @@ struct ServerSettingsOptions: ParsableArguments {
     @Option(help: "Regular expression on the serial console meaning 'booted' (default: a login prompt).") var bootPattern: String?
     @Option(help: "Production libvirt network for failover.") var network: String?
     @Option(help: "Production host bridge for failover (instead of a libvirt network).") var bridge: String?
+    @Option(help: "The replication service takes a point this often, e.g. 15m (default: half the RPO).") var every: String?
+    @Option(help: "Retention after each point of the replication service: keep the newest N points.") var keepLast: Int?
+    @Option(help: "... and the newest point of each of the last N hours.") var keepHourly: Int?
+    @Option(help: "... of each of the last N days.") var keepDaily: Int?
+    @Option(help: "... of each of the last N weeks.") var keepWeekly: Int?
+    @Option(help: "... of each of the last N months.") var keepMonthly: Int?
+    @Option(help: "... and every point younger than this, e.g. 2d.") var keepWithin: String?
 
     func check() throws {
         if let vcpus, vcpus < 1 { throw ValidationError("--vcpus must be at least 1") }
@@ -134,6 +165,15 @@ struct ServerSettingsOptions: ParsableArguments {
             throw ValidationError("--boot-pattern '\(bootPattern)' is not a regular expression")
         }
         if let network, let bridge, !network.isEmpty, !bridge.isEmpty { throw ValidationError("give --network or --bridge, not both") }
+        for (flag, value) in [("--rpo", rpo), ("--every", every), ("--keep-within", keepWithin)] {
+            if let value, !value.isEmpty, (try? DurationText.parse(value)) == nil {
+                throw ValidationError("\(flag) \(value) is not a duration like 30s, 15m, 4h or 7d")
+            }
+        }
+        for (flag, value) in [("--keep-last", keepLast), ("--keep-hourly", keepHourly), ("--keep-daily", keepDaily),
+                              ("--keep-weekly", keepWeekly), ("--keep-monthly", keepMonthly)] {
+            if let value, value < 0 { throw ValidationError("\(flag) must be 0 or more") }
+        }
     }
 
     /// Applies the given settings; an empty text clears an optional one.
@@ -156,6 +196,17 @@ struct ServerSettingsOptions: ParsableArguments {
         machine.bridge = optional(bridge, machine.bridge)
         if network?.isEmpty == false { machine.bridge = nil }
         if bridge?.isEmpty == false { machine.network = nil }
+        if let every { machine.everySeconds = every.isEmpty ? nil : max(1, Int(try DurationText.parse(every))) }
+        if keepLast != nil || keepHourly != nil || keepDaily != nil || keepWeekly != nil || keepMonthly != nil || keepWithin != nil {
+            var policy = machine.retention ?? RetentionPolicy()
+            if let keepLast { policy.last = keepLast }
+            if let keepHourly { policy.hourly = keepHourly }
+            if let keepDaily { policy.daily = keepDaily }
+            if let keepWeekly { policy.weekly = keepWeekly }
+            if let keepMonthly { policy.monthly = keepMonthly }
+            if let keepWithin { policy.within = keepWithin.isEmpty ? nil : try DurationText.parse(keepWithin) }
+            machine.retention = policy.isEmpty ? nil : policy
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import LifeboatReplication
 import LifeboatRepository
 
 extension Lifeboat {
@@ -7,12 +8,20 @@ extension Lifeboat {
         static let configuration = CommandConfiguration(abstract: "Take a recovery point of all of a machine's disks.")
         @OptionGroup var repository: RepositoryOptions
         @Argument var name: String
+        @Option(help: "Hot storage folder (scratch files while a running domain is read; default: $LIFEBOAT_HOT, else /var/lib/lifeboat/hot).")
+        var hot: String?
         @OptionGroup var output: OutputOptions
 
         func run() throws {
             let repo = try repository.open()
             let progress = ProgressMeter()
-            let point = try Terminal.withProgress("backup \(name)", progress) { try repo.backup(name, progress: progress) }
+            let machine = try repo.machine(name)
+            let point = try Terminal.withProgress("backup \(name)", progress) {
+                if machine.domain != nil {
+                    return try ReplicationOptions.replication(repo, hot: hot).takePoint(name, progress: progress)
+                }
+                return try repo.backup(name, progress: progress)
+            }
             if output.json { return try JSON.print(point) }
             for disk in point.disks {
                 if let old = disk.previousSize {
@@ -22,7 +31,9 @@ extension Lifeboat {
             let rate = point.seconds > 0 ? Double(point.size) / point.seconds : 0
             print("recovery point \(point.id) of \(name): \(Format.bytes(point.size)) of disk, \(Format.bytes(point.bytesRead)) read, "
                 + "\(Format.bytes(point.newBytes)) new, \(Format.bytes(point.storedBytes)) stored, "
-                + String(format: "%.1f s", point.seconds) + " (\(Format.rate(rate))), \(point.consistency)")
+                + String(format: "%.1f s", point.seconds) + " (\(Format.rate(rate))), \(point.consistency)"
+                + (point.readMode.map { ", \($0)" } ?? ""))
+            if let note = point.note { print("  \(note)") }
         }
     }
 
@@ -35,9 +46,10 @@ extension Lifeboat {
         func run() throws {
             let points = try repository.open().points(name)
             if output.json { return try JSON.print(points) }
-            print(Format.table(["ID", "TIME", "DISKS", "NEW", "STORED", "CONSISTENCY"], points.map { point in
+            print(Format.table(["ID", "TIME", "DISKS", "READ", "NEW", "STORED", "CONSISTENCY", "MODE"], points.map { point in
                 [point.id, Format.time(point.time), point.disks.map { "\($0.name):\(Format.bytes($0.size))" }.joined(separator: ","),
-                 Format.bytes(point.newBytes), Format.bytes(point.storedBytes), point.consistency]
+                 Format.bytes(point.bytesRead), Format.bytes(point.newBytes), Format.bytes(point.storedBytes), point.consistency,
+                 point.readMode ?? "-"]
             }))
         }
     }
@@ -146,6 +158,41 @@ extension Lifeboat {
             if output.json { return try JSON.print(result) }
             print("\(result.referenced) chunk(s) in use; \(result.removed) unreferenced chunk(s) "
                 + (dryRun ? "would be removed" : "removed, \(Format.bytes(result.bytesFreed)) freed"))
+        }
+    }
+}
+
+/// Points of libvirt domains from the CLI: hot storage for scratch files, the guard process.
+enum ReplicationOptions {
+    static func hotDirectory(_ given: String?) -> String {
+        given ?? ProcessInfo.processInfo.environment["LIFEBOAT_HOT"] ?? "/var/lib/lifeboat/hot"
+    }
+
+    /// Replication of `repo`, whose running backup jobs are watched by `lifeboat backup-guard`.
+    static func replication(_ repo: Repository, hot: String?, connect: String? = nil) -> Replication {
+        var replication = Replication(repository: repo, hotDirectory: hotDirectory(hot),
+                                      defaultConnectURI: connect ?? ProcessInfo.processInfo.environment["LIFEBOAT_CONNECT"] ?? "qemu:///system")
+        replication.startGuard = { spec in
+            try ChildProcess.startDetached(MountService.executablePath(), spec.arguments, input: [], log: "/dev/null")
+        }
+        return replication
+    }
+}
+
+extension Lifeboat {
+    /// Started by a point of a running domain: cleans up after it should its process die.
+    struct BackupGuardCommand: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "backup-guard", shouldDisplay: false)
+        @Option var pid: Int32
+        @Option var domain: String
+        @Option var connect: String
+        @Option var scratch: String
+        @Option var sockets: String
+        @Option var checkpoint: String?
+
+        func run() throws {
+            BackupGuard(pid: pid, domain: domain, connectURI: connect, checkpoint: checkpoint, scratchDirectory: scratch,
+                        socketDirectory: sockets).watch()
         }
     }
 }

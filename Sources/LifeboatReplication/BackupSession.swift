@@ -1,0 +1,160 @@
+import Foundation
+import LifeboatFS
+import LifeboatNBD
+import LifeboatRepository
+import LifeboatVirt
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What one point of a domain leaves on the host while it is read, and takes away at the end
+/// whatever happened: the backup job, the NBD socket folder, the scratch files, qemu-nbd servers,
+/// and the new checkpoint when the point was not written.
+final class BackupSession {
+    let machine: String
+    let domain: Domain?
+    /// HOT/NAME/backup: the scratch files of the running backup.
+    let scratchDirectory: String
+    /// RUN/backup-NAME: QEMU binds its NBD socket here (a folder owned by QEMU's user).
+    let socketDirectory: String
+    var socket: String { socketDirectory + "/nbd.sock" }
+    private var checkpoint: String?
+    private var committedPoint = false
+    private var servers: [(pidFile: String, socket: String)] = []
+    private var guardian: ChildProcess.Detached?
+
+    init(replication: Replication, machine: String, domain: Domain?) throws {
+        self.machine = machine
+        self.domain = domain
+        scratchDirectory = replication.hotDirectory + "/" + machine + "/backup"
+        socketDirectory = replication.runDirectory + "/backup-" + machine
+        Self.removeLeftovers(scratch: scratchDirectory, sockets: socketDirectory)
+        do {
+            try FileSystem.makeDirectories(scratchDirectory)
+            try FileSystem.makeDirectories(socketDirectory)
+        } catch {
+            throw LifeboatError(.io, "cannot prepare the backup of \(machine): \(error)")
+        }
+        chmod(replication.hotDirectory, 0o755)
+        chmod(replication.hotDirectory + "/" + machine, 0o755)
+        chmod(scratchDirectory, 0o755)
+        if let user = getpwnam(QemuAccess.userName()) {
+            chown(socketDirectory, user.pointee.pw_uid, user.pointee.pw_gid)
+        }
+        chmod(socketDirectory, 0o755)
+    }
+
+    /// A killed lifeboat left these: they belong to no running job now.
+    static func removeLeftovers(scratch: String, sockets: String) {
+        FileSystem.removeTree(scratch)
+        FileSystem.removeTree(sockets)
+    }
+
+    /// The `<domainbackup>` of a pull-mode backup of `disks` (incremental from a checkpoint).
+    func backupXML(disks: [DomainDisk], incrementalFrom base: String?) -> String {
+        var xml = "<domainbackup mode='pull'>"
+        if let base { xml += "<incremental>\(Replication.xmlEscaped(base))</incremental>" }
+        xml += "<server transport='unix' socket='\(Replication.xmlEscaped(socket))'/><disks>"
+        for disk in disks {
+            xml += "<disk name='\(disk.target)' backup='yes' type='file'>"
+                + "<scratch file='\(Replication.xmlEscaped(scratchDirectory + "/" + disk.target + ".scratch"))'/></disk>"
+        }
+        return xml + "</disks></domainbackup>"
+    }
+
+    /// From here on `end` thaws the guest, aborts the backup job and deletes `checkpoint` (unless
+    /// the point was written), and a guard process does the same should this process be killed first.
+    func watch(checkpoint: String?, connectURI: String, startGuard: (@Sendable (BackupGuard) throws -> ChildProcess.Detached)?) {
+        self.checkpoint = checkpoint
+        guard let domain, let startGuard else { return }
+        guardian = try? startGuard(BackupGuard(pid: getpid(), domain: domain.name, connectURI: connectURI, checkpoint: checkpoint,
+                                               scratchDirectory: scratchDirectory, socketDirectory: socketDirectory))
+    }
+
+    /// The point is written: its checkpoint stays.
+    func committed() { committedPoint = true }
+
+    /// Opens an NBD connection to `export` of the job's server (or of `socket`).
+    func connect(export: String, contexts: [String], socket: String? = nil) throws -> NBDConnection {
+        try nbd("connecting to the backup export \(export)") {
+            try NBDConnection(socket: socket ?? self.socket, export: export, contexts: contexts)
+        }
+    }
+
+    /// Runs an NBD call, turning its error into a sentence.
+    func nbd<T>(_ what: String, _ body: () throws -> T) throws -> T {
+        do { return try body() } catch let error as NBDError {
+            throw LifeboatError(.io, "\(what) of \(machine): \(error.message) (the backup job may be gone: libvirtd restarted, or the guest was destroyed)")
+        }
+    }
+
+    /// Serves a shut-off domain's image read-only with qemu-nbd (which reads qcow2 and raw alike).
+    /// - Returns: the socket.
+    func serveImage(_ disk: DomainDisk) throws -> String {
+        let socket = socketDirectory + "/\(disk.target).sock"
+        let pidFile = socketDirectory + "/\(disk.target).pid"
+        let result = try ChildProcess.run([
+            "qemu-nbd", "--read-only", "--fork", "--persistent", "--shared=16",
+            "--format=\(disk.format)", "--export-name=\(disk.target)", "--socket=\(socket)", "--pid-file=\(pidFile)", disk.source,
+        ])
+        guard result.status == 0 else {
+            throw LifeboatError(.io, "cannot read \(disk.source) (disk \(disk.target) of \(machine)) with qemu-nbd: \(result.stderr)")
+        }
+        servers.append((pidFile, socket))
+        return socket
+    }
+
+    /// Takes everything away; the point's checkpoint too, unless the point was written.
+    func end() {
+        if let guardian { kill(guardian.pid, SIGKILL) }   // this process cleans up itself
+        if let domain {
+            try? domain.abortJob()
+            if let checkpoint, !committedPoint { try? domain.deleteCheckpoint(checkpoint) }
+        }
+        for server in servers {
+            if let text = try? String(contentsOfFile: server.pidFile, encoding: .utf8),
+               let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
+                kill(pid, SIGTERM)
+            }
+        }
+        Self.removeLeftovers(scratch: scratchDirectory, sockets: socketDirectory)
+    }
+}
+
+/// What a guard process needs to clean up after a point whose process died (SIGKILL, a crash):
+/// the backup job, the point's checkpoint, the scratch files and the socket folder.
+public struct BackupGuard: Sendable {
+    public var pid: Int32
+    public var domain: String
+    public var connectURI: String
+    public var checkpoint: String?
+    public var scratchDirectory: String
+    public var socketDirectory: String
+
+    public init(pid: Int32, domain: String, connectURI: String, checkpoint: String?, scratchDirectory: String, socketDirectory: String) {
+        self.pid = pid
+        self.domain = domain
+        self.connectURI = connectURI
+        self.checkpoint = checkpoint
+        self.scratchDirectory = scratchDirectory
+        self.socketDirectory = socketDirectory
+    }
+
+    /// The arguments of `lifeboat backup-guard` that rebuild this guard.
+    public var arguments: [String] {
+        ["backup-guard", "--pid", "\(pid)", "--domain", domain, "--connect", connectURI, "--scratch", scratchDirectory,
+         "--sockets", socketDirectory] + (checkpoint.map { ["--checkpoint", $0] } ?? [])
+    }
+
+    /// Waits until process `pid` is gone, then takes away what its point left. Killed instead
+    /// (SIGKILL) when the point's process ends the point itself.
+    public func watch() {
+        while FileSystem.isRunning(pid) { usleep(200_000) }
+        if let connection = try? Connection(uri: connectURI), let domain = try? connection.domain(named: domain) {
+            try? domain.thawFileSystems()   // killed between freeze and thaw: the guest must not stay frozen
+            if domain.hasBackupJob() { try? domain.abortJob() }
+            if let checkpoint { try? domain.deleteCheckpoint(checkpoint) }
+        }
+        BackupSession.removeLeftovers(scratch: scratchDirectory, sockets: socketDirectory)
+    }
+}

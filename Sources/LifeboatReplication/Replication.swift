@@ -1,0 +1,323 @@
+import Foundation
+import LifeboatNBD
+import LifeboatRepository
+import LifeboatVirt
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Points of libvirt domains (machines protected with `--domain`).
+///
+/// A running domain is read through libvirt's backup API in pull mode: every disk at one
+/// instant, served by QEMU over NBD while the guest runs on (its writes during the read go to a
+/// scratch file). The first point reads the allocated data (base:allocation); each later one
+/// reads only what the guest wrote since the previous point's checkpoint (the checkpoint's
+/// dirty bitmap), and takes every other chunk from the previous point's index. A shut-off
+/// domain is read from its image files (through qemu-nbd, which understands qcow2).
+public struct Replication: Sendable {
+    public let repository: Repository
+    /// Hot storage root: scratch files live under HOT/NAME/backup while a point is read.
+    public let hotDirectory: String
+    /// Where QEMU's NBD sockets are made (a folder QEMU's user owns).
+    public let runDirectory: String
+    public let defaultConnectURI: String
+    /// How long the guest agent may take to freeze the file systems.
+    public var agentTimeout: Int32 = 10
+    /// Starts a guard process for a running backup job (see `BackupGuard`); nil: none.
+    package var startGuard: (@Sendable (BackupGuard) throws -> ChildProcess.Detached)?
+
+    /// Prefix of the checkpoints lifeboat makes: a person sees they are lifeboat's.
+    public static let checkpointPrefix = "lifeboat-"
+
+    public init(repository: Repository, hotDirectory: String, runDirectory: String = "/run/lifeboat",
+                defaultConnectURI: String = "qemu:///system") {
+        self.repository = repository
+        self.hotDirectory = hotDirectory
+        self.runDirectory = runDirectory
+        self.defaultConnectURI = defaultConnectURI
+    }
+
+    /// The domain `machine` names, or a one-line error saying what to do.
+    /// The libvirt URI of a machine's domain.
+    public func connectURI(of machine: Machine) -> String { machine.connectURI ?? defaultConnectURI }
+
+    public func domain(of machine: Machine) throws -> (Connection, Domain) {
+        guard let name = machine.domain else {
+            throw LifeboatError(.invalidArgument, "\(machine.name) is not a libvirt domain (it was protected with --disk)")
+        }
+        let uri = machine.connectURI ?? defaultConnectURI
+        let connection: Connection
+        do { connection = try Connection(uri: uri) } catch {
+            throw LifeboatError(.io, "cannot reach libvirt at \(uri): \(error) (is libvirtd running? start it with libvirtd -d)")
+        }
+        let found: Domain?
+        do { found = try connection.domain(named: name) } catch {
+            throw LifeboatError(.io, "looking up domain \(name) at \(uri): \(error)")
+        }
+        guard let domain = found else {
+            throw LifeboatError(.notFound, "domain \(name) not found at \(uri): check the name with virsh -c \(uri) list --all")
+        }
+        return (connection, domain)
+    }
+
+    /// The disks of the domain as machine disks (named by target), and the domain's disks.
+    public func disks(of domain: Domain) throws -> [DomainDisk] {
+        let disks: [DomainDisk]
+        do { disks = try DomainDisk.disks(inDomainXML: try domain.xml()) } catch {
+            throw LifeboatError(.io, "reading the disks of domain \(domain.name): \(error)")
+        }
+        guard !disks.isEmpty else {
+            throw LifeboatError(.invalidArgument, "domain \(domain.name) has no file or block disk to protect")
+        }
+        return disks
+    }
+
+    /// Takes one recovery point of the domain machine `name`.
+    /// - Parameters:
+    ///   - progress: advanced by the bytes of disk covered.
+    ///   - cancelled: polled between steps and while reading; true ends the point cleanly (backup
+    ///     job aborted, scratch files and socket gone, nothing written).
+    public func takePoint(_ name: String, progress: ProgressMeter = ProgressMeter(),
+                          cancelled: @escaping @Sendable () -> Bool = { false }) throws -> RecoveryPoint {
+        var machine = try repository.machine(name)
+        let (_, domain) = try self.domain(of: machine)
+        let connectURI = self.connectURI(of: machine)
+        let disks = try self.disks(of: domain)
+        var notes: [String] = []
+
+        // Disks that appeared or went since the machine was last read.
+        let before = Set(machine.disks.map(\.name)), now = Set(disks.map(\.target))
+        for added in disks.map(\.target) where !before.contains(added) && !before.isEmpty { notes.append("disk \(added) was added") }
+        for removed in machine.disks.map(\.name) where !now.contains(removed) { notes.append("disk \(removed) was removed") }
+        let current = disks.map { MachineDisk(name: $0.target, path: $0.source) }
+        if current != machine.disks {
+            machine.disks = current
+            try repository.save(machine)
+        }
+        let uuid = try? domain.uuid()
+        let previous = try repository.points(name).last
+        let active = (try? domain.state().isActive) ?? false
+        if !active {
+            return try offlinePoint(name, domain: domain, disks: disks, previous: previous, uuid: uuid, notes: notes,
+                                    progress: progress, cancelled: cancelled)
+        }
+        return try onlinePoint(name, domain: domain, connectURI: connectURI, disks: disks, previous: previous, uuid: uuid,
+                               notes: notes, progress: progress, cancelled: cancelled)
+    }
+
+    // MARK: - a running domain: libvirt's backup API
+
+    private func onlinePoint(_ name: String, domain: Domain, connectURI: String, disks: [DomainDisk], previous: RecoveryPoint?, uuid: String?,
+                             notes: [String], progress: ProgressMeter, cancelled: @escaping @Sendable () -> Bool) throws -> RecoveryPoint {
+        var notes = notes
+        let bitmaps = disks.allSatisfy(\.canHoldBitmaps)
+        var base: String? = nil
+        if !bitmaps {
+            let raw = disks.filter { !$0.canHoldBitmaps }.map { "\($0.target) (\($0.format))" }.joined(separator: ", ")
+            notes.append("read in full: disk \(raw) cannot hold a dirty bitmap (convert it to qcow2 for incremental points)")
+        } else {
+            let (usable, why) = incrementalBase(domain: domain, disks: disks, previous: previous, uuid: uuid, notes: notes)
+            base = usable
+            if let why { notes.append(why) }
+        }
+        let taken = Set(((try? domain.checkpoints()) ?? []).filter { $0.hasPrefix(Self.checkpointPrefix) }
+            .map { String($0.dropFirst(Self.checkpointPrefix.count)) })
+        let checkpoint = bitmaps ? Self.checkpointPrefix + Repository.pointID(for: Date(), existing: taken) : nil
+        do {
+            return try readRunning(name, domain: domain, connectURI: connectURI, disks: disks, previous: previous, base: base, checkpoint: checkpoint,
+                                   uuid: uuid, notes: notes, progress: progress, cancelled: cancelled)
+        } catch let refused as IncrementalRefused {
+            // The checkpoint's bitmap is not usable (a host crash left it inconsistent, say): full.
+            notes.append("read in full: libvirt refused the incremental backup from \(base ?? "?") (\(refused.error))")
+            return try readRunning(name, domain: domain, connectURI: connectURI, disks: disks, previous: previous, base: nil, checkpoint: checkpoint,
+                                   uuid: uuid, notes: notes, progress: progress, cancelled: cancelled)
+        }
+    }
+
+    /// The checkpoint the next point can be incremental from, or why there is none.
+    private func incrementalBase(domain: Domain, disks: [DomainDisk], previous: RecoveryPoint?, uuid: String?,
+                                 notes: [String]) -> (String?, String?) {
+        guard let previous else { return (nil, "read in full: the first point of this domain") }
+        guard let checkpoint = previous.checkpoint else {
+            return (nil, "read in full: the previous point \(previous.id) has no checkpoint to start from")
+        }
+        if let uuid, let old = previous.domainUUID, old != uuid {
+            return (nil, "read in full: domain \(domain.name) was redefined (its UUID changed) since point \(previous.id)")
+        }
+        guard ((try? domain.checkpoints()) ?? []).contains(checkpoint) else {
+            return (nil, "read in full: checkpoint \(checkpoint) of point \(previous.id) is gone (deleted, or the domain was redefined)")
+        }
+        let had = Set(previous.disks.map(\.name))
+        if let added = disks.first(where: { !had.contains($0.target) }) {
+            return (nil, "read in full: disk \(added.target) has no bitmap since point \(previous.id)")
+        }
+        return (checkpoint, nil)
+    }
+
+    private func readRunning(_ name: String, domain: Domain, connectURI: String, disks: [DomainDisk], previous: RecoveryPoint?, base: String?,
+                             checkpoint: String?, uuid: String?, notes: [String], progress: ProgressMeter,
+                             cancelled: @escaping @Sendable () -> Bool) throws -> RecoveryPoint {
+        var notes = notes
+        let session = try BackupSession(replication: self, machine: name, domain: domain)
+        defer { session.end() }
+        // A job left by a killed lifeboat would refuse ours: it is gone with its process.
+        if domain.hasBackupJob() { try? domain.abortJob() }
+
+        // From here a guard process undoes what this point leaves, should this process die.
+        session.watch(checkpoint: checkpoint, connectURI: connectURI, startGuard: startGuard)
+
+        // Freeze the guest's file systems around the instant of the checkpoint, thaw always.
+        var consistency = "crash-consistent"
+        var frozen = false
+        do {
+            try domain.setAgentTimeout(agentTimeout)
+            do { _ = try domain.freezeFileSystems() } catch let error as LibvirtError where error.message.contains("frozen state") {
+                // A point that died while the guest was frozen: thaw it, then freeze for this one.
+                try domain.thawFileSystems()
+                _ = try domain.freezeFileSystems()
+            }
+            frozen = true
+        } catch {
+            notes.append("crash-consistent: the guest agent did not freeze the file systems (\(error))")
+        }
+        do {
+            defer {
+                if frozen {
+                    do { try domain.thawFileSystems() } catch {
+                        notes.append("thawing the guest's file systems failed (\(error)): check the guest")
+                    }
+                }
+            }
+            do {
+                try domain.beginBackup(backupXML: session.backupXML(disks: disks, incrementalFrom: base),
+                                       checkpointXML: checkpoint.map { Self.checkpointXML(name: $0, machine: name, disks: disks) })
+            } catch let error as LibvirtError where base != nil {
+                throw IncrementalRefused(error: error)
+            } catch {
+                throw LifeboatError(.io, "libvirt could not start the backup of domain \(domain.name): \(error)")
+            }
+            if frozen { consistency = "application-consistent" }
+        }
+        if cancelled() { throw LifeboatError(.invalidState, "the point of \(name) was cancelled") }
+
+        var captures: [DiskCapture] = []
+        for disk in disks {
+            let context = base != nil ? "qemu:dirty-bitmap:backup-\(disk.target)" : NBDConnection.allocationContext
+            let status = try session.connect(export: disk.target, contexts: [context])
+            defer { status.close() }
+            guard status.supports(context) else {
+                throw LifeboatError(.io, "QEMU's export of \(disk.target) does not offer \(context): take the point again")
+            }
+            let extents = try session.nbd("reading the changed blocks of \(disk.target)") { try status.extents(context) }
+            let ranges: [Range<Int>]
+            if base != nil {
+                ranges = Self.merged(extents.filter { $0.flags & 1 != 0 }.map { Int($0.offset)..<Int($0.offset + $0.length) })
+            } else {
+                ranges = Self.merged(extents.filter { $0.flags & NBDConnection.zeroFlag == 0 }
+                    .map { Int($0.offset)..<Int($0.offset + $0.length) })
+            }
+            let baseIndex = try base.flatMap { _ in try previous.map { try repository.index($0, disk: disk.target) } }
+            let socket = session.socket, export = disk.target
+            captures.append(DiskCapture(name: disk.target, origin: "libvirt \(domain.name) \(disk.target) (\(disk.source))",
+                                        size: Int(status.size), ranges: ranges, base: baseIndex) {
+                NBDReader(try NBDConnection(socket: socket, export: export), cancelled: cancelled)
+            })
+        }
+        let details = PointDetails(consistency: consistency, readMode: base == nil ? "full" : "incremental",
+                                   note: notes.isEmpty ? nil : notes.joined(separator: "; "), checkpoint: checkpoint, domainUUID: uuid)
+        let point = try repository.backup(name, captures: captures, details: details, progress: progress) {
+            if cancelled() { throw LifeboatError(.invalidState, "the point of \(name) was cancelled") }
+            guard domain.hasBackupJob() else {
+                throw LifeboatError(.io, "the backup job of domain \(domain.name) is gone (libvirtd restarted, or the guest was destroyed): the point was not written")
+            }
+        }
+        session.committed()
+        // Only the newest checkpoint is a base from now on: older lifeboat checkpoints go.
+        for old in ((try? domain.checkpoints()) ?? []) where old.hasPrefix(Self.checkpointPrefix) && old != checkpoint {
+            try? domain.deleteCheckpoint(old)
+        }
+        return point
+    }
+
+    static func checkpointXML(name: String, machine: String, disks: [DomainDisk]) -> String {
+        "<domaincheckpoint><name>\(name)</name><description>lifeboat recovery point of \(xmlEscaped(machine)): "
+            + "the next point reads what changed since</description><disks>"
+            + disks.map { "<disk name='\($0.target)' checkpoint='bitmap'/>" }.joined() + "</disks></domaincheckpoint>"
+    }
+
+    static func xmlEscaped(_ text: String) -> String {
+        text.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "'", with: "&apos;")
+            .replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;")
+    }
+
+    /// Sorted, disjoint ranges from possibly adjacent ones.
+    static func merged(_ ranges: [Range<Int>]) -> [Range<Int>] {
+        var out: [Range<Int>] = []
+        for range in ranges.sorted(by: { $0.lowerBound < $1.lowerBound }) where !range.isEmpty {
+            if let last = out.last, last.upperBound >= range.lowerBound {
+                out[out.count - 1] = last.lowerBound..<max(last.upperBound, range.upperBound)
+            } else {
+                out.append(range)
+            }
+        }
+        return out
+    }
+
+    // MARK: - a shut-off domain: its image files, through qemu-nbd
+
+    private func offlinePoint(_ name: String, domain: Domain, disks: [DomainDisk], previous: RecoveryPoint?, uuid: String?,
+                              notes: [String], progress: ProgressMeter, cancelled: @escaping @Sendable () -> Bool) throws -> RecoveryPoint {
+        var notes = notes
+        notes.append("read in full from the image files: domain \(domain.name) is shut off")
+        let session = try BackupSession(replication: self, machine: name, domain: nil)
+        defer { session.end() }
+        var captures: [DiskCapture] = []
+        for disk in disks {
+            let socket = try session.serveImage(disk)
+            let status = try session.connect(export: disk.target, contexts: [NBDConnection.allocationContext], socket: socket)
+            defer { status.close() }
+            let extents = try session.nbd("reading the allocation of \(disk.target)") { try status.extents(NBDConnection.allocationContext) }
+            let ranges = Self.merged(extents.filter { $0.flags & NBDConnection.zeroFlag == 0 }.map { Int($0.offset)..<Int($0.offset + $0.length) })
+            let export = disk.target
+            captures.append(DiskCapture(name: disk.target, origin: disk.source, size: Int(status.size), ranges: ranges, base: nil) {
+                NBDReader(try NBDConnection(socket: socket, export: export), cancelled: cancelled)
+            })
+        }
+        // Nothing changes while the domain is off: the previous checkpoint stays the base of the
+        // next incremental point (it covers every write since, these included).
+        let details = PointDetails(consistency: "consistent", readMode: "full", note: notes.joined(separator: "; "),
+                                   checkpoint: previous?.checkpoint, domainUUID: uuid)
+        return try repository.backup(name, captures: captures, details: details, progress: progress) {
+            if cancelled() { throw LifeboatError(.invalidState, "the point of \(name) was cancelled") }
+            if (try? domain.state().isActive) == true {
+                throw LifeboatError(.busy, "domain \(domain.name) started while its images were read: take the point again")
+            }
+        }
+    }
+}
+
+/// libvirt would not start a backup incremental from the previous checkpoint.
+struct IncrementalRefused: Error {
+    var error: LibvirtError
+}
+
+/// A backup worker's reader: one NBD connection of its own.
+final class NBDReader: BlockReader {
+    let connection: NBDConnection
+    let cancelled: @Sendable () -> Bool
+
+    init(_ connection: NBDConnection, cancelled: @escaping @Sendable () -> Bool) {
+        self.connection = connection
+        self.cancelled = cancelled
+    }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws -> Int {
+        if cancelled() { throw LifeboatError(.invalidState, "the point was cancelled") }
+        do { try connection.read(into: buffer, at: UInt64(offset)) } catch {
+            throw LifeboatError(.io, "\(error) (the backup job may be gone: libvirtd restarted, or the guest was destroyed)")
+        }
+        return buffer.count
+    }
+
+    deinit { connection.close() }
+}
