@@ -152,7 +152,14 @@ public struct BackupGuard: Sendable {
         while FileSystem.isRunning(pid) { usleep(200_000) }
         if let connection = try? Connection(uri: connectURI), let domain = try? connection.domain(named: domain) {
             try? domain.thawFileSystems()   // killed between freeze and thaw: the guest must not stay frozen
-            if domain.hasBackupJob() { try? domain.abortJob() }
+            // The job may still be starting (libvirt answers "backup job data missing" then): abort
+            // until libvirt says no job runs.
+            let deadline = Date().addingTimeInterval(15)
+            repeat {
+                try? domain.abortJob()
+                if domain.jobState() == .none { break }
+                usleep(200_000)
+            } while Date() < deadline
             if let checkpoint { try? domain.deleteCheckpoint(checkpoint) }
         }
         BackupSession.removeLeftovers(scratch: scratchDirectory, sockets: socketDirectory)

@@ -224,10 +224,24 @@ extension Repository {
                     continue
                 }
                 let chunk = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
-                let n = try reader.read(into: chunk, at: offset)
-                readBytes.add(n, ordering: .relaxed)
-                guard n == length else {
-                    throw LifeboatError(.io, "disk \(path) shrank while being read: take the backup again")
+                let parts = dataRanges.map { Self.dataRanges($0, overlapping: offset..<(offset + length)) }
+                if base == nil, let parts, parts.reduce(0, { $0 + $1.count }) < length {
+                    // Only part of the chunk holds data; the rest reads as zeros: read just the data.
+                    chunk.initializeMemory(as: UInt8.self, repeating: 0)
+                    for part in parts {
+                        let piece = UnsafeMutableRawBufferPointer(rebasing: chunk[(part.lowerBound - offset)..<(part.upperBound - offset)])
+                        let n = try reader.read(into: piece, at: part.lowerBound)
+                        readBytes.add(n, ordering: .relaxed)
+                        guard n == piece.count else {
+                            throw LifeboatError(.io, "disk \(path) shrank while being read: take the backup again")
+                        }
+                    }
+                } else {
+                    let n = try reader.read(into: chunk, at: offset)
+                    readBytes.add(n, ordering: .relaxed)
+                    guard n == length else {
+                        throw LifeboatError(.io, "disk \(path) shrank while being read: take the backup again")
+                    }
                 }
                 let data = UnsafeRawBufferPointer(chunk)
                 if data.isAllZero { continue }

@@ -424,19 +424,29 @@ extension Domain {
         }
     }
 
-    /// True while a backup job runs on the domain. The corresponding C function is `virDomainGetJobStats`.
-    public func hasBackupJob() -> Bool {
+    /// What job runs on a domain, as far as libvirt can say.
+    public enum JobState: Sendable { case none, backup, other, unknown }
+
+    /// The domain's job. The corresponding C function is `virDomainGetJobStats`.
+    public func jobState() -> JobState {
         var type: Int32 = 0
         var params: virTypedParameterPtr? = nil
         var count: Int32 = 0
         guard virDomainGetJobStats(pointer, &type, &params, &count, 0) == 0 else {
             virResetLastError()
-            return false
+            return .unknown
         }
         defer { virTypedParamsFree(params, count) }
+        if type == Int32(VIR_DOMAIN_JOB_NONE.rawValue) { return .none }
         var operation: Int32 = 0
         _ = virTypedParamsGetInt(params, count, VIR_DOMAIN_JOB_OPERATION, &operation)
-        return type != Int32(VIR_DOMAIN_JOB_NONE.rawValue) && operation == Int32(VIR_DOMAIN_JOB_OPERATION_BACKUP.rawValue)
+        return operation == Int32(VIR_DOMAIN_JOB_OPERATION_BACKUP.rawValue) ? .backup : .other
+    }
+
+    /// True while a backup job runs on the domain (or libvirt cannot tell, as while one starts).
+    public func hasBackupJob() -> Bool {
+        let state = jobState()
+        return state == .backup || state == .unknown
     }
 
     /// Names of the domain's checkpoints. The corresponding C function is `virDomainListAllCheckpoints`.

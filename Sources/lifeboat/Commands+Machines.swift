@@ -42,14 +42,16 @@ extension Lifeboat {
         var hot: String?
         @OptionGroup var settings: ServerSettingsOptions
 
-        func validate() throws {
-            if domain == nil && disks.isEmpty { throw ValidationError("give the machine's disks (--disk FILE) or its libvirt domain (--domain NAME)") }
-            if domain != nil && !disks.isEmpty { throw ValidationError("give --disk or --domain, not both: a domain's disks come from its XML") }
-            if connect != nil && domain == nil { throw ValidationError("--connect goes with --domain") }
-            try settings.check()
-        }
+        func validate() throws { try settings.check() }
 
         func run() throws {
+            if domain == nil && disks.isEmpty {
+                throw LifeboatError(.invalidArgument, "give the machine's disks (--disk FILE) or its libvirt domain (--domain NAME)")
+            }
+            if domain != nil && !disks.isEmpty {
+                throw LifeboatError(.invalidArgument, "give --disk or --domain, not both: a domain's disks come from its XML")
+            }
+            if connect != nil && domain == nil { throw LifeboatError(.invalidArgument, "--connect goes with --domain") }
             let repo = try repository.open()
             var machine: Machine
             if let domain {
