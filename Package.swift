@@ -11,6 +11,7 @@ let package = Package(
         .library(name: "LifeboatVirt", targets: ["LifeboatVirt"]),
         .library(name: "LifeboatRecovery", targets: ["LifeboatRecovery"]),
         .library(name: "LifeboatReplication", targets: ["LifeboatReplication"]),
+        .library(name: "LifeboatService", targets: ["LifeboatService"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -18,6 +19,10 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
         .package(url: "https://github.com/hummingbird-project/swift-mustache", from: "2.1.1"),
         .package(url: "https://github.com/swiftlang/swift-subprocess", from: "1.0.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
     ],
     targets: [
         // C libraries from Debian, through pkg-config. Nothing but a module map and a shim header.
@@ -58,15 +63,26 @@ let package = Package(
         .target(
             name: "LifeboatRecovery",
             dependencies: [
-                "LifeboatRepository", "LifeboatFS", "LifeboatVirt",
+                "LifeboatRepository", "LifeboatFS", "LifeboatVirt", "LifeboatReplication",
                 .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        .target(
+            name: "LifeboatService",
+            dependencies: [
+                "LifeboatRecovery", "LifeboatReplication", "LifeboatRepository",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "Hummingbird", package: "hummingbird"),
             ]
         ),
         .executableTarget(
             name: "lifeboat",
             dependencies: [
-                "LifeboatRepository", "LifeboatFS", "LifeboatVirt", "LifeboatRecovery", "LifeboatReplication",
+                "LifeboatRepository", "LifeboatFS", "LifeboatVirt", "LifeboatRecovery", "LifeboatReplication", "LifeboatService",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .target(

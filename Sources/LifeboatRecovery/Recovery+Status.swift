@@ -26,6 +26,8 @@ public struct ServerStatus: Codable, Sendable {
     public var disks: [HotDisk]
     /// Finalisation progress while Finalizing.
     public var finalisation: FinalisationProgress?
+    /// How replication of the machine goes (points taken by the replication service).
+    public var replication: ReplicationState?
     /// Work in progress right now (a command at work, the finaliser's step): nothing to do but wait.
     public var transition: String?
     /// Things that do not match the state, each with what to do.
@@ -49,6 +51,11 @@ extension Recovery {
                                       state: record?.state ?? .standby, since: record?.since, point: record?.point, vm: record?.vm,
                                       network: record?.bridge.map { "bridge " + $0 } ?? record?.network, ip: record?.ip,
                                       disks: record?.disks ?? [], problems: [])
+            status.replication = hot.replicationState(machine.name)
+            if let replication = status.replication, replication.failures > 0 {
+                status.problems.append("replication of \(machine.name) is failing (\(replication.failures) attempt(s)): "
+                    + (replication.lastError ?? "?") + (replication.nextAttempt.map { "; next attempt at \(Timestamp.format($0))" } ?? ""))
+            }
             if let rpo = machine.rpoSeconds, rpo > 0 {
                 let ratio = (status.lastPointAge ?? .infinity) / Double(rpo)
                 status.rpoRatio = ratio.isFinite ? ratio : nil

@@ -115,9 +115,26 @@ extension Lifeboat {
         @OptionGroup var repository: RepositoryOptions
         @OptionGroup var recovery: RecoveryOptions
         @Argument(help: "Only this machine.") var name: String?
+        @Flag(help: "Exit 0 when every machine's newest point is within its RPO, else 1, naming the machines (for monitoring).")
+        var check = false
         @OptionGroup var output: OutputOptions
 
         func run() throws {
+            if check {
+                let recovery = try self.recovery.recovery(repository)
+                let statuses = try recovery.replicationStatus().filter { name == nil || $0.machine == name }
+                if output.json { try JSON.print(statuses) }
+                let breached = statuses.filter { !$0.compliant }
+                if !output.json {
+                    for status in breached {
+                        let age = status.lastPointTime.map { DurationText.format(Date().timeIntervalSince($0)) + " old" } ?? "no point"
+                        print("\(status.machine): RPO \(DurationText.format(Double(status.rpoSeconds ?? 0))) breached (newest point \(age))")
+                    }
+                    if breached.isEmpty { print("every machine is within its RPO (\(statuses.count) machine(s))") }
+                }
+                if !breached.isEmpty { throw ExitCode(1) }
+                return
+            }
             let statuses = try recovery.recovery(repository).status(only: name)
             if output.json { return try JSON.print(statuses) }
             let rows = statuses.map { status -> [String] in

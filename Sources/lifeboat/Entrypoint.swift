@@ -4,10 +4,14 @@ import LifeboatRepository
 
 @main
 struct Entrypoint {
-    static func main() {
+    static func main() async {
         do {
             var command = try Lifeboat.parseAsRoot()
-            try command.run()
+            if var service = command as? any AsyncParsableCommand {
+                try await service.run()
+            } else {
+                try command.run()
+            }
         } catch let error as LifeboatError {
             Terminal.clearProgressLine()
             FileHandle.standardError.write(Data("lifeboat: \(error.message)\n".utf8))
@@ -25,7 +29,7 @@ struct Lifeboat: ParsableCommand {
         subcommands: [
             Init.self, Protect.self, Configure.self, Machines.self, Unprotect.self, Backup.self, BackupGuardCommand.self, Points.self,
             Restore.self, Verify.self, Prune.self, GC.self, Mount.self, Unmount.self, Browse.self, Unbrowse.self,
-            TestFailover.self, StopTest.self, Status.self, Drills.self,
+            Replicate.self, TestFailover.self, StopTest.self, Status.self, Drills.self,
             Failover.self, Resume.self, Finalise.self, ChangePoint.self, CancelFailover.self, Commit.self, Failback.self, History.self,
         ]
     )

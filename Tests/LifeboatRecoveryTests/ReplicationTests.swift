@@ -285,3 +285,136 @@ enum CLIProcess {
         return (process.terminationStatus, String(decoding: data, as: UTF8.self))
     }
 }
+
+extension RecoveryVMTests {
+@Suite("The replication service")
+struct ReplicationServiceTests {
+    /// Starts `lifeboat replicate ARGS` in the background (its log goes to a file).
+    func service(_ lab: DomainLab, _ arguments: [String]) throws -> (process: Process, log: String) {
+        let log = lab.scratch.file("replicate-\(UInt32.random(in: 0...UInt32.max)).log")
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: CLI.binary)
+        process.arguments = ["replicate"] + arguments
+        process.environment = ProcessInfo.processInfo.environment.merging(lab.environment) { $1 }
+        FileManager.default.createFile(atPath: log, contents: nil)
+        let handle = FileHandle(forWritingAtPath: log)!
+        process.standardOutput = handle
+        process.standardError = handle
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        return (process, log)
+    }
+
+    func statusCheck(_ lab: DomainLab) throws -> Int32 { try lab.run(["status", "--check"]).status }
+
+    func states(_ lab: DomainLab) throws -> [String: Any] {
+        let text = try lab.check(["status", lab.machine, "--json"])
+        return (try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [[String: Any]])?.first ?? [:]
+    }
+
+    @Test("keeps the RPO over several cycles, retries with back-off while the repository is read-only, is compliant again after; metrics; one service per repository")
+    func keepsRPO() throws {
+        let lab = try DomainLab("svc")
+        try lab.start()
+        try lab.check(["protect", lab.machine, "--domain", lab.domain, "--rpo", "15s", "--every", "3s", "--keep-last", "4"])
+        #expect(try statusCheck(lab) == 1, "no point yet: the RPO is breached")
+        let port = 9400 + Int(getpid() % 400)
+        let (service, log) = try self.service(lab, ["--metrics", "127.0.0.1:\(port)"])
+        defer { if service.isRunning { kill(service.processIdentifier, SIGKILL) } }
+
+        // Several cycles: compliant at every look once the first point is there.
+        let first = Date().addingTimeInterval(60)
+        while try statusCheck(lab) != 0 && Date() < first { Thread.sleep(forTimeInterval: 0.5) }
+        var breaches = 0
+        for _ in 0..<10 {
+            if try statusCheck(lab) != 0 { breaches += 1 }
+            Thread.sleep(forTimeInterval: 1)
+        }
+        #expect(breaches == 0, "status --check stayed green over 10 s of 3 s cycles")
+        let points = try JSONSerialization.jsonObject(with: Data(try lab.check(["points", lab.machine, "--json"]).utf8)) as? [[String: Any]] ?? []
+        #expect(points.count >= 3 && points.count <= 4, "points every 3 s, retention keeps the last 4: \(points.count)")
+        #expect(points.dropFirst().allSatisfy { $0["readMode"] as? String == "incremental" })
+
+        // A second service on the same repository refuses, naming the holder.
+        let second = try lab.run(["replicate", "--once"])
+        #expect(second.status != 0 && second.stderr.contains("pid \(service.processIdentifier)"), "\(second.stderr)")
+
+        // The repository becomes read-only: points fail, are retried with growing waits, and say so.
+        try sh(["mount", "--bind", lab.repo, lab.repo])
+        try sh(["mount", "-o", "remount,bind,ro", lab.repo])
+        var failing: [String: Any] = [:]
+        let faulted = Date().addingTimeInterval(60)
+        repeat {
+            failing = (try states(lab)["replication"] as? [String: Any]) ?? [:]
+            if (failing["failures"] as? Int ?? 0) >= 3 { break }
+            Thread.sleep(forTimeInterval: 0.5)
+        } while Date() < faulted
+        #expect((failing["failures"] as? Int ?? 0) >= 3, "attempts failed and were retried: \(failing)")
+        let problems = try states(lab)["problems"] as? [String] ?? []
+        #expect(problems.contains { $0.contains("replication of \(lab.machine) is failing") && $0.contains("next attempt") }, "\(problems)")
+        let history = try lab.check(["history", lab.machine, "--json"])
+        let failures = (try JSONSerialization.jsonObject(with: Data(history.utf8)) as? [[String: Any]] ?? [])
+            .filter { $0["event"] as? String == "backup-failed" }.compactMap { $0["time"] as? String }
+        #expect(failures.count >= 3)
+        let times = failures.compactMap { ISOTime.date(from: $0) }
+        if times.count >= 3 {
+            let gaps = zip(times.dropFirst(), times).map { $0.timeIntervalSince($1) }
+            #expect(gaps.last! > gaps.first! * 1.3, "back-off: the waits grow: \(gaps)")
+        }
+        let metrics = try sh(["curl", "-s", "http://127.0.0.1:\(port)/metrics"])
+        for name in ["lifeboat_last_point_timestamp_seconds", "lifeboat_rpo_seconds", "lifeboat_rpo_compliant",
+                     "lifeboat_backup_duration_seconds", "lifeboat_backup_bytes_read_total", "lifeboat_backup_failures_total"] {
+            #expect(metrics.contains("\(name){machine=\"\(lab.machine)\"}"), "metric \(name) in \(metrics)")
+        }
+
+        // The fault is gone: the next attempt succeeds and the machine is compliant again.
+        try sh(["umount", lab.repo])
+        let healed = Date().addingTimeInterval(90)
+        while (try states(lab)["replication"] as? [String: Any])?["failures"] as? Int ?? 1 > 0 && Date() < healed {
+            Thread.sleep(forTimeInterval: 0.5)
+        }
+        #expect(try statusCheck(lab) == 0, "compliant again once the repository is writable")
+        #expect(try lab.leftovers().isEmpty)
+
+        kill(service.processIdentifier, SIGTERM)
+        service.waitUntilExit()
+        #expect(service.terminationStatus == 0, "SIGTERM ends the service cleanly: \((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")")
+        try lab.check(["verify", lab.machine])
+    }
+
+    @Test("--once runs what is due and exits; SIGTERM in the middle of a point leaves no job, no scratch file and a repository that verifies")
+    func onceAndTerm() throws {
+        let lab = try DomainLab("once")
+        try lab.start()
+        #expect(lab.waitForConsole("LIFEBOAT-AGENT: started"))
+        try lab.check(["protect", lab.machine, "--domain", lab.domain, "--rpo", "1h"])
+        // Enough data that a full point takes a moment to read.
+        #expect(try lab.guest("dd if=/dev/urandom of=/data/bulk bs=1M count=120 conv=fsync") == 0)
+        let (service, _) = try self.service(lab, ["--once"])
+        let scratch = lab.hot + "/" + lab.machine + "/backup/vda.scratch"
+        let deadline = Date().addingTimeInterval(60)
+        while !FileManager.default.fileExists(atPath: scratch) && service.isRunning && Date() < deadline { usleep(2_000) }
+        kill(service.processIdentifier, SIGTERM)
+        service.waitUntilExit()
+        #expect(try lab.leftovers().isEmpty, "SIGTERM mid-point leaves nothing")
+        let state = try states(lab)
+        #expect((state["replication"] as? [String: Any])?["failures"] as? Int == 1, "the cancelled point is recorded: \(state)")
+        try lab.check(["verify", lab.machine])
+
+        let once = try lab.run(["replicate", "--once"])
+        #expect(once.status == 0, "\(once.stderr)")
+        #expect(once.stdout.contains("\(lab.machine): point"), "\(once.stdout)")
+        let again = try lab.run(["replicate", "--once"])
+        #expect(again.status == 0 && !again.stdout.contains("point"), "nothing is due right after a point: \(again.stdout)")
+        #expect(try statusCheck(lab) == 0)
+    }
+}
+}
+
+enum ISOTime {
+    static func date(from text: String) -> Date? {
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        return formatter.date(from: text)
+    }
+}

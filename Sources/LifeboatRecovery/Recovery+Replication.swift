@@ -1,0 +1,154 @@
+import Foundation
+import LifeboatReplication
+import LifeboatRepository
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How the replication of one machine is going: kept in hot storage (HOT/NAME/replication.json),
+/// which stays writable when the repository is not, so that a failure is always visible.
+public struct ReplicationState: Codable, Sendable, Equatable {
+    public var lastAttempt: Date?
+    public var lastSuccess: Date?
+    public var lastPoint: String?
+    /// Failed attempts since the last success.
+    public var failures: Int = 0
+    public var lastError: String?
+    /// When the service tries again after a failure (back-off with jitter).
+    public var nextAttempt: Date?
+    /// Seconds the last point took, bytes it read.
+    public var lastSeconds: Double?
+    public var lastBytesRead: Int?
+
+    public init() {}
+}
+
+/// What one replication job did.
+public struct ReplicationOutcome: Sendable {
+    public var machine: String
+    public var point: RecoveryPoint?
+    public var error: String?
+    public var pruned: [String] = []
+    public var state: ReplicationState
+}
+
+extension HotStorage {
+    func replicationPath(_ name: String) -> String { machineDirectory(name) + "/replication.json" }
+
+    public func replicationState(_ name: String) -> ReplicationState? {
+        (try? Data(contentsOf: URL(fileURLWithPath: replicationPath(name))))
+            .flatMap { try? JSONDecoder.lifeboat.decode(ReplicationState.self, from: $0) }
+    }
+
+    func save(_ state: ReplicationState, of name: String) {
+        try? prepare(name)
+        guard let bytes = try? JSONEncoder.lifeboat.encode(state) else { return }
+        try? FileSystem.writeAtomically(Array(bytes), to: replicationPath(name))
+    }
+}
+
+extension Recovery {
+    /// When each machine is next due for a point: its last point plus its interval (now when it
+    /// has none), or the retry time after a failure. Machines whose source is not live (failed
+    /// over and not committed, or failing back) are left out.
+    public func replicationSchedule(now: Date = Date()) -> [(machine: String, due: Date)] {
+        let machines = (try? repository.machines()) ?? []
+        return machines.compactMap { machine in
+            let state = (try? hot.record(machine.name))?.state ?? .standby
+            guard state == .standby || state == .testingFailover || state == .committed else { return nil }
+            let replication = hot.replicationState(machine.name)
+            if let replication, replication.failures > 0, let next = replication.nextAttempt { return (machine.name, next) }
+            guard let last = (try? repository.points(machine.name))?.last else { return (machine.name, now) }
+            return (machine.name, last.time.addingTimeInterval(TimeInterval(machine.interval)))
+        }
+    }
+
+    /// Back-off after `failures` failed attempts: doubling from a base of a quarter of the
+    /// interval (between 1 s and 1 min), at most the interval (and 30 min), with ±20 % jitter so
+    /// that machines that failed together do not retry together.
+    public static func backoff(failures: Int, interval: Int, jitter: Double = Double.random(in: 0.8...1.2)) -> TimeInterval {
+        let base = min(60, max(1, Double(interval) / 4))
+        let cap = max(base, min(Double(interval), 1800))
+        return min(cap, base * pow(2, Double(max(0, failures - 1)))) * jitter
+    }
+
+    /// Takes one point of `name` (a domain through `replication`, disk files directly), applies
+    /// the machine's retention, and records the outcome in history and the replication state.
+    public func replicate(_ name: String, using replication: Replication, progress: ProgressMeter = ProgressMeter(),
+                          cancelled: @escaping @Sendable () -> Bool = { false }) -> ReplicationOutcome {
+        var state = hot.replicationState(name) ?? ReplicationState()
+        let started = Date()
+        state.lastAttempt = started
+        let serverState = (try? hot.record(name))?.state ?? .standby
+        do {
+            let machine = try repository.machine(name)
+            let point = machine.domain != nil
+                ? try replication.takePoint(name, progress: progress, cancelled: cancelled)
+                : try repository.backup(name, progress: progress)
+            var pruned: [String] = []
+            if let policy = machine.retention, !policy.isEmpty {
+                do { pruned = try repository.prune(name, policy: policy).removed } catch {
+                    hot.record(name, HistoryEvent(event: "prune-failed", state: serverState, point: point.id, detail: "\(error)"))
+                }
+            }
+            state.lastSuccess = point.time
+            state.lastPoint = point.id
+            state.failures = 0
+            state.lastError = nil
+            state.nextAttempt = nil
+            state.lastSeconds = point.seconds
+            state.lastBytesRead = point.bytesRead
+            hot.save(state, of: name)
+            var detail = "\(point.readMode ?? "full") point, \(point.consistency), \(point.bytesRead) bytes read in "
+                + String(format: "%.1f s", point.seconds)
+            if let note = point.note { detail += "; \(note)" }
+            if !pruned.isEmpty { detail += "; retention removed \(pruned.joined(separator: ", "))" }
+            hot.record(name, HistoryEvent(event: "backup", state: serverState, point: point.id, detail: detail))
+            return ReplicationOutcome(machine: name, point: point, pruned: pruned, state: state)
+        } catch {
+            let interval = (try? repository.machine(name))?.interval ?? 3600
+            state.failures += 1
+            state.lastError = "\(error)"
+            let wait = cancelled() ? 0 : Self.backoff(failures: state.failures, interval: interval)
+            state.nextAttempt = Date().addingTimeInterval(wait)
+            hot.save(state, of: name)
+            hot.record(name, HistoryEvent(event: "backup-failed", state: serverState, detail: "\(error)"
+                + (cancelled() ? "" : String(format: "; attempt %d, next in %.0f s", state.failures, wait))))
+            return ReplicationOutcome(machine: name, error: "\(error)", state: state)
+        }
+    }
+
+    /// Holds the repository's replication-service lock for as long as the returned object lives.
+    /// - Throws: `.busy` naming the pid of the service that holds it.
+    package func lockReplicationService() throws -> FileLock {
+        let path = repository.root + "/replicate.lock"
+        guard let lock = try FileLock(path: path, mode: .exclusive, wait: false) else {
+            let owner = FileLock.owner(of: path).map { " (pid \($0))" } ?? ""
+            throw LifeboatError(.busy, "another lifeboat replicate\(owner) serves repository \(repository.root): stop it first (one service per repository)")
+        }
+        lock.recordOwner()
+        return lock
+    }
+}
+
+/// A machine's newest point against its RPO, from the repository alone (no libvirt).
+public struct RPOStatus: Codable, Sendable {
+    public var machine: String
+    public var lastPoint: String?
+    public var lastPointTime: Date?
+    public var rpoSeconds: Int?
+    /// True when the newest point is younger than the RPO (or no RPO is set).
+    public var compliant: Bool
+}
+
+extension Recovery {
+    /// Every machine's newest point against its RPO.
+    public func replicationStatus(now: Date = Date()) throws -> [RPOStatus] {
+        try repository.machines().map { machine in
+            let last = (try? repository.points(machine.name))?.last
+            let compliant = machine.rpoSeconds.map { rpo in last.map { now.timeIntervalSince($0.time) <= Double(rpo) } ?? false } ?? true
+            return RPOStatus(machine: machine.name, lastPoint: last?.id, lastPointTime: last?.time, rpoSeconds: machine.rpoSeconds,
+                             compliant: compliant)
+        }
+    }
+}

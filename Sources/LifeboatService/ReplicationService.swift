@@ -1,0 +1,178 @@
+import Foundation
+import Hummingbird
+import LifeboatRecovery
+import LifeboatReplication
+import LifeboatRepository
+import Logging
+import Prometheus
+import ServiceLifecycle
+import Synchronization
+
+/// How the replication service runs.
+public struct ReplicationServiceOptions: Sendable {
+    /// Run what is due once, then return (for a systemd timer or cron).
+    public var once = false
+    /// At most this many points at once.
+    public var jobs = 1
+    /// gc runs this often (seconds), between jobs.
+    public var gcEvery: TimeInterval = 86_400
+
+    public init(once: Bool = false, jobs: Int = 1, gcEvery: TimeInterval = 86_400) {
+        self.once = once
+        self.jobs = jobs
+        self.gcEvery = gcEvery
+    }
+}
+
+/// Keeps every protected machine within its RPO: a point per machine every interval, the
+/// machine's retention after each, gc on its own schedule, failed points retried with back-off.
+/// Points run on threads of their own (the repository and libvirt calls block); a graceful
+/// shutdown (SIGTERM) cancels running points, which then clean up (backup job aborted, scratch
+/// files and sockets removed, nothing half-written) before `run` returns.
+public final class ReplicationService: Service, Sendable {
+    let recovery: Recovery
+    let replication: Replication
+    let options: ReplicationServiceOptions
+    let metrics: ReplicationMetrics
+    let logger: Logger
+    private let state = Mutex(Jobs())
+    private let stopping = Atomic<Bool>(false)
+
+    private struct Jobs {
+        var running: Set<String> = []
+        var finished: [ReplicationOutcome] = []
+        var lastGC: Date = Date()
+    }
+
+    public init(recovery: Recovery, replication: Replication, options: ReplicationServiceOptions,
+                metrics: ReplicationMetrics, logger: Logger) {
+        self.recovery = recovery
+        self.replication = replication
+        self.options = options
+        self.metrics = metrics
+        self.logger = logger
+    }
+
+    /// The outcomes of the jobs run so far (for `--once`).
+    public var outcomes: [ReplicationOutcome] { state.withLock { $0.finished } }
+
+    public func run() async throws {
+        logger.info("replication service started", metadata: ["repository": "\(recovery.repository.root)", "jobs": "\(options.jobs)"])
+        metrics.update(from: recovery)
+        try await withGracefulShutdownHandler {
+            if options.once {
+                let due = recovery.replicationSchedule().filter { $0.due <= Date() }.map(\.machine)
+                for name in due {
+                    while runningCount() >= options.jobs && !stopping.load(ordering: .acquiring) { try? await Task.sleep(for: .milliseconds(100)) }
+                    if stopping.load(ordering: .acquiring) { break }
+                    start(name)
+                }
+            } else {
+                while !stopping.load(ordering: .acquiring) {
+                    let now = Date()
+                    let running = state.withLock { $0.running }
+                    let due = recovery.replicationSchedule(now: now).filter { $0.due <= now && !running.contains($0.machine) }
+                        .sorted { $0.due < $1.due }
+                    for entry in due.prefix(max(0, options.jobs - running.count)) { start(entry.machine) }
+                    if runningCount() == 0, now.timeIntervalSince(state.withLock { $0.lastGC }) >= options.gcEvery { collectGarbage() }
+                    metrics.update(from: recovery)
+                    try? await Task.sleep(for: .milliseconds(500))
+                }
+            }
+            while runningCount() > 0 { try? await Task.sleep(for: .milliseconds(100)) }
+        } onGracefulShutdown: {
+            self.stopping.store(true, ordering: .releasing)
+        }
+        metrics.update(from: recovery)
+        logger.info("replication service stopped")
+    }
+
+    private func runningCount() -> Int { state.withLock { $0.running.count } }
+
+    /// Starts a point of `name` on a thread of its own.
+    private func start(_ name: String) {
+        state.withLock { _ = $0.running.insert(name) }
+        logger.info("point started", metadata: ["machine": "\(name)"])
+        let thread = Thread { [self] in
+            let outcome = recovery.replicate(name, using: replication) { [self] in stopping.load(ordering: .acquiring) }
+            metrics.record(outcome)
+            if let point = outcome.point {
+                logger.info("point taken", metadata: ["machine": "\(name)", "point": "\(point.id)", "mode": "\(point.readMode ?? "full")",
+                                                      "consistency": "\(point.consistency)", "bytesRead": "\(point.bytesRead)",
+                                                      "seconds": "\(String(format: "%.2f", point.seconds))"])
+            } else {
+                logger.error("point failed", metadata: ["machine": "\(name)", "error": "\(outcome.error ?? "?")",
+                                                        "failures": "\(outcome.state.failures)",
+                                                        "nextAttempt": "\(outcome.state.nextAttempt.map { "\($0)" } ?? "-")"])
+            }
+            state.withLock {
+                $0.running.remove(name)
+                $0.finished.append(outcome)
+            }
+        }
+        thread.name = "lifeboat-point-\(name)"
+        thread.start()
+    }
+
+    private func collectGarbage() {
+        state.withLock { $0.lastGC = Date() }
+        do {
+            let result = try recovery.repository.gc()
+            logger.info("gc", metadata: ["removed": "\(result.removed)", "bytesFreed": "\(result.bytesFreed)"])
+        } catch {
+            logger.error("gc failed", metadata: ["error": "\(error)"])
+        }
+    }
+}
+
+/// The service's Prometheus metrics, each labelled by machine.
+public final class ReplicationMetrics: Sendable {
+    public let registry = PrometheusCollectorRegistry()
+
+    public init() {}
+
+    private func labels(_ machine: String) -> [(String, String)] { [("machine", machine)] }
+
+    /// Point times, RPOs and compliance from the repository, as status computes them.
+    public func update(from recovery: Recovery) {
+        guard let statuses = try? recovery.replicationStatus() else { return }
+        for status in statuses {
+            let labels = labels(status.machine)
+            if let time = status.lastPointTime {
+                registry.makeGauge(name: "lifeboat_last_point_timestamp_seconds", labels: labels,
+                                   help: "Time of the machine's newest recovery point").set(to: time.timeIntervalSince1970)
+            }
+            if let rpo = status.rpoSeconds {
+                registry.makeGauge(name: "lifeboat_rpo_seconds", labels: labels, help: "The machine's recovery point objective").set(to: Double(rpo))
+                registry.makeGauge(name: "lifeboat_rpo_compliant", labels: labels,
+                                   help: "1 when the newest point is within the RPO, else 0").set(to: status.compliant ? 1 : 0)
+            }
+        }
+    }
+
+    /// Counts a finished point or failure.
+    public func record(_ outcome: ReplicationOutcome) {
+        let labels = labels(outcome.machine)
+        if let point = outcome.point {
+            registry.makeGauge(name: "lifeboat_backup_duration_seconds", labels: labels,
+                               help: "Seconds the machine's last point took").set(to: point.seconds)
+            registry.makeCounter(name: "lifeboat_backup_bytes_read_total", labels: labels,
+                                 help: "Bytes read from the machine's disks by points").increment(by: Int64(point.bytesRead))
+        } else {
+            registry.makeCounter(name: "lifeboat_backup_failures_total", labels: labels, help: "Failed points").increment()
+        }
+    }
+
+    /// A Hummingbird application serving the metrics on GET /metrics at `host:port`.
+    public func server(host: String, port: Int, logger: Logger) -> some Service {
+        let router = Router()
+        router.get("metrics") { [registry] _, _ -> Response in
+            var buffer: [UInt8] = []
+            registry.emit(into: &buffer)
+            return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+                            body: .init(byteBuffer: ByteBuffer(bytes: buffer)))
+        }
+        return Application(router: router, configuration: .init(address: .hostname(host, port: port), serverName: "lifeboat"),
+                           logger: logger)
+    }
+}

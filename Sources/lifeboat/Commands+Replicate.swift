@@ -1,0 +1,74 @@
+import ArgumentParser
+import Foundation
+import LifeboatRecovery
+import LifeboatRepository
+import LifeboatService
+import Logging
+import ServiceLifecycle
+
+extension Lifeboat {
+    struct Replicate: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "The replication service: keeps every machine's RPO with a point every --every, retention after each, gc on a schedule.",
+            discussion: """
+            Points of running libvirt domains come from libvirt's backup API with changed-block tracking; machines \
+            protected with --disk are read from their files. A failed point is retried with exponential back-off and \
+            jitter and shows in 'lifeboat status' and history. SIGTERM ends running points cleanly. One service per \
+            repository. --once runs what is due and exits (for a systemd timer or cron); its exit status is 1 when a point failed.
+            """)
+        @OptionGroup var repository: RepositoryOptions
+        @OptionGroup var recovery: RecoveryOptions
+        @Flag(help: "Run what is due now, then exit.") var once = false
+        @Option(help: "At most this many points at once.") var jobs = 1
+        @Option(help: "Serve Prometheus metrics on ADDR:PORT (GET /metrics), e.g. 127.0.0.1:9470.") var metrics: String?
+        @Option(help: "Run gc this often (default 1d).") var gcEvery = "1d"
+
+        func validate() throws {
+            if jobs < 1 { throw ValidationError("--jobs must be at least 1") }
+            if let metrics, Self.address(metrics) == nil { throw ValidationError("--metrics \(metrics) is not ADDR:PORT like 127.0.0.1:9470") }
+            if (try? DurationText.parse(gcEvery)) == nil { throw ValidationError("--gc-every \(gcEvery) is not a duration like 12h or 1d") }
+        }
+
+        static func address(_ text: String) -> (host: String, port: Int)? {
+            guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (1...65535).contains(port) else { return nil }
+            let host = String(text[..<colon])
+            return host.isEmpty ? nil : (host, port)
+        }
+
+        func run() async throws {
+            let recovery = try self.recovery.recovery(repository)
+            let lock = try recovery.lockReplicationService()
+            defer { withExtendedLifetime(lock) {} }
+            LoggingSystem.bootstrap(StreamLogHandler.standardError)
+            var logger = Logger(label: "lifeboat.replicate")
+            logger.logLevel = .info
+            let replication = ReplicationOptions.replication(recovery.repository, hot: self.recovery.hot, connect: self.recovery.connect)
+            let metricsRegistry = ReplicationMetrics()
+            let service = ReplicationService(
+                recovery: recovery, replication: replication,
+                options: ReplicationServiceOptions(once: once, jobs: jobs, gcEvery: try DurationText.parse(gcEvery)),
+                metrics: metricsRegistry, logger: logger)
+            // The service ends by itself after --once (or a shutdown signal): then the group ends too.
+            var services: [ServiceGroupConfiguration.ServiceConfiguration] = [
+                .init(service: service, successTerminationBehavior: .gracefullyShutdownGroup),
+            ]
+            if let metrics, let (host, port) = Self.address(metrics) {
+                services.append(.init(service: metricsRegistry.server(host: host, port: port, logger: logger)))
+            }
+            var configuration = ServiceGroupConfiguration(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+            configuration.logger.logLevel = .warning
+            try await ServiceGroup(configuration: configuration).run()
+            if once {
+                let failed = service.outcomes.filter { $0.point == nil }
+                for outcome in service.outcomes {
+                    if let point = outcome.point {
+                        print("\(outcome.machine): point \(point.id), \(point.readMode ?? "full"), \(point.consistency), \(Format.bytes(point.bytesRead)) read")
+                    } else {
+                        print("\(outcome.machine): FAILED: \(outcome.error ?? "?")")
+                    }
+                }
+                if !failed.isEmpty { throw ExitCode(1) }
+            }
+        }
+    }
+}
