@@ -20,13 +20,20 @@ extension Lifeboat {
         @OptionGroup var recovery: RecoveryOptions
         @Flag(help: "Run what is due now, then exit.") var once = false
         @Option(help: "At most this many points at once.") var jobs = 1
-        @Option(help: "Serve Prometheus metrics on ADDR:PORT (GET /metrics), e.g. 127.0.0.1:9470.") var metrics: String?
+        @Option(help: "Serve Prometheus metrics on ADDR:PORT (GET /metrics), e.g. 127.0.0.1:9470 (default: $LIFEBOAT_METRICS, else none).")
+        var metrics: String?
         @Option(help: "Run gc this often (default 1d).") var gcEvery = "1d"
 
         func validate() throws {
             if jobs < 1 { throw ValidationError("--jobs must be at least 1") }
-            if let metrics, Self.address(metrics) == nil { throw ValidationError("--metrics \(metrics) is not ADDR:PORT like 127.0.0.1:9470") }
+            if let metrics = metricsAddress, Self.address(metrics) == nil {
+                throw ValidationError("--metrics \(metrics) is not ADDR:PORT like 127.0.0.1:9470")
+            }
             if (try? DurationText.parse(gcEvery)) == nil { throw ValidationError("--gc-every \(gcEvery) is not a duration like 12h or 1d") }
+        }
+
+        var metricsAddress: String? {
+            metrics ?? ProcessInfo.processInfo.environment["LIFEBOAT_METRICS"].flatMap { $0.isEmpty ? nil : $0 }
         }
 
         static func address(_ text: String) -> (host: String, port: Int)? {
@@ -52,7 +59,7 @@ extension Lifeboat {
             var services: [ServiceGroupConfiguration.ServiceConfiguration] = [
                 .init(service: service, successTerminationBehavior: .gracefullyShutdownGroup),
             ]
-            if let metrics, let (host, port) = Self.address(metrics) {
+            if let metrics = metricsAddress, let (host, port) = Self.address(metrics) {
                 services.append(.init(service: metricsRegistry.server(host: host, port: port, logger: logger)))
             }
             var configuration = ServiceGroupConfiguration(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
