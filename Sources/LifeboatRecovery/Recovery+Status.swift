@@ -43,32 +43,50 @@ extension Recovery {
         var connection: Connection? = nil
         do { connection = try self.connection() } catch { libvirtProblem = "\(error)" }
         return machines.map { machine in
-            let points = (try? repository.points(machine.name)) ?? []
-            let last = points.last
-            let record = try? hot.record(machine.name)
-            var status = ServerStatus(machine: machine.name, lastPoint: last?.id, lastPointTime: last?.time,
-                                      lastPointAge: last.map { now.timeIntervalSince($0.time) }, rpoSeconds: machine.rpoSeconds,
-                                      state: record?.state ?? .standby, since: record?.since, point: record?.point, vm: record?.vm,
-                                      network: record?.bridge.map { "bridge " + $0 } ?? record?.network, ip: record?.ip,
-                                      disks: record?.disks ?? [], problems: [])
-            status.replication = hot.replicationState(machine.name)
-            if let replication = status.replication, replication.failures > 0 {
-                status.problems.append("replication of \(machine.name) is failing (\(replication.failures) attempt(s)): "
-                    + (replication.lastError ?? "?") + (replication.nextAttempt.map { "; next attempt at \(Timestamp.format($0))" } ?? ""))
+            // Status reads the record, then libvirt, the lock and the finaliser, one after the
+            // other: a command that ends in between leaves a record that is no longer true (its
+            // phase still set, its lock already free). When that picture shows problems and the
+            // record changed meanwhile, look again: only a picture that holds still is reported.
+            var status = serverStatus(machine, now: now, connection: connection, libvirtProblem: libvirtProblem)
+            for _ in 0..<3 where !status.problems.isEmpty {
+                let before = FileSystem.contents(hot.recordPath(machine.name))
+                Thread.sleep(forTimeInterval: 0.05)
+                let again = serverStatus(machine, now: now, connection: connection, libvirtProblem: libvirtProblem)
+                let stable = before == FileSystem.contents(hot.recordPath(machine.name)) && again.problems == status.problems
+                status = again
+                if stable { break }
             }
-            if let rpo = machine.rpoSeconds, rpo > 0 {
-                let ratio = (status.lastPointAge ?? .infinity) / Double(rpo)
-                status.rpoRatio = ratio.isFinite ? ratio : nil
-                status.rpoCompliant = ratio <= 1
-            }
-            if let libvirtProblem {
-                status.vmState = status.vm == nil ? nil : "unknown"
-                if status.state != .standby { status.problems.append(libvirtProblem) }
-                return status
-            }
-            reconcile(&status, record: record, connection: connection!)
             return status
         }
+    }
+
+    /// One machine's status from one reading of its record.
+    func serverStatus(_ machine: Machine, now: Date, connection: Connection?, libvirtProblem: String?) -> ServerStatus {
+        let points = (try? repository.points(machine.name)) ?? []
+        let last = points.last
+        let record = try? hot.record(machine.name)
+        var status = ServerStatus(machine: machine.name, lastPoint: last?.id, lastPointTime: last?.time,
+                                  lastPointAge: last.map { now.timeIntervalSince($0.time) }, rpoSeconds: machine.rpoSeconds,
+                                  state: record?.state ?? .standby, since: record?.since, point: record?.point, vm: record?.vm,
+                                  network: record?.bridge.map { "bridge " + $0 } ?? record?.network, ip: record?.ip,
+                                  disks: record?.disks ?? [], problems: [])
+        status.replication = hot.replicationState(machine.name)
+        if let replication = status.replication, replication.failures > 0 {
+            status.problems.append("replication of \(machine.name) is failing (\(replication.failures) attempt(s)): "
+                + (replication.lastError ?? "?") + (replication.nextAttempt.map { "; next attempt at \(Timestamp.format($0))" } ?? ""))
+        }
+        if let rpo = machine.rpoSeconds, rpo > 0 {
+            let ratio = (status.lastPointAge ?? .infinity) / Double(rpo)
+            status.rpoRatio = ratio.isFinite ? ratio : nil
+            status.rpoCompliant = ratio <= 1
+        }
+        if let libvirtProblem {
+            status.vmState = status.vm == nil ? nil : "unknown"
+            if status.state != .standby { status.problems.append(libvirtProblem) }
+            return status
+        }
+        reconcile(&status, record: record, connection: connection!)
+        return status
     }
 
     /// Compares the record with libvirt, the overlays and the mount; fills vmState and problems.

@@ -151,7 +151,7 @@ public struct BackupGuard: Sendable {
     public func watch() {
         while FileSystem.isRunning(pid) { usleep(200_000) }
         if let connection = try? Connection(uri: connectURI), let domain = try? connection.domain(named: domain) {
-            try? domain.thawFileSystems()   // killed between freeze and thaw: the guest must not stay frozen
+            _ = try? domain.thawFileSystems()   // killed between freeze and thaw: the guest must not stay frozen
             // The job may still be starting (libvirt answers "backup job data missing" then): abort
             // until libvirt says no job runs.
             let deadline = Date().addingTimeInterval(15)

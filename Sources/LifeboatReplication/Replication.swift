@@ -179,6 +179,11 @@ public struct Replication: Sendable {
             frozen = true
         } catch {
             notes.append("crash-consistent: the guest agent did not freeze the file systems (\(error))")
+            // A hung agent may still freeze after the timeout: a thaw must follow whatever happened.
+            if let error = error as? LibvirtError, !error.message.contains("not configured") {
+                try? domain.setAgentTimeout(2)
+                try? domain.thawFileSystems()
+            }
         }
         do {
             defer {

@@ -134,6 +134,11 @@ final class PosixFile: @unchecked Sendable {
 package enum FileSystem {
     package static func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
 
+    /// The bytes of a small file, or nil when it cannot be read.
+    package static func contents(_ path: String) -> [UInt8]? {
+        try? PosixFile(path: path, flags: O_RDONLY).readAll()
+    }
+
     package static func isDirectory(_ path: String) -> Bool {
         var st = stat()
         return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR

@@ -225,9 +225,16 @@ extension Repository {
                 }
                 let chunk = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
                 let parts = dataRanges.map { Self.dataRanges($0, overlapping: offset..<(offset + length)) }
-                if base == nil, let parts, parts.reduce(0, { $0 + $1.count }) < length {
-                    // Only part of the chunk holds data; the rest reads as zeros: read just the data.
-                    chunk.initializeMemory(as: UInt8.self, repeating: 0)
+                if let parts, parts.reduce(0, { $0 + $1.count }) < length {
+                    // Only part of the chunk is to be read: the rest is what the base point holds
+                    // there (changed-block tracking: unchanged blocks), or zeros (unallocated).
+                    if let base, !base.ids[i].isZero {
+                        let id = base.ids[i]
+                        let n = try store.read(id).withUnsafeBytes { try codec.decode($0, id: id, into: chunk) }
+                        guard n == length else { throw LifeboatError(.damaged, "chunk \(id.hex) of the previous point has the wrong length: take a full point") }
+                    } else {
+                        chunk.initializeMemory(as: UInt8.self, repeating: 0)
+                    }
                     for part in parts {
                         let piece = UnsafeMutableRawBufferPointer(rebasing: chunk[(part.lowerBound - offset)..<(part.upperBound - offset)])
                         let n = try reader.read(into: piece, at: part.lowerBound)

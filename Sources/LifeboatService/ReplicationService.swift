@@ -59,7 +59,7 @@ public final class ReplicationService: Service, Sendable {
     public func run() async throws {
         logger.info("replication service started", metadata: ["repository": "\(recovery.repository.root)", "jobs": "\(options.jobs)"])
         metrics.update(from: recovery)
-        try await withGracefulShutdownHandler {
+        await withGracefulShutdownHandler {
             if options.once {
                 let due = recovery.replicationSchedule().filter { $0.due <= Date() }.map(\.machine)
                 for name in due {
@@ -131,6 +131,18 @@ public final class ReplicationMetrics: Sendable {
 
     public init() {}
 
+    static var lastPointTime: MetricNameDescriptor { metric("last_point_timestamp", "seconds", "Time of the machine's newest recovery point") }
+    static var rpo: MetricNameDescriptor { metric("rpo", "seconds", "The machine's recovery point objective") }
+    static var compliant: MetricNameDescriptor { metric("rpo", "compliant", "1 when the newest point is within the RPO, else 0") }
+    static var duration: MetricNameDescriptor { metric("backup_duration", "seconds", "Seconds the machine's last point took") }
+    static var bytesRead: MetricNameDescriptor { metric("backup_bytes_read", "total", "Bytes read from the machine's disks by points") }
+    static var failures: MetricNameDescriptor { metric("backup_failures", "total", "Failed points") }
+
+    /// lifeboat_NAME_UNIT.
+    static func metric(_ name: String, _ unit: String, _ help: String) -> MetricNameDescriptor {
+        MetricNameDescriptor(namespace: "lifeboat", metricName: name, unitName: unit, helpText: help)
+    }
+
     private func labels(_ machine: String) -> [(String, String)] { [("machine", machine)] }
 
     /// Point times, RPOs and compliance from the repository, as status computes them.
@@ -139,13 +151,11 @@ public final class ReplicationMetrics: Sendable {
         for status in statuses {
             let labels = labels(status.machine)
             if let time = status.lastPointTime {
-                registry.makeGauge(name: "lifeboat_last_point_timestamp_seconds", labels: labels,
-                                   help: "Time of the machine's newest recovery point").set(to: time.timeIntervalSince1970)
+                registry.makeGauge(descriptor: Self.lastPointTime, labels: labels).set(to: time.timeIntervalSince1970)
             }
             if let rpo = status.rpoSeconds {
-                registry.makeGauge(name: "lifeboat_rpo_seconds", labels: labels, help: "The machine's recovery point objective").set(to: Double(rpo))
-                registry.makeGauge(name: "lifeboat_rpo_compliant", labels: labels,
-                                   help: "1 when the newest point is within the RPO, else 0").set(to: status.compliant ? 1 : 0)
+                registry.makeGauge(descriptor: Self.rpo, labels: labels).set(to: Double(rpo))
+                registry.makeGauge(descriptor: Self.compliant, labels: labels).set(to: status.compliant ? 1 : 0)
             }
         }
     }
@@ -154,12 +164,10 @@ public final class ReplicationMetrics: Sendable {
     public func record(_ outcome: ReplicationOutcome) {
         let labels = labels(outcome.machine)
         if let point = outcome.point {
-            registry.makeGauge(name: "lifeboat_backup_duration_seconds", labels: labels,
-                               help: "Seconds the machine's last point took").set(to: point.seconds)
-            registry.makeCounter(name: "lifeboat_backup_bytes_read_total", labels: labels,
-                                 help: "Bytes read from the machine's disks by points").increment(by: Int64(point.bytesRead))
+            registry.makeGauge(descriptor: Self.duration, labels: labels).set(to: point.seconds)
+            registry.makeCounter(descriptor: Self.bytesRead, labels: labels).increment(by: Int64(point.bytesRead))
         } else {
-            registry.makeCounter(name: "lifeboat_backup_failures_total", labels: labels, help: "Failed points").increment()
+            registry.makeCounter(descriptor: Self.failures, labels: labels).increment()
         }
     }
 

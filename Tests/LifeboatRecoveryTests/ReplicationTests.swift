@@ -31,7 +31,7 @@ final class DomainLab {
         let channel = agent ? "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>" : ""
         let xml = """
             <domain type='qemu'><name>\(domain)</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>
-            <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+            <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os><features><acpi/></features>
             <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='\(image)'/><target dev='vda' bus='virtio'/></disk>
             <serial type='file'><source path='\(consoleLog)'/><target port='0'/></serial>\(channel)</devices></domain>
             """
@@ -203,6 +203,34 @@ struct ReplicationTests {
                 "after a libvirtd restart a point is incremental or says why it is not: \(afterRestart)")
         let next = try lab.point()
         #expect(next["readMode"] as? String == "incremental", "\(next)")
+        #expect(try lab.leftovers().isEmpty)
+
+        // A disk added to the running domain is noticed at the next point, which says so.
+        let extra = lab.scratch.file("extra.qcow2")
+        try sh(["qemu-img", "create", "-q", "-f", "qcow2", extra, "64M"])
+        try sh(["chown", "libvirt-qemu:libvirt-qemu", extra])
+        try sh(DomainLab.virsh + ["attach-disk", lab.domain, extra, "vdb", "--driver", "qemu", "--subdriver", "qcow2", "--live"])
+        let added = try lab.point()
+        #expect((added["note"] as? String)?.contains("disk vdb was added") == true, "\(added)")
+        #expect((added["disks"] as? [[String: Any]])?.map { $0["name"] as? String } == ["vda", "vdb"])
+        #expect(try lab.point()["readMode"] as? String == "incremental")
+    }
+
+    @Test("a hung guest agent: the freeze times out, a thaw is attempted, the point is crash-consistent and says so")
+    func hungAgent() throws {
+        let lab = try DomainLab("hang")
+        try lab.start()
+        #expect(lab.waitForConsole("LIFEBOAT-AGENT: started"))
+        try lab.check(["protect", lab.machine, "--domain", lab.domain])
+        #expect(try lab.point()["consistency"] as? String == "application-consistent")
+        // The agent stops answering (SIGSTOP, from the guest's own shell through the agent).
+        try lab.guest("kill -STOP $(cat /tmp/qemu-ga.pid)", wait: false)
+        Thread.sleep(forTimeInterval: 1)
+        let started = Date()
+        let hung = try lab.point()
+        #expect(hung["consistency"] as? String == "crash-consistent")
+        #expect((hung["note"] as? String)?.contains("did not freeze") == true, "says why: \(hung)")
+        #expect(Date().timeIntervalSince(started) < 60, "the freeze timed out instead of hanging the point")
         #expect(try lab.leftovers().isEmpty)
     }
 
