@@ -182,7 +182,7 @@ public struct Replication: Sendable {
             // A hung agent may still freeze after the timeout: a thaw must follow whatever happened.
             if let error = error as? LibvirtError, !error.message.contains("not configured") {
                 try? domain.setAgentTimeout(2)
-                try? domain.thawFileSystems()
+                _ = try? domain.thawFileSystems()
             }
         }
         do {
