@@ -58,7 +58,8 @@ extension Recovery {
             guard state == .standby || state == .testingFailover || state == .committed else { return nil }
             let replication = hot.replicationState(machine.name)
             if let replication, replication.failures > 0, let next = replication.nextAttempt { return (machine.name, next) }
-            guard let last = (try? repository.points(machine.name))?.last else { return (machine.name, now) }
+            // Never backed up: due since it was protected, so it goes before machines due later.
+            guard let last = (try? repository.points(machine.name))?.last else { return (machine.name, min(now, machine.created)) }
             return (machine.name, last.time.addingTimeInterval(TimeInterval(machine.interval)))
         }
     }

@@ -30,6 +30,8 @@ public struct ServerStatus: Codable, Sendable {
     public var replication: ReplicationState?
     /// Work in progress right now (a command at work, the finaliser's step): nothing to do but wait.
     public var transition: String?
+    /// The plan run the machine is part of right now (running, paused, or interrupted), in words.
+    public var plan: String?
     /// Things that do not match the state, each with what to do.
     public var problems: [String]
 }
@@ -42,6 +44,7 @@ extension Recovery {
         var libvirtProblem: String? = nil
         var connection: Connection? = nil
         do { connection = try self.connection() } catch { libvirtProblem = "\(error)" }
+        let runs = planRunsByMachine()
         return machines.map { machine in
             // Status reads the record, then libvirt, the lock and the finaliser, one after the
             // other: a command that ends in between leaves a record that is no longer true (its
@@ -56,8 +59,36 @@ extension Recovery {
                 status = again
                 if stable { break }
             }
+            if let (text, problem) = runs[machine.name] {
+                status.plan = text
+                if let problem { status.problems.append(problem) }
+            }
             return status
         }
+    }
+
+    /// For each machine in a plan run that is under way, paused or interrupted: the run in words,
+    /// and a problem when nobody executes a run that says it is running.
+    func planRunsByMachine() -> [String: (String, String?)] {
+        var found: [String: (String, String?)] = [:]
+        for plan in plans() {
+            guard let run = activeRun(plan.name) else { continue }
+            let group = run.groups.first { $0.result == .running || $0.result == .pending }?.number
+            var text = "plan \(plan.name) \(run.kind.rawValue) \(run.id): "
+            var problem: String? = nil
+            if run.result == .paused {
+                text += "paused after group \((group ?? 1) - 1): \(run.nextStep)"
+            } else if let pid = planRunnerAlive(plan.name) {
+                text += "running" + (group.map { " group \($0) of \(run.groups.count)" } ?? "") + " (pid \(pid))"
+            } else {
+                text += "interrupted" + (group.map { " in group \($0)" } ?? "")
+                problem = "plan \(plan.name)'s \(run.kind.rawValue) \(run.id) was interrupted (its lifeboat process stopped): "
+                    + (run.kind == .drill ? "run lifeboat stop-test --plan \(plan.name)"
+                       : "run lifeboat plan continue \(plan.name), or lifeboat cancel-failover --plan \(plan.name) --yes")
+            }
+            for machine in plan.machines { found[machine] = (text, problem) }
+        }
+        return found
     }
 
     /// One machine's status from one reading of its record.

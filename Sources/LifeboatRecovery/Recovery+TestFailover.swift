@@ -18,6 +18,10 @@ public struct DrillOptions: Sendable {
     public var timeout: TimeInterval
     /// Shell command run once the boot line is seen.
     public var check: String?
+    /// Where the check runs (a plan's folder); nil: the current folder.
+    public var checkDirectory: String?
+    /// More variables for the check (a plan's name and group).
+    public var checkEnvironment: [String: String] = [:]
 
     public init(point: String? = nil, vcpus: Int? = nil, memoryMiB: Int? = nil, ip: String? = nil,
                 waitFor: String? = nil, timeout: TimeInterval = 300, check: String? = nil) {
@@ -179,18 +183,16 @@ extension Recovery {
             let log = drillFolder + "/check.log"
             drill.checkLog = log
             report("running the check: \(check)")
-            let outcome = try ChildProcess.runScript(check, environment: [
+            let environment = options.checkEnvironment.merging([
                 "LIFEBOAT_MACHINE": name, "LIFEBOAT_POINT": point.id, "LIFEBOAT_VM": domainName,
                 "LIFEBOAT_VM_IP": drill.ip ?? "", "LIFEBOAT_CONSOLE_LOG": consoleLog, "LIFEBOAT_DRILL": drillID,
-            ], log: log, timeout: max(10, deadline.timeIntervalSinceNow))
-            drill.checkStatus = outcome.status
-            if outcome.timedOut {
+            ]) { $1 }
+            let (status, failure) = try Self.runCheck(check, environment: environment, log: log, deadline: deadline,
+                                                      directory: options.checkDirectory)
+            drill.checkStatus = status
+            if let failure {
                 drill.result = .failed
-                drill.reason = "the check did not finish within the timeout (see \(log))"
-            } else if outcome.status != 0 {
-                let last = (try? String(contentsOfFile: log, encoding: .utf8))?.split(separator: "\n").last.map(String.init)
-                drill.result = .failed
-                drill.reason = "the check exited with status \(outcome.status)" + (last.map { ": \($0)" } ?? "") + " (see \(log))"
+                drill.reason = failure
             }
         }
         drill.secondsToCheckEnd = Date().timeIntervalSince(started)
@@ -200,6 +202,17 @@ extension Recovery {
         hot.record(name, HistoryEvent(event: "drill-\(drill.result.rawValue)", state: .testingFailover, point: point.id,
                                       detail: "drill \(drillID): " + (drill.reason ?? String(format: "boot line after %.1f s", drill.secondsToBootLine ?? 0))))
         return drill
+    }
+
+    /// Runs a check or a plan's script; returns its status and, when it failed, why in a sentence.
+    static func runCheck(_ script: String, environment: [String: String], log: String, deadline: Date,
+                         directory: String?, what: String = "the check") throws -> (status: Int32, failure: String?) {
+        let outcome = try ChildProcess.runScript(script, environment: environment, log: log,
+                                                 timeout: max(10, deadline.timeIntervalSinceNow), workingDirectory: directory)
+        if outcome.timedOut { return (outcome.status, "\(what) did not finish within the timeout (see \(log))") }
+        guard outcome.status != 0 else { return (0, nil) }
+        let last = (try? String(contentsOfFile: log, encoding: .utf8))?.split(separator: "\n").last.map(String.init)
+        return (outcome.status, "\(what) exited with status \(outcome.status)" + (last.map { ": \($0)" } ?? "") + " (see \(log))")
     }
 
     /// Ends a drill: destroys the VM, deletes the overlays, drops the network when no other drill

@@ -204,8 +204,8 @@ public final class Recovery: @unchecked Sendable {
     /// Waits until `regex` matches a line of the console log, the domain stops, or time runs out.
     /// Stops are seen from libvirt's lifecycle events (`events`), with a state poll as a fallback.
     func waitForBootLine(log: String, pattern: NSRegularExpression, domain: Domain, events: DomainEventWatch?,
-                         deadline: Date) -> (line: String?, problem: String?) {
-        var offset = 0
+                         deadline: Date, from start: Int = 0) -> (line: String?, problem: String?) {
+        var offset = start
         var pending = ""
         var lastStateCheck = Date.distantPast
         while Date() < deadline {

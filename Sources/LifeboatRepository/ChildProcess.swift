@@ -55,9 +55,10 @@ package enum ChildProcess {
 
     /// Runs `/bin/sh -c script` in a process group of its own, with `environment` added to ours,
     /// stdin from /dev/null and stdout and stderr into `log` (truncated first). When `timeout`
-    /// runs out, the whole group gets SIGTERM, then SIGKILL a second later.
+    /// runs out, the whole group gets SIGTERM, then SIGKILL a second later. It runs in
+    /// `workingDirectory` when given, else in ours.
     package static func runScript(_ script: String, environment: [String: String], log: String,
-                                  timeout: TimeInterval) throws -> Outcome {
+                                  timeout: TimeInterval, workingDirectory: String? = nil) throws -> Outcome {
         let output = try openLog(log, append: false, mode: 0o644)
         let options = { var options = PlatformOptions(); options.processGroupID = 0; return options }()
         let updates = Dictionary(uniqueKeysWithValues: environment.compactMap { key, value in
@@ -77,7 +78,7 @@ package enum ChildProcess {
             defer { timer.cancel() }
             let result = try await Subprocess.run(
                 .path("/bin/sh"), arguments: ["-c", script], environment: .inherit.updating(updates),
-                platformOptions: options, input: .none, output: .fileDescriptor(output, closeAfterSpawningProcess: true),
+                workingDirectory: workingDirectory.map { FilePath($0) }, platformOptions: options, input: .none, output: .fileDescriptor(output, closeAfterSpawningProcess: true),
                 error: .combinedWithOutput
             ) { execution in
                 watch.group.store(execution.processIdentifier.value, ordering: .releasing)

@@ -40,8 +40,12 @@ public final class ReplicationService: Service, Sendable {
 
     private struct Jobs {
         var running: Set<String> = []
+        /// Outcomes, kept for `--once` only (a service that runs for months must not grow).
         var finished: [ReplicationOutcome] = []
+        var finishedCount = 0
         var lastGC: Date = Date()
+        /// The plan whose scheduled drill runs now (one at a time).
+        var drilling: String?
     }
 
     public init(recovery: Recovery, replication: Replication, options: ReplicationServiceOptions,
@@ -75,11 +79,20 @@ public final class ReplicationService: Service, Sendable {
                         .sorted { $0.due < $1.due }
                     for entry in due.prefix(max(0, options.jobs - running.count)) { start(entry.machine) }
                     if runningCount() == 0, now.timeIntervalSince(state.withLock { $0.lastGC }) >= options.gcEvery { collectGarbage() }
+                    if state.withLock({ $0.drilling }) == nil,
+                       let plan = recovery.drillSchedule().filter({ $0.due <= now }).min(by: { $0.due < $1.due }) {
+                        drill(plan.plan)
+                    }
                     metrics.update(from: recovery)
-                    try? await Task.sleep(for: .milliseconds(500))
+                    // Half a second, or less: a finished job frees a slot for the next due machine at once.
+                    let finished = state.withLock { $0.finishedCount }
+                    for _ in 0..<25 where !stopping.load(ordering: .acquiring) {
+                        try? await Task.sleep(for: .milliseconds(20))
+                        if state.withLock({ $0.finishedCount }) != finished { break }
+                    }
                 }
             }
-            while runningCount() > 0 { try? await Task.sleep(for: .milliseconds(100)) }
+            while runningCount() > 0 || state.withLock({ $0.drilling }) != nil { try? await Task.sleep(for: .milliseconds(100)) }
         } onGracefulShutdown: {
             self.stopping.store(true, ordering: .releasing)
         }
@@ -107,10 +120,34 @@ public final class ReplicationService: Service, Sendable {
             }
             state.withLock {
                 $0.running.remove(name)
-                $0.finished.append(outcome)
+                $0.finishedCount += 1
+                if options.once { $0.finished.append(outcome) }
             }
         }
         thread.name = "lifeboat-point-\(name)"
+        thread.start()
+    }
+
+    /// Runs a plan's scheduled drill on a thread of its own: drill, report, stop-test.
+    private func drill(_ plan: String) {
+        state.withLock { $0.drilling = plan }
+        logger.info("scheduled drill started", metadata: ["plan": "\(plan)"])
+        let thread = Thread { [self] in
+            let logger = self.logger
+            // A Recovery of its own: its libvirt connection is not shared with the points' threads.
+            let own = Recovery(repository: recovery.repository, settings: recovery.settings)
+            let (report, skipped) = own.scheduledDrill(plan) { line in logger.debug("\(line)", metadata: ["plan": "\(plan)"]) }
+            if let report {
+                metrics.record(drill: report)
+                logger.log(level: report.result == .passed ? .info : .error, "scheduled drill \(report.result.rawValue)",
+                           metadata: ["plan": "\(plan)", "report": "\(report.id)", "reason": "\(report.reason ?? "-")",
+                                      "rto": "\(report.rtoSeconds.map { String(format: "%.1f", $0) } ?? "-")"])
+            } else {
+                logger.warning("scheduled drill skipped", metadata: ["plan": "\(plan)", "reason": "\(skipped ?? "?")"])
+            }
+            state.withLock { $0.drilling = nil }
+        }
+        thread.name = "lifeboat-drill-\(plan)"
         thread.start()
     }
 
@@ -147,6 +184,9 @@ public final class ReplicationMetrics: Sendable {
 
     /// Point times, RPOs and compliance from the repository, as status computes them.
     public func update(from recovery: Recovery) {
+        for plan in recovery.plans() {
+            if let last = recovery.reports(plan: plan.name).last(where: { $0.kind == .drill && !$0.isActive }) { record(drill: last) }
+        }
         guard let statuses = try? recovery.replicationStatus() else { return }
         for status in statuses {
             let labels = labels(status.machine)
@@ -158,6 +198,16 @@ public final class ReplicationMetrics: Sendable {
                 registry.makeGauge(descriptor: Self.compliant, labels: labels).set(to: status.compliant ? 1 : 0)
             }
         }
+    }
+
+    static var drillPassed: MetricNameDescriptor { metric("drill", "passed", "1 when the plan's last drill passed, else 0") }
+    static var drillLastRun: MetricNameDescriptor { metric("drill_last_run_timestamp", "seconds", "When the plan's last drill started") }
+
+    /// The plan's last drill: passed or not, and when.
+    public func record(drill report: PlanReport) {
+        let labels = [("plan", report.plan)]
+        registry.makeGauge(descriptor: Self.drillPassed, labels: labels).set(to: report.result == .passed ? 1 : 0)
+        registry.makeGauge(descriptor: Self.drillLastRun, labels: labels).set(to: report.started.timeIntervalSince1970)
     }
 
     /// Counts a finished point or failure.

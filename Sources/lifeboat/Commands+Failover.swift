@@ -19,7 +19,8 @@ extension Lifeboat {
             """)
         @OptionGroup var repository: RepositoryOptions
         @OptionGroup var recovery: RecoveryOptions
-        @Argument(help: "Machine name.") var name: String
+        @Argument(help: "Machine name (or give --plan).") var name: String?
+        @Option(help: "Fail over every machine of this recovery plan, group after group, and write its report.") var plan: String?
         @Option(help: "Point id or 'latest'.") var point = "latest"
         @Flag(help: "The source is reachable: refuse while its disks are open, take a final backup, fail over from it (no data lost).")
         var planned = false
@@ -38,10 +39,20 @@ extension Lifeboat {
             if force && !planned { throw ValidationError("--force only goes with --planned") }
             if network != nil && bridge != nil { throw ValidationError("give --network or --bridge, not both") }
             if planned && point != "latest" { throw ValidationError("--planned fails over from the final backup it takes: leave out --point") }
+            try PlanTarget.validate(name: name, plan: plan)
+            if plan != nil && (point != "latest" || vcpus != nil || memory != nil || ip != nil || network != nil || bridge != nil || wait || force) {
+                throw ValidationError("with --plan, machines fail over with their own settings: only --planned may be given")
+            }
         }
 
         func run() throws {
             let (recovery, password) = try self.recovery.recoveryKeepingPassword(repository)
+            if let plan {
+                let options = PlanRunOptions(planned: planned, startFinaliser: PlanRun.finaliserStarter(virtType: self.recovery.virtType, password: password))
+                let report = try recovery.failoverPlan(plan, options, report: PlanRun.progress(json: output.json))
+                return try PlanRun.conclude(report, json: output.json)
+            }
+            let name = name!
             let options = FailoverOptions(point: point, planned: planned, force: force, vcpus: vcpus, memoryMiB: memory, ip: ip,
                                           network: network, bridge: bridge, bandwidth: bandwidth.map { $0 << 20 })
             let started = Date()
@@ -100,11 +111,22 @@ extension Lifeboat {
             abstract: "Throw the failover away: VM destroyed, hot disks deleted, back to Standby (the VM's writes are lost).")
         @OptionGroup var repository: RepositoryOptions
         @OptionGroup var recovery: RecoveryOptions
-        @Argument(help: "Machine name.") var name: String
+        @Argument(help: "Machine name (or give --plan).") var name: String?
+        @Option(help: "Cancel the failover of every machine of this plan.") var plan: String?
         @Flag(help: "Yes, discard everything the recovery VM wrote since the failover.") var yes = false
+
+        func validate() throws { try PlanTarget.validate(name: name, plan: plan) }
 
         func run() throws {
             let recovery = try self.recovery.recovery(repository)
+            if let plan {
+                guard yes else {
+                    throw LifeboatError(.invalidArgument, "cancel-failover --plan \(plan) destroys the recovery VMs of every machine of the plan and deletes their hot disks: give --yes to confirm")
+                }
+                let cancelled = try recovery.cancelFailoverPlan(plan)
+                return print("cancelled the failover of plan \(plan): " + (cancelled.isEmpty ? "no machine was failed over" : cancelled.joined(separator: ", ") + " in Standby"))
+            }
+            let name = name!
             if !yes {
                 let since = (try? recovery.hot.record(name))?.flatMap { $0.state == .standby ? nil : $0.since }
                 let warning = "cancel-failover destroys \(name)'s recovery VM and deletes its hot disks: everything it wrote since the failover"
@@ -146,9 +168,17 @@ extension Lifeboat {
             abstract: "Make NAME's failover final: its backups now read the recovery VM's hot disks.")
         @OptionGroup var repository: RepositoryOptions
         @OptionGroup var recovery: RecoveryOptions
-        @Argument(help: "Machine name.") var name: String
+        @Argument(help: "Machine name (or give --plan).") var name: String?
+        @Option(help: "Commit every machine of this plan (all must be FailedOver).") var plan: String?
+
+        func validate() throws { try PlanTarget.validate(name: name, plan: plan) }
 
         func run() throws {
+            if let plan {
+                let machines = try self.recovery.recovery(repository).commitPlan(plan)
+                return print("committed the failover of plan \(plan): " + machines.map(\.name).joined(separator: ", "))
+            }
+            let name = name!
             let machine = try self.recovery.recovery(repository).commit(name)
             print("committed the failover of \(name): backups now read " + machine.disks.map(\.path).joined(separator: ", "))
         }
@@ -256,10 +286,14 @@ enum Finalising {
     /// Starts `lifeboat finalise NAME` in the background with the same settings.
     static func startInBackground(_ recovery: Recovery, _ options: RecoveryOptions, _ repository: RepositoryOptions,
                                   name: String, password: String?) throws -> (pid: pid_t, log: String) {
+        try startInBackground(recovery, virtType: options.virtType, name: name, password: password)
+    }
+
+    static func startInBackground(_ recovery: Recovery, virtType: String?, name: String, password: String?) throws -> (pid: pid_t, log: String) {
         let log = recovery.hot.machineDirectory(name) + "/finalise.log"
         var arguments = ["finalise", name, "--repo", recovery.repository.root, "--hot", recovery.settings.hotDirectory,
                          "--connect", recovery.settings.connectURI, "--templates", recovery.settings.templates.directory]
-        if let virtType = options.virtType { arguments += ["--virt-type", virtType] }
+        if let virtType { arguments += ["--virt-type", virtType] }
         if password != nil { arguments.append("--password-stdin") }
         let finaliser = try ChildProcess.startDetached(MountService.executablePath(), arguments,
                                                        input: password.map { Array(($0 + "\n").utf8) } ?? [], log: log)

@@ -58,7 +58,10 @@ extension Lifeboat {
             """)
         @OptionGroup var repository: RepositoryOptions
         @OptionGroup var recovery: RecoveryOptions
-        @Argument(help: "Machine name.") var name: String
+        @Argument(help: "Machine name (or give --plan).") var name: String?
+        @Option(help: "Drill every machine of this recovery plan, group after group, and write its report.") var plan: String?
+        @Option(help: "With --plan: each machine's latest point at or before this time (ISO 8601, or a point id like 20261122-101500).")
+        var at: String?
         @Option(help: "Point id or 'latest'.") var point = "latest"
         @Option(help: "vCPUs (default: the machine's).") var vcpus: Int?
         @Option(help: "Memory in MiB (default: the machine's).") var memory: Int?
@@ -73,10 +76,21 @@ extension Lifeboat {
         func validate() throws {
             if let vcpus, vcpus < 1 { throw ValidationError("--vcpus must be at least 1") }
             if let memory, memory < 32 { throw ValidationError("--memory is in MiB and must be at least 32") }
+            try PlanTarget.validate(name: name, plan: plan)
+            if plan != nil && (point != "latest" || vcpus != nil || memory != nil || ip != nil || waitFor != nil || check != nil) {
+                throw ValidationError("with --plan, points, IPs, boot lines and checks come from the plan: give --at TIME instead of --point")
+            }
+            if at != nil && plan == nil { throw ValidationError("--at goes with --plan; for one machine give --point ID") }
         }
 
         func run() throws {
             let recovery = try recovery.recovery(repository)
+            if let plan {
+                let options = PlanRunOptions(at: try at.map(PlanTarget.parseTime))
+                let report = try recovery.testFailoverPlan(plan, options, report: PlanRun.progress(json: output.json))
+                return try PlanRun.conclude(report, json: output.json)
+            }
+            let name = name!
             let options = DrillOptions(point: point, vcpus: vcpus, memoryMiB: memory, ip: ip, waitFor: waitFor,
                                        timeout: try DurationText.parse(timeout), check: check)
             let drill = try recovery.testFailover(name, options) { line in
@@ -95,10 +109,20 @@ extension Lifeboat {
             abstract: "End NAME's drill: destroy the VM, delete its overlays, drop the test network and mount when unused.")
         @OptionGroup var repository: RepositoryOptions
         @OptionGroup var recovery: RecoveryOptions
-        @Argument(help: "Machine name.") var name: String
+        @Argument(help: "Machine name (or give --plan).") var name: String?
+        @Option(help: "End the drill of every machine of this plan.") var plan: String?
         @OptionGroup var output: OutputOptions
 
+        func validate() throws { try PlanTarget.validate(name: name, plan: plan) }
+
         func run() throws {
+            if let plan {
+                let reports = try recovery.recovery(repository).stopPlanTest(plan)
+                if output.json { return try JSON.print(reports) }
+                return print("stopped the drill of plan \(plan): " + (reports.isEmpty ? "no machine was in a drill"
+                    : reports.map { "\($0.machine) (\($0.domainRemoved ? "VM destroyed" : "leftovers removed"))" }.joined(separator: ", ")))
+            }
+            let name = name!
             let report = try recovery.recovery(repository).stopTest(name)
             if output.json { return try JSON.print(report) }
             var parts = [report.domainRemoved ? "VM \(Recovery.testDomainName(name)) destroyed" : "no VM was running"]
@@ -152,6 +176,7 @@ extension Lifeboat {
             for status in statuses {
                 if let progress = status.finalisation { print("\(status.machine): " + Finalising.line(progress)) }
                 if let transition = status.transition { print("\(status.machine): \(transition)") }
+                if let plan = status.plan { print("\(status.machine): \(plan)") }
                 for problem in status.problems { print("\(status.machine): \(problem)") }
             }
         }
@@ -190,5 +215,24 @@ enum DrillText {
         if let log = drill.checkLog { lines.append("  check log: \(log)") }
         lines.append("  stop it with: lifeboat stop-test \(drill.machine)")
         return lines.joined(separator: "\n")
+    }
+}
+
+/// `NAME` or `--plan PLAN`: commands that act on one machine or on every machine of a plan.
+enum PlanTarget {
+    static func validate(name: String?, plan: String?) throws {
+        if name == nil && plan == nil { throw ValidationError("give a machine name, or --plan PLAN") }
+        if name != nil && plan != nil { throw ValidationError("give a machine name or --plan PLAN, not both") }
+    }
+
+    /// ISO 8601 (2026-11-22T10:15:00Z) or a point id's form (20261122-101500, UTC).
+    static func parseTime(_ text: String) throws -> Date {
+        if let date = Timestamp.parse(text) { return date }
+        let formatter = DateFormatter()
+        formatter.locale = Locale(identifier: "en_US_POSIX")
+        formatter.timeZone = TimeZone(identifier: "UTC")
+        formatter.dateFormat = "yyyyMMdd-HHmmss"
+        if let date = formatter.date(from: text) { return date }
+        throw LifeboatError(.invalidArgument, "--at '\(text)' is not a time: write it like 2026-11-22T10:15:00Z or 20261122-101500 (UTC)")
     }
 }

@@ -31,6 +31,7 @@ struct Lifeboat: ParsableCommand {
             Restore.self, Verify.self, Prune.self, GC.self, Mount.self, Unmount.self, Browse.self, Unbrowse.self,
             Replicate.self, TestFailover.self, StopTest.self, Status.self, Drills.self,
             Failover.self, Resume.self, Finalise.self, ChangePoint.self, CancelFailover.self, Commit.self, Failback.self, History.self,
+            PlanCommand.self, Plans.self, Reports.self, ReportCommand.self,
         ]
     )
 }
