@@ -160,10 +160,15 @@ public struct HotStorage: Sendable {
     /// Takes the machine's lock, or says who holds it.
     func lock(_ name: String) throws -> FileLock {
         try prepare(name)
-        let path = lockPath(name)
+        return try Self.exclusiveLock(lockPath(name), busy: "is working on \(name)")
+    }
+
+    /// Takes the lock at `path` without waiting and records our pid in it; when another process
+    /// holds it, says "another lifeboat command (pid N) \(busy): wait for it to finish".
+    static func exclusiveLock(_ path: String, busy: String) throws -> FileLock {
         guard let lock = try FileLock(path: path, mode: .exclusive, wait: false) else {
             let owner = FileLock.owner(of: path).map { " (pid \($0))" } ?? ""
-            throw LifeboatError(.busy, "another lifeboat command\(owner) is working on \(name): wait for it to finish")
+            throw LifeboatError(.busy, "another lifeboat command\(owner) \(busy): wait for it to finish")
         }
         lock.recordOwner()
         return lock

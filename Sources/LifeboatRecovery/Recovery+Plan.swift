@@ -419,13 +419,7 @@ extension Recovery {
     func planLock(_ name: String) throws -> FileLock {
         try FileSystem.makeDirectories(planRunsDirectory(name))
         chmod(hot.root + "/.plans", 0o755)
-        let path = planLockPath(name)
-        guard let lock = try FileLock(path: path, mode: .exclusive, wait: false) else {
-            let owner = FileLock.owner(of: path).map { " (pid \($0))" } ?? ""
-            throw LifeboatError(.busy, "another lifeboat command\(owner) is running plan \(name): wait for it to finish")
-        }
-        lock.recordOwner()
-        return lock
+        return try HotStorage.exclusiveLock(planLockPath(name), busy: "is running plan \(name)")
     }
 
     /// The machine's latest point, or its latest at or before `at`.
