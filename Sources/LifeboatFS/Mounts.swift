@@ -55,6 +55,11 @@ public enum Mounts {
 
     public static func isMounted(_ path: String) -> Bool { entry(at: path) != nil }
 
+    /// The log of the mount daemon serving `mountpoint` (kept while it runs, and after a failure).
+    public static func daemonLogPath(for mountpoint: String) -> String {
+        "/run/lifeboat/mount" + mountpoint.replacingOccurrences(of: "/", with: "_") + ".log"
+    }
+
     /// The fsname lifeboat gives the FUSE mount of a repository.
     public static func fsname(for repository: String) -> String { "lifeboat:" + canonical(repository) }
 

@@ -143,6 +143,7 @@ public final class Recovery: @unchecked Sendable {
         do {
             try Mounts.unmount(path)
             rmdir(path)
+            unlink(Mounts.daemonLogPath(for: path))   // a clean end: the daemon's log has nothing left to tell
             return path
         } catch {
             return nil   // still busy (a browse, a person): left mounted; the next release tries again

@@ -113,9 +113,8 @@ enum MountService {
     static func start(_ repo: Repository, at path: String, password: String?, cacheSize: Int, allowOther: Bool,
                       threads: Int) throws -> (pid: pid_t, log: String) {
         try Mounts.checkMountpoint(path)
-        let logDir = "/run/lifeboat"
-        try? FileManager.default.createDirectory(atPath: logDir, withIntermediateDirectories: true)
-        let log = logDir + "/mount" + path.replacingOccurrences(of: "/", with: "_") + ".log"
+        let log = Mounts.daemonLogPath(for: path)
+        try? FileManager.default.createDirectory(atPath: (log as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
         var arguments = ["mount", path, "--foreground", "--repo", repo.root, "--cache-size", "\(cacheSize)", "--threads", "\(threads)"]
         if allowOther { arguments.append("--allow-other") }
         if password != nil { arguments.append("--password-stdin") }
