@@ -294,10 +294,7 @@ extension Recovery {
         book.updateMachine(machine) { $0.bootLineAt = Date(); $0.bootLine = line }
         report("boot line: \(line)")
         let folder = reportDirectory(plan: plan.name, id: book.report.id)
-        if let shot = try? domain.screenshot(), let png = shot.mime.contains("png") ? shot.bytes : PNG.fromPPM(shot.bytes) {
-            let path = folder + "/\(machine).png"
-            if FileManager.default.createFile(atPath: path, contents: Data(png)) { book.updateMachine(machine) { $0.screenshot = path } }
-        }
+        if let path = Self.saveScreenshot(of: domain, to: folder + "/\(machine).png") { book.updateMachine(machine) { $0.screenshot = path } }
         var failure: String?
         if let check = group.check {
             let log = folder + "/\(machine).check.log"
@@ -433,9 +430,14 @@ extension Recovery {
 
     /// The last `bytes` of a text file, from a line start.
     static func tail(of path: String, bytes: Int) -> String? {
-        guard let data = FileSystem.contents(path) else { return nil }
-        var text = String(decoding: data.suffix(bytes), as: UTF8.self)
-        if data.count > bytes, let newline = text.firstIndex(of: "\n") { text = String(text[text.index(after: newline)...]) }
+        // Only the end is read: a console log grows for as long as the VM runs.
+        guard let handle = FileHandle(forReadingAtPath: path) else { return nil }
+        defer { try? handle.close() }
+        let size = (try? handle.seekToEnd()) ?? 0
+        try? handle.seek(toOffset: size > UInt64(bytes) ? size - UInt64(bytes) : 0)
+        let data = (try? handle.readToEnd()) ?? Data()
+        var text = String(decoding: data, as: UTF8.self)
+        if size > UInt64(bytes), let newline = text.firstIndex(of: "\n") { text = String(text[text.index(after: newline)...]) }
         // Terminal escapes (a shell asking for the cursor position) and control bytes mean nothing in a report.
         text = text.replacingOccurrences(of: "\u{1b}\\[[0-9;?]*[A-Za-z]", with: "", options: .regularExpression)
         return String(text.unicodeScalars.filter { $0 == "\n" || $0 == "\t" || $0.value >= 0x20 })
@@ -516,8 +518,7 @@ extension Recovery {
             _ = try? stopPlanTest(name)
             return skip("the drill could not start: \(error)")
         }
-        _ = try? stopPlanTest(name)
-        pruneReports(plan: name, keep: plan.keepReports)
+        _ = try? stopPlanTest(name)   // the run pruned the plan's old reports already
         return (reports(plan: name).last { $0.id == outcome.id } ?? outcome, nil)
     }
 }

@@ -173,10 +173,7 @@ extension Recovery {
         drill.bootLine = line
         drill.secondsToBootLine = Date().timeIntervalSince(started)
         report(String(format: "boot line after %.1f s: %@", drill.secondsToBootLine!, line))
-        if let shot = try? domain.screenshot(), let png = shot.mime.contains("png") ? shot.bytes : PNG.fromPPM(shot.bytes) {
-            let path = drillFolder + "/screenshot.png"
-            if FileManager.default.createFile(atPath: path, contents: Data(png)) { drill.screenshot = path }
-        }
+        drill.screenshot = Self.saveScreenshot(of: domain, to: drillFolder + "/screenshot.png")
         if ip == nil { drill.ip = waitForLease(mac: mac, until: min(deadline, Date().addingTimeInterval(10))) }
 
         if let check = options.check {
@@ -202,6 +199,13 @@ extension Recovery {
         hot.record(name, HistoryEvent(event: "drill-\(drill.result.rawValue)", state: .testingFailover, point: point.id,
                                       detail: "drill \(drillID): " + (drill.reason ?? String(format: "boot line after %.1f s", drill.secondsToBootLine ?? 0))))
         return drill
+    }
+
+    /// Saves the VM's screen as PNG at `path`; nil when libvirt gives none or it cannot be written.
+    static func saveScreenshot(of domain: Domain, to path: String) -> String? {
+        guard let shot = try? domain.screenshot(), let png = shot.mime.contains("png") ? shot.bytes : PNG.fromPPM(shot.bytes),
+              FileManager.default.createFile(atPath: path, contents: Data(png)) else { return nil }
+        return path
     }
 
     /// Runs a check or a plan's script; returns its status and, when it failed, why in a sentence.
