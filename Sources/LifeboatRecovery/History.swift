@@ -10,13 +10,16 @@ public struct HistoryEvent: Codable, Sendable {
     public var state: ServerState
     public var point: String?
     public var detail: String
+    /// Who asked for it: a console user, or the Unix user of the CLI (nil: not known).
+    public var user: String?
 
-    public init(time: Date = Date(), event: String, state: ServerState, point: String? = nil, detail: String) {
+    public init(time: Date = Date(), event: String, state: ServerState, point: String? = nil, detail: String, user: String? = nil) {
         self.time = time
         self.event = event
         self.state = state
         self.point = point
         self.detail = detail
+        self.user = user
     }
 }
 
@@ -26,6 +29,8 @@ extension HotStorage {
     /// Appends an event (O_APPEND, one write per line, so concurrent writers do not interleave).
     func record(_ name: String, _ event: HistoryEvent) {
         try? prepare(name)
+        var event = event
+        if event.user == nil { event.user = user }
         guard var line = try? JSONEncoder.compactLifeboat.encode(event) else { return }
         line.append(0x0a)
         let fd = open(historyPath(name), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)

@@ -92,7 +92,11 @@ public struct ServerRecord: Codable, Sendable {
 public struct HotStorage: Sendable {
     public let root: String
 
-    public init(root: String) {
+    /// Who acts through this storage, written into history events.
+    public var user: String?
+
+    public init(root: String, user: String? = nil) {
+        self.user = user
         self.root = root
     }
 

@@ -429,7 +429,7 @@ extension Recovery {
     }
 
     /// The last `bytes` of a text file, from a line start.
-    static func tail(of path: String, bytes: Int) -> String? {
+    public static func tail(of path: String, bytes: Int) -> String? {
         // Only the end is read: a console log grows for as long as the VM runs.
         guard let handle = FileHandle(forReadingAtPath: path) else { return nil }
         defer { try? handle.close() }

@@ -51,6 +51,8 @@ public struct RecoverySettings: Sendable {
     /// Starts `lifeboat mount --allow-other` of the repository at the given mount point
     /// (the CLI does this, since it knows the password and its own executable).
     public var startMount: @Sendable (String) throws -> Void
+    /// Who acts, recorded in history: a console user's name, or the Unix user running the CLI.
+    public var user: String?
 
     public init(connectURI: String = "qemu:///system", hotDirectory: String = "/var/lib/lifeboat/hot",
                 templates: Templates, virtType: VirtType = .auto, runDirectory: String = "/run/lifeboat",
@@ -76,7 +78,22 @@ public final class Recovery: @unchecked Sendable {
     public init(repository: Repository, settings: RecoverySettings) {
         self.repository = repository
         self.settings = settings
-        self.hot = HotStorage(root: settings.hotDirectory)
+        self.hot = HotStorage(root: settings.hotDirectory, user: settings.user)
+    }
+
+    /// The same recovery servers, acting for `user` (recorded in history), with a libvirt connection of its own.
+    public func acting(for user: String?) -> Recovery {
+        var settings = self.settings
+        settings.user = user
+        return Recovery(repository: repository, settings: settings)
+    }
+
+    /// Refuses `command` on `name` before any work starts, with the state machine's sentence,
+    /// when the machine is unknown or its recovery server is in a state that does not allow it.
+    public func preflight(_ command: RecoveryCommand, machine name: String) throws {
+        _ = try repository.machine(name)
+        let state = try reconciledState(name, record: try hot.record(name))
+        _ = try StateMachine.check(command, machine: name, state: state)
     }
 
     /// The test VM's domain name.

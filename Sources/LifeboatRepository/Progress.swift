@@ -45,3 +45,31 @@ public final class ProgressMeter: Sendable {
         }
     }
 }
+
+/// Amounts and times as people read them: in the CLI's tables and the console's pages.
+public enum Units {
+    /// 1.5 GiB, 312.0 KiB, 12 B.
+    public static func bytes(_ n: Int) -> String {
+        let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+        var value = Double(n), unit = 0
+        while value >= 1024 && unit < units.count - 1 { value /= 1024; unit += 1 }
+        return unit == 0 ? "\(n) B" : String(format: "%.1f %@", value, units[unit])
+    }
+
+    public static func rate(_ bytesPerSecond: Double) -> String {
+        String(format: "%.0f MB/s", bytesPerSecond / 1_000_000)
+    }
+
+    /// 2026-11-22 10:04:05Z.
+    public static func time(_ date: Date) -> String {
+        timeFormatter.withLock { $0.string(from: date) }
+    }
+
+    private static let timeFormatter: Mutex<DateFormatter> = {
+        let formatter = DateFormatter()
+        formatter.locale = Locale(identifier: "en_US_POSIX")
+        formatter.timeZone = TimeZone(identifier: "UTC")
+        formatter.dateFormat = "yyyy-MM-dd HH:mm:ss'Z'"
+        return Mutex(formatter)
+    }()
+}

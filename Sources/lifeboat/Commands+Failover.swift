@@ -232,8 +232,8 @@ extension Lifeboat {
         func run() throws {
             let events = try recovery.recovery(repository).history(name)
             if output.json { return try JSON.print(events) }
-            print(Format.table(["TIME", "EVENT", "STATE", "POINT", "DETAIL"], events.map {
-                [Format.time($0.time), $0.event, $0.state.rawValue, $0.point ?? "-", $0.detail]
+            print(Format.table(["TIME", "EVENT", "STATE", "POINT", "BY", "DETAIL"], events.map {
+                [Format.time($0.time), $0.event, $0.state.rawValue, $0.point ?? "-", $0.user ?? "-", $0.detail]
             }))
         }
     }

@@ -29,7 +29,7 @@ struct RecoveryOptions: ParsableArguments {
         let (repo, password) = try repository.openKeepingPassword()
         let environment = ProcessInfo.processInfo.environment
         let virtText = virtType ?? environment["LIFEBOAT_VIRT_TYPE"]
-        let settings = RecoverySettings(
+        var settings = RecoverySettings(
             connectURI: connect ?? environment["LIFEBOAT_CONNECT"] ?? "qemu:///system",
             hotDirectory: hot ?? environment["LIFEBOAT_HOT"] ?? "/var/lib/lifeboat/hot",
             templates: try locateTemplates(),
@@ -37,6 +37,8 @@ struct RecoveryOptions: ParsableArguments {
             startMount: { path in
                 _ = try MountService.start(repo, at: path, password: password, cacheSize: 512 << 20, allowOther: true, threads: 8)
             })
+        // History names who acted: the person behind sudo, else the Unix user.
+        settings.user = environment["SUDO_USER"] ?? environment["USER"] ?? environment["LOGNAME"]
         return (Recovery(repository: repo, settings: settings), password)
     }
 

@@ -23,12 +23,15 @@ extension Lifeboat {
         @Option(help: "Serve Prometheus metrics on ADDR:PORT (GET /metrics), e.g. 127.0.0.1:9470 (default: $LIFEBOAT_METRICS, else none).")
         var metrics: String?
         @Option(help: "Run gc this often (default 1d).") var gcEvery = "1d"
+        @Option(help: "Also serve the web console and API on ADDR:PORT (as 'lifeboat console --listen').") var console: String?
+        @OptionGroup var tls: ConsoleTLSOptions
 
         func validate() throws {
             if jobs < 1 { throw ValidationError("--jobs must be at least 1") }
             if let metrics = metricsAddress, Self.address(metrics) == nil {
                 throw ValidationError("--metrics \(metrics) is not ADDR:PORT like 127.0.0.1:9470")
             }
+            if let console { _ = try tls.listen(console, option: "--console") }
             if (try? DurationText.parse(gcEvery)) == nil { throw ValidationError("--gc-every \(gcEvery) is not a duration like 12h or 1d") }
         }
 
@@ -43,7 +46,7 @@ extension Lifeboat {
         }
 
         func run() async throws {
-            let recovery = try self.recovery.recovery(repository)
+            let (recovery, password) = try self.recovery.recoveryKeepingPassword(repository)
             let lock = try recovery.lockReplicationService()
             defer { withExtendedLifetime(lock) {} }
             LoggingSystem.bootstrap(StreamLogHandler.standardError)
@@ -61,6 +64,10 @@ extension Lifeboat {
             ]
             if let metrics = metricsAddress, let (host, port) = Self.address(metrics) {
                 services.append(.init(service: metricsRegistry.server(host: host, port: port, logger: logger)))
+            }
+            if let console {
+                services.append(.init(service: try await ConsoleServer.make(recovery, self.recovery, password: password,
+                                                                            listen: try tls.listen(console, option: "--console"), logger: logger)))
             }
             var configuration = ServiceGroupConfiguration(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
             configuration.logger.logLevel = .warning

@@ -32,6 +32,7 @@ struct Lifeboat: ParsableCommand {
             Replicate.self, TestFailover.self, StopTest.self, Status.self, Drills.self,
             Failover.self, Resume.self, Finalise.self, ChangePoint.self, CancelFailover.self, Commit.self, Failback.self, History.self,
             PlanCommand.self, Plans.self, Reports.self, ReportCommand.self,
+            ConsoleCommand.self, UserCommand.self, Users.self,
         ]
     )
 }

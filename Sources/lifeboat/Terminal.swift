@@ -54,24 +54,9 @@ enum Terminal {
 }
 
 enum Format {
-    static func bytes(_ n: Int) -> String {
-        let units = ["B", "KiB", "MiB", "GiB", "TiB"]
-        var value = Double(n), unit = 0
-        while value >= 1024 && unit < units.count - 1 { value /= 1024; unit += 1 }
-        return unit == 0 ? "\(n) B" : String(format: "%.1f %@", value, units[unit])
-    }
-
-    static func rate(_ bytesPerSecond: Double) -> String {
-        String(format: "%.0f MB/s", bytesPerSecond / 1_000_000)
-    }
-
-    static func time(_ date: Date) -> String {
-        let formatter = DateFormatter()
-        formatter.locale = Locale(identifier: "en_US_POSIX")
-        formatter.timeZone = TimeZone(identifier: "UTC")
-        formatter.dateFormat = "yyyy-MM-dd HH:mm:ss'Z'"
-        return formatter.string(from: date)
-    }
+    static func bytes(_ n: Int) -> String { Units.bytes(n) }
+    static func rate(_ bytesPerSecond: Double) -> String { Units.rate(bytesPerSecond) }
+    static func time(_ date: Date) -> String { Units.time(date) }
 
     /// Left-aligned columns.
     static func table(_ header: [String], _ rows: [[String]]) -> String {

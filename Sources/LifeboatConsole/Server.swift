@@ -1,0 +1,315 @@
+import Crypto
+import Foundation
+import Hummingbird
+import HummingbirdAuth
+import HummingbirdCore
+import HummingbirdTLS
+import HTTPTypes
+import LifeboatRecovery
+import LifeboatRepository
+import Logging
+import NIOCore
+import NIOSSL
+import ServiceLifecycle
+
+/// What a session holds: who logged in, and the token every form and API change must carry.
+struct ConsoleSession: Codable, Sendable {
+    var user: String
+    var csrf: String
+}
+
+/// A request's context: its session, the user it belongs to (checked against the user file on
+/// every request, so a removed user's sessions end at once), and the client's address.
+struct ConsoleContext: SessionRequestContext, RequestContext {
+    typealias Session = ConsoleSession
+    var coreContext: CoreRequestContextStorage
+    let sessions: SessionContext<ConsoleSession>
+    let address: String
+    var user: ConsoleUser?
+    var csrf: String = ""
+
+    init(source: ApplicationRequestContextSource) {
+        coreContext = .init(source: source)
+        sessions = .init()
+        address = source.channel.remoteAddress?.ipAddress ?? "unknown"
+    }
+
+    /// The user, whose role is at least `role`; else 403 naming what they are.
+    func require(_ role: ConsoleRole, to what: String) throws -> ConsoleUser {
+        guard let user else { throw ConsoleError(.unauthorized, "log in first: POST /api/v1/login") }
+        guard user.role >= role else {
+            throw ConsoleError(.forbidden, "\(user.name) is a \(user.role.rawValue): only \(role == .admin ? "admins" : "operators and admins") may \(what)")
+        }
+        return user
+    }
+
+    var frame: Frame {
+        Frame(title: "", user: user?.name ?? "", role: user?.role.rawValue ?? "", csrf: csrf,
+              isAdmin: user?.role == .admin, canAct: (user?.role ?? .viewer) >= .operator)
+    }
+
+    func frame(_ title: String) -> Frame {
+        let base = frame
+        return Frame(title: title, user: base.user, role: base.role, csrf: base.csrf, isAdmin: base.isAdmin, canAct: base.canAct)
+    }
+}
+
+/// An answer other than 200, with a sentence for the person.
+struct ConsoleError: Error {
+    let status: HTTPResponse.Status
+    let message: String
+    init(_ status: HTTPResponse.Status, _ message: String) {
+        self.status = status
+        self.message = message
+    }
+
+    /// Lifeboat's errors as HTTP: unknown things 404, wrong state or busy 409, bad input 400.
+    init(_ error: any Error) {
+        if let error = error as? ConsoleError { self = error; return }
+        guard let error = error as? LifeboatError else {
+            self.init(.internalServerError, "\(error)")
+            return
+        }
+        let status: HTTPResponse.Status
+        switch error.code {
+        case .notFound: status = .notFound
+        case .invalidState, .busy, .alreadyExists: status = .conflict
+        case .invalidArgument: status = .badRequest
+        case .authentication: status = .unauthorized
+        case .unsupported: status = .serviceUnavailable
+        case .damaged, .io, .noSpace: status = .internalServerError
+        }
+        self.init(status, error.message)
+    }
+}
+
+/// Where and how the console listens.
+public struct ConsoleListen: Sendable {
+    public var host: String
+    public var port: Int
+    /// PEM files; nil: plain HTTP on a loopback address, else a self-signed certificate.
+    public var certificate: String?
+    public var key: String?
+
+    public init(host: String = "127.0.0.1", port: Int = 8470, certificate: String? = nil, key: String? = nil) {
+        self.host = host
+        self.port = port
+        self.certificate = certificate
+        self.key = key
+    }
+
+    /// ADDR:PORT, [ADDR]:PORT for IPv6.
+    public static func parse(_ text: String) -> (host: String, port: Int)? {
+        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port) else { return nil }
+        var host = String(text[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        return host.isEmpty ? nil : (host, port)
+    }
+
+    public var isLoopback: Bool { host == "127.0.0.1" || host == "localhost" || host == "::1" || host.hasPrefix("127.") }
+    /// TLS is used with a given certificate, and always off loopback.
+    public var usesTLS: Bool { certificate != nil || !isLoopback }
+}
+
+extension Console {
+    static let csrfHeader = HTTPField.Name("X-CSRF-Token")!
+
+    /// The console's Hummingbird application: pages, /api/v1, sessions; TLS when `listen` asks
+    /// for it (a self-signed certificate in HOT/.console/tls when none is given, whose
+    /// fingerprint `onCertificate` receives).
+    /// `onRunning` receives the URL once the server listens (with the port the system chose for port 0).
+    public func application(_ listen: ConsoleListen, logger: Logger,
+                            onCertificate: @Sendable (ConsoleCertificate) -> Void = { _ in },
+                            onRunning: @escaping @Sendable (String) -> Void = { _ in }) throws -> some Service {
+        let persist = MemoryPersistDriver()
+        let router = Router(context: ConsoleContext.self)
+        router.add(middleware: HeadersMiddleware())
+        router.add(middleware: ErrorMiddleware(pages: pages))
+        let cookie = SessionCookieParameters(name: "lifeboat_session", path: "/", secure: listen.usesTLS, sameSite: .strict)
+        router.add(middleware: SessionMiddleware(storage: persist, configuration: .init(sessionCookieParameters: cookie,
+                                                                                       defaultSessionExpiration: .seconds(8 * 3600))))
+        router.add(middleware: AuthMiddleware(users: users))
+        addAPIRoutes(router)
+        addPageRoutes(router)
+
+        var server: HTTPServerBuilder = .http1()
+        if listen.usesTLS {
+            let files: ConsoleCertificate
+            if let certificate = listen.certificate, let key = listen.key {
+                files = try ConsoleCertificate.given(certificate: certificate, key: key)
+            } else {
+                files = try ConsoleCertificate.selfSigned(in: reader.settings.hotDirectory + "/.console/tls", host: listen.host)
+            }
+            onCertificate(files)
+            let chain = try NIOSSLCertificate.fromPEMFile(files.certificate).map { NIOSSLCertificateSource.certificate($0) }
+            let tls = TLSConfiguration.makeServerConfiguration(certificateChain: chain,
+                                                               privateKey: .privateKey(try NIOSSLPrivateKey(file: files.key, format: .pem)))
+            server = try .tls(.http1(), tlsConfiguration: tls)
+        }
+        return Application(router: router, server: server,
+                           configuration: .init(address: .hostname(listen.host, port: listen.port), serverName: "lifeboat"),
+                           services: [persist],
+                           onServerRunning: { channel in
+                               let host = listen.host.contains(":") ? "[\(listen.host)]" : listen.host
+                               onRunning("\(listen.usesTLS ? "https" : "http")://\(host):\(channel.localAddress?.port ?? listen.port)/")
+                           },
+                           logger: logger)
+    }
+}
+
+/// Turns every error into a JSON error (under /api) or an error page, with the sentence and
+/// no stack trace.
+struct ErrorMiddleware: RouterMiddleware {
+    typealias Context = ConsoleContext
+    let pages: Pages
+
+    func handle(_ request: Request, context: ConsoleContext, next: (Request, ConsoleContext) async throws -> Response) async throws -> Response {
+        do {
+            return try await next(request, context)
+        } catch {
+            let failure: ConsoleError
+            if let http = error as? HTTPError {
+                failure = ConsoleError(http.status, http.body ?? http.status.reasonPhrase)
+            } else {
+                failure = ConsoleError(error)
+            }
+            if failure.status == .internalServerError { context.logger.error("\(request.method) \(request.uri.path): \(failure.message)") }
+            if request.uri.path.hasPrefix("/api/") { return Answer.error(failure) }
+            if failure.status == .unauthorized { return Answer.redirect("/login") }
+            let page = ErrorPage(title: failure.status.reasonPhrase, status: failure.status.code, message: failure.message,
+                                 frame: context.user == nil ? nil : context.frame(failure.status.reasonPhrase))
+            return Answer.html((try? pages.render("error", page)) ?? failure.message, status: failure.status)
+        }
+    }
+}
+
+/// Headers on every answer: no framing, no sniffing, no referrer, scripts and styles from here only.
+struct HeadersMiddleware: RouterMiddleware {
+    typealias Context = ConsoleContext
+    func handle(_ request: Request, context: ConsoleContext, next: (Request, ConsoleContext) async throws -> Response) async throws -> Response {
+        var response = try await next(request, context)
+        if response.headers[.contentSecurityPolicy] == nil { response.headers[.contentSecurityPolicy] = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'; form-action 'self'" }
+        response.headers[.xContentTypeOptions] = "nosniff"
+        response.headers[HTTPField.Name("X-Frame-Options")!] = "DENY"
+        response.headers[HTTPField.Name("Referrer-Policy")!] = "no-referrer"
+        response.headers[.cacheControl] = response.headers[.cacheControl] ?? "no-store"
+        return response
+    }
+}
+
+/// Finds the session's user; answers 401 (API) or sends to /login (pages) without one; checks
+/// the CSRF token of every API change (header X-CSRF-Token; forms check their field).
+struct AuthMiddleware: RouterMiddleware {
+    typealias Context = ConsoleContext
+    let users: UserStore
+    static let open: Set<String> = ["/login", "/api/v1/login", "/static/console.css", "/static/console.js"]
+
+    func handle(_ request: Request, context: ConsoleContext, next: (Request, ConsoleContext) async throws -> Response) async throws -> Response {
+        var context = context
+        if let session = context.sessions.session, let user = try users.user(session.user) {
+            context.user = user
+            context.csrf = session.csrf
+        }
+        let path = request.uri.path
+        if Self.open.contains(path) { return try await next(request, context) }
+        guard context.user != nil else {
+            if path.hasPrefix("/api/") { throw ConsoleError(.unauthorized, "not logged in: POST /api/v1/login with {\"user\": ..., \"password\": ...} first") }
+            return Answer.redirect("/login")
+        }
+        if path.hasPrefix("/api/"), request.method != .get, request.method != .head {
+            guard let token = request.headers[Console.csrfHeader], Answer.same(token, context.csrf) else {
+                throw ConsoleError(.forbidden, "the X-CSRF-Token header is missing or does not match your session: take csrf from the login answer or GET /api/v1/session")
+            }
+        }
+        return try await next(request, context)
+    }
+}
+
+/// Building answers.
+enum Answer {
+    static func json<T: Encodable>(_ value: T, status: HTTPResponse.Status = .ok) throws -> Response {
+        var data = try JSONEncoder.lifeboat.encode(value)
+        data.append(0x0a)
+        return Response(status: status, headers: [.contentType: "application/json; charset=utf-8"],
+                        body: .init(byteBuffer: ByteBuffer(bytes: data)))
+    }
+
+    static func error(_ error: ConsoleError) -> Response {
+        struct Body: Encodable { let error: String; let status: Int }
+        return (try? json(Body(error: error.message, status: error.status.code), status: error.status))
+            ?? Response(status: error.status)
+    }
+
+    static func html(_ text: String, status: HTTPResponse.Status = .ok) -> Response {
+        Response(status: status, headers: [.contentType: "text/html; charset=utf-8"], body: .init(byteBuffer: ByteBuffer(string: text)))
+    }
+
+    static func redirect(_ path: String) -> Response {
+        Response(status: .seeOther, headers: [.location: path])
+    }
+
+    static func bytes(_ bytes: [UInt8], type: String) -> Response {
+        Response(status: .ok, headers: [.contentType: type, .cacheControl: "private, max-age=300"],
+                 body: .init(byteBuffer: ByteBuffer(bytes: bytes)))
+    }
+
+    /// Compares tokens in time that does not depend on where they differ.
+    static func same(_ a: String, _ b: String) -> Bool {
+        let x = Array(a.utf8), y = Array(b.utf8)
+        guard x.count == y.count, !x.isEmpty else { return false }
+        return zip(x, y).reduce(UInt8(0)) { $0 | ($1.0 ^ $1.1) } == 0
+    }
+
+    static func newToken() -> String {
+        Data((0..<32).map { _ in UInt8.random(in: 0...255) }).base64EncodedString()
+            .replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+    }
+}
+
+extension Request {
+    /// The body, at most 1 MiB.
+    func text(_ context: ConsoleContext) async throws -> String {
+        let buffer = try await body.collect(upTo: 1 << 20)
+        return String(buffer: buffer)
+    }
+
+    /// The form fields of a POST from a page, whose csrf field must match the session's.
+    func form(_ context: ConsoleContext, checkCSRF: Bool = true) async throws -> [String: String] {
+        var fields: [String: String] = [:]
+        for pair in try await text(context).split(separator: "&") {
+            let parts = pair.split(separator: "=", maxSplits: 1).map {
+                String($0).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? ""
+            }
+            if let key = parts.first, !key.isEmpty { fields[key] = parts.count > 1 ? parts[1] : "" }
+        }
+        if checkCSRF {
+            guard Answer.same(fields["csrf"] ?? "", context.csrf) else {
+                throw ConsoleError(.forbidden, "this form's CSRF token does not match your session (an old page, or a page from elsewhere): reload the page and try again")
+            }
+        }
+        return fields
+    }
+
+    /// A JSON body as `T`; an empty body as `empty`.
+    func json<T: Decodable>(_ type: T.Type, _ context: ConsoleContext, empty: T? = nil) async throws -> T {
+        let text = try await text(context)
+        if text.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty, let empty { return empty }
+        do {
+            return try JSONDecoder.lifeboat.decode(T.self, from: Data(text.utf8))
+        } catch {
+            throw ConsoleError(.badRequest, "the request body is not the JSON expected (\(Answer.describe(error))): see docs/API.md")
+        }
+    }
+}
+
+extension Answer {
+    static func describe(_ error: any Error) -> String {
+        switch error {
+        case DecodingError.keyNotFound(let key, _): return "field \(key.stringValue) is missing"
+        case DecodingError.typeMismatch(_, let context), DecodingError.valueNotFound(_, let context):
+            return "field \(context.codingPath.map(\.stringValue).joined(separator: ".")) has the wrong type"
+        case DecodingError.dataCorrupted: return "not valid JSON"
+        default: return "\(error)"
+        }
+    }
+}
