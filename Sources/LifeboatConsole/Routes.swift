@@ -126,7 +126,10 @@ extension Console {
         }
         api.get("reports") { request, _ -> Response in
             let plan = request.uri.queryParameters.get("plan")
-            return try Answer.json(try await self.read { $0.reports(plan: plan) })
+            return try Answer.json(try await self.read { recovery in
+                if let plan { _ = try recovery.plan(plan) }
+                return recovery.reports(plan: plan)
+            })
         }
         api.get("reports/:id") { _, context -> Response in
             let id = try context.parameters.require("id")

@@ -183,11 +183,16 @@ struct ErrorMiddleware: RouterMiddleware {
     }
 }
 
-/// Headers on every answer: no framing, no sniffing, no referrer, scripts and styles from here only.
+/// Headers on every answer: no framing, no sniffing, no referrer, scripts and styles from here
+/// only; and Server-Timing with the milliseconds the answer took at the server (bench-console reads it).
 struct HeadersMiddleware: RouterMiddleware {
     typealias Context = ConsoleContext
     func handle(_ request: Request, context: ConsoleContext, next: (Request, ConsoleContext) async throws -> Response) async throws -> Response {
+        let started = ContinuousClock.now
         var response = try await next(request, context)
+        let elapsed = ContinuousClock.now - started
+        let milliseconds = Double(elapsed.components.seconds) * 1000 + Double(elapsed.components.attoseconds) / 1e15
+        response.headers[HTTPField.Name("Server-Timing")!] = String(format: "app;dur=%.2f", milliseconds)
         if response.headers[.contentSecurityPolicy] == nil { response.headers[.contentSecurityPolicy] = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'; form-action 'self'" }
         response.headers[.xContentTypeOptions] = "nosniff"
         response.headers[HTTPField.Name("X-Frame-Options")!] = "DENY"

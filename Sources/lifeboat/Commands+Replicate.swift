@@ -23,7 +23,8 @@ extension Lifeboat {
         @Option(help: "Serve Prometheus metrics on ADDR:PORT (GET /metrics), e.g. 127.0.0.1:9470 (default: $LIFEBOAT_METRICS, else none).")
         var metrics: String?
         @Option(help: "Run gc this often (default 1d).") var gcEvery = "1d"
-        @Option(help: "Also serve the web console and API on ADDR:PORT (as 'lifeboat console --listen').") var console: String?
+        @Option(help: "Also serve the web console and API on ADDR:PORT, as 'lifeboat console --listen' (default: $LIFEBOAT_CONSOLE, else none).")
+        var console: String?
         @OptionGroup var tls: ConsoleTLSOptions
 
         func validate() throws {
@@ -31,12 +32,16 @@ extension Lifeboat {
             if let metrics = metricsAddress, Self.address(metrics) == nil {
                 throw ValidationError("--metrics \(metrics) is not ADDR:PORT like 127.0.0.1:9470")
             }
-            if let console { _ = try tls.listen(console, option: "--console") }
+            if let console = consoleAddress { _ = try tls.listen(console, option: "--console") }
             if (try? DurationText.parse(gcEvery)) == nil { throw ValidationError("--gc-every \(gcEvery) is not a duration like 12h or 1d") }
         }
 
         var metricsAddress: String? {
             metrics ?? ProcessInfo.processInfo.environment["LIFEBOAT_METRICS"].flatMap { $0.isEmpty ? nil : $0 }
+        }
+
+        var consoleAddress: String? {
+            console ?? ProcessInfo.processInfo.environment["LIFEBOAT_CONSOLE"].flatMap { $0.isEmpty ? nil : $0 }
         }
 
         static func address(_ text: String) -> (host: String, port: Int)? {
@@ -65,7 +70,7 @@ extension Lifeboat {
             if let metrics = metricsAddress, let (host, port) = Self.address(metrics) {
                 services.append(.init(service: metricsRegistry.server(host: host, port: port, logger: logger)))
             }
-            if let console {
+            if let console = consoleAddress {
                 services.append(.init(service: try await ConsoleServer.make(recovery, self.recovery, password: password,
                                                                             listen: try tls.listen(console, option: "--console"), logger: logger)))
             }
