@@ -297,6 +297,7 @@ struct LoginPage {
     let title = "Log in"
     let error: String?
     let user: String
+    let csrf: String
 }
 
 struct ErrorPage {

@@ -148,6 +148,7 @@ extension Console {
             try self.removeUser(try context.parameters.require("name"), by: admin)
             return Response(status: .noContent)
         }
+        api.get("**") { request, _ -> Response in throw ConsoleError(.notFound, "no API call GET \(request.uri.path): see docs/API.md") }
     }
 
     /// Starts an action: 202 with the job (its progress at GET /api/v1/jobs/ID).
@@ -163,18 +164,33 @@ extension Console {
 
     // MARK: - Pages
 
-    func addPageRoutes(_ router: Router<ConsoleContext>) {
+    /// The login form's own CSRF defence, before any session exists: a token in a SameSite=Strict
+    /// cookie and in the form must match, so a form posted from another site cannot log a
+    /// browser into somebody else's session.
+    func loginPage(error: String?, user: String, secure: Bool, status: HTTPResponse.Status = .ok) throws -> Response {
+        let token = Answer.newToken()
+        var response = Answer.html(try pages.render("login", LoginPage(error: error, user: user, csrf: token)), status: status)
+        response.setCookie(Cookie(name: "lifeboat_login", value: token, maxAge: 3600, path: "/login", secure: secure, httpOnly: true,
+                                  sameSite: .strict))
+        return response
+    }
+
+    func addPageRoutes(_ router: Router<ConsoleContext>, secure: Bool) {
         router.get("login") { _, context -> Response in
             if context.user != nil { return Answer.redirect("/") }
-            return Answer.html(try self.pages.render("login", LoginPage(error: nil, user: "")))
+            return try self.loginPage(error: nil, user: "", secure: secure)
         }
         router.post("login") { request, context -> Response in
             let form = try await request.form(context, checkCSRF: false)
+            guard let cookie = request.cookies["lifeboat_login"]?.value, Answer.same(cookie, form["csrf"] ?? "") else {
+                return try self.loginPage(error: "the login form expired or came from another site: log in again", user: form["user"] ?? "",
+                                          secure: secure, status: .forbidden)
+            }
             do {
                 _ = try await self.login(user: form["user"] ?? "", password: form["password"] ?? "", context: context)
                 return Answer.redirect("/")
             } catch let error as ConsoleError where error.status == .unauthorized {
-                return Answer.html(try self.pages.render("login", LoginPage(error: error.message, user: form["user"] ?? "")), status: .unauthorized)
+                return try self.loginPage(error: error.message, user: form["user"] ?? "", secure: secure, status: .unauthorized)
             }
         }
         router.post("logout") { request, context -> Response in
@@ -264,5 +280,7 @@ extension Console {
             try self.removeUser(try context.parameters.require("name"), by: admin)
             return Answer.redirect("/users")
         }
+        // Anything else: a 404 page that went through the same checks and headers.
+        router.get("**") { request, _ -> Response in throw ConsoleError(.notFound, "no page \(request.uri.path): start from the dashboard") }
     }
 }

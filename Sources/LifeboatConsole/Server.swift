@@ -130,7 +130,7 @@ extension Console {
                                                                                        defaultSessionExpiration: .seconds(8 * 3600))))
         router.add(middleware: AuthMiddleware(users: users))
         addAPIRoutes(router)
-        addPageRoutes(router)
+        addPageRoutes(router, secure: listen.usesTLS)
 
         var server: HTTPServerBuilder = .http1()
         if listen.usesTLS {
@@ -295,10 +295,14 @@ extension Request {
         return fields
     }
 
-    /// A JSON body as `T`; an empty body as `empty`.
+    /// A JSON body as `T`; an empty body as `empty`. A body must say it is JSON (Content-Type:
+    /// application/json), which a form on another site cannot send without asking first.
     func json<T: Decodable>(_ type: T.Type, _ context: ConsoleContext, empty: T? = nil) async throws -> T {
         let text = try await text(context)
         if text.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty, let empty { return empty }
+        guard headers[.contentType]?.lowercased().hasPrefix("application/json") == true else {
+            throw ConsoleError(.unsupportedMediaType, "the request body must be JSON with Content-Type: application/json")
+        }
         do {
             return try JSONDecoder.lifeboat.decode(T.self, from: Data(text.utf8))
         } catch {

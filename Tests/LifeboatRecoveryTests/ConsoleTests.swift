@@ -243,6 +243,20 @@ struct ConsoleHTTPTests {
         #expect(try points() == before + 1)
         let history = try #require(olga.get("/api/v1/machines/\(lab.machine)/history").json as? [[String: Any]])
         #expect(history.last?["event"] as? String == "backup" && history.last?["user"] as? String == "olga", "\(history)")
+        // The login form has its own token, in a SameSite=Strict cookie and the form: a form
+        // posted from elsewhere (no cookie) logs nobody in.
+        let stranger = lab.client()
+        let forged = try stranger.send("POST", "/login", form: ["user": "olga", "password": "olga-secret", "csrf": "forged"])
+        #expect(forged.status == 403 && !forged.headers.contains("lifeboat_session="), "\(forged.status)")
+        let loginPage = try stranger.get("/login")
+        let token = try #require(loginPage.text.firstMatch(of: /name="csrf" value="([^"]+)"/)?.1).description
+        let loggedIn = try stranger.send("POST", "/login", form: ["user": "olga", "password": "olga-secret", "csrf": token])
+        #expect(loggedIn.status == 303 && loggedIn.headers.contains("lifeboat_session="), "\(loggedIn.status)")
+        #expect(try stranger.get("/").status == 200)
+        // The API takes JSON only when it says it is JSON (a cross-site form cannot).
+        let plain = try sh(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Content-Type: text/plain",
+                            "--data-binary", "{\"user\": \"olga\", \"password\": \"olga-secret\"}", lab.url + "api/v1/login"])
+        #expect(plain == "415")
         // The page's form, with its token, starts a job too.
         let page = try olga.send("POST", "/machines/\(lab.machine)/actions/backup", form: ["csrf": olga.csrf ?? ""])
         #expect(page.status == 303 && page.headers.contains("/jobs/"))
@@ -317,6 +331,9 @@ struct ConsoleHTTPTests {
         let page = try olga.send("POST", "/machines/\(lab.machine)/actions/commit", form: ["csrf": olga.csrf ?? ""])
         #expect(page.status == 409 && page.text.contains("commit is not allowed") && page.text.contains("<html"))
         #expect(try olga.get("/machines/nope").status == 404)
+        let nowhere = try olga.get("/api/v1/nowhere")
+        #expect(nowhere.status == 404 && nowhere.error.contains("docs/API.md"))
+        #expect(try olga.get("/nowhere/at/all").text.contains("no page /nowhere/at/all"))
         #expect(try olga.get("/api/v1/jobs").json as? [Any] != nil && (try olga.get("/api/v1/jobs").json as? [Any])?.isEmpty == true,
                 "no job was started")
         let status = try #require(olga.get("/api/v1/machines").json as? [[String: Any]]).first
