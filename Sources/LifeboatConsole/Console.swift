@@ -28,8 +28,12 @@ public final class Console: Sendable {
     let pages: Pages
     private let queue = DispatchQueue(label: "lifeboat.console.reads")
     private let cached = Mutex<Snapshot?>(nil)
-    /// How long a snapshot serves.
-    static let freshFor: TimeInterval = 1
+    private let refreshing = Atomic<Bool>(false)
+    private let renderedDashboard = Mutex<(taken: Date, html: String)?>(nil)
+    /// How long a snapshot is served without taking a new one.
+    static let freshFor: TimeInterval = 2
+    /// How long an older snapshot is served while a new one is taken.
+    static let servedStaleFor: TimeInterval = 30
 
     /// - Parameters:
     ///   - startFinaliser: starts the background copy into hot storage after a failover or
@@ -53,26 +57,51 @@ public final class Console: Sendable {
         }
     }
 
-    /// The current snapshot: the cached one while it is fresh and no job ended since.
+    /// The current snapshot. A fresh one (younger than `freshFor`) is served as it is; an older
+    /// one is served too while a new one is taken in the background, so no viewer waits for
+    /// libvirt; but after a console job ended, or when it is very old, the caller waits for a new
+    /// one (the person who acted sees the outcome at once).
     func snapshot() async throws -> Snapshot {
         let generation = jobs.generation
-        if let snapshot = cached.withLock({ $0 }), Date().timeIntervalSince(snapshot.taken) < Self.freshFor,
-           snapshot.generation == generation {
-            return snapshot
-        }
-        return try await read { [self] recovery in
-            // Another caller may have taken one while this one queued.
-            if let snapshot = cached.withLock({ $0 }), Date().timeIntervalSince(snapshot.taken) < Self.freshFor,
-               snapshot.generation == generation {
+        if let snapshot = cached.withLock({ $0 }), snapshot.generation == generation {
+            let age = Date().timeIntervalSince(snapshot.taken)
+            if age < Self.freshFor { return snapshot }
+            if age < Self.servedStaleFor {
+                if refreshing.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged {
+                    queue.async { [self] in
+                        _ = try? takeSnapshot(generation: generation)
+                        refreshing.store(false, ordering: .releasing)
+                    }
+                }
                 return snapshot
             }
-            let statuses = try recovery.status()
-            var drills: [String: Drill] = [:]
-            for status in statuses { drills[status.machine] = recovery.hot.drills(status.machine).last }
-            let snapshot = Snapshot(taken: Date(), generation: generation, statuses: statuses, lastDrills: drills, plans: recovery.plans())
-            cached.withLock { $0 = snapshot }
-            return snapshot
         }
+        return try await read { [self] _ in
+            // Another caller may have taken one while this one queued.
+            if let snapshot = cached.withLock({ $0 }), snapshot.generation == generation,
+               Date().timeIntervalSince(snapshot.taken) < Self.freshFor {
+                return snapshot
+            }
+            return try takeSnapshot(generation: generation)
+        }
+    }
+
+    /// Reads everything the pages show; only on `queue`.
+    private func takeSnapshot(generation: Int) throws -> Snapshot {
+        let statuses = try reader.status()
+        var drills: [String: Drill] = [:]
+        for status in statuses { drills[status.machine] = reader.hot.drills(status.machine).last }
+        let snapshot = Snapshot(taken: Date(), generation: generation, statuses: statuses, lastDrills: drills, plans: reader.plans())
+        cached.withLock { $0 = snapshot }
+        return snapshot
+    }
+
+    /// The dashboard's main part for `snapshot`, rendered once per snapshot however many look.
+    func dashboard(_ snapshot: Snapshot) throws -> String {
+        if let (taken, html) = renderedDashboard.withLock({ $0 }), taken == snapshot.taken { return html }
+        let html = try pages.render("dashboard-main", DashboardPage(snapshot))
+        renderedDashboard.withLock { $0 = (snapshot.taken, html) }
+        return html
     }
 
     /// One machine's status, or a 404 naming it.

@@ -167,8 +167,12 @@ extension Console {
     /// The login form's own CSRF defence, before any session exists: a token in a SameSite=Strict
     /// cookie and in the form must match, so a form posted from another site cannot log a
     /// browser into somebody else's session.
-    func loginPage(error: String?, user: String, secure: Bool, status: HTTPResponse.Status = .ok) throws -> Response {
-        let token = Answer.newToken()
+    /// The token is kept while the cookie lives: a second GET /login (a browser following a
+    /// redirect for its favicon) must not change it under an open form.
+    func loginPage(_ request: Request, error: String?, user: String, secure: Bool, status: HTTPResponse.Status = .ok) throws -> Response {
+        let kept = request.cookies["lifeboat_login"]?.value
+        let token = kept.flatMap { $0.count == 43 && $0.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "_") } ? $0 : nil }
+            ?? Answer.newToken()
         var response = Answer.html(try pages.render("login", LoginPage(error: error, user: user, csrf: token)), status: status)
         response.setCookie(Cookie(name: "lifeboat_login", value: token, maxAge: 3600, path: "/login", secure: secure, httpOnly: true,
                                   sameSite: .strict))
@@ -176,21 +180,21 @@ extension Console {
     }
 
     func addPageRoutes(_ router: Router<ConsoleContext>, secure: Bool) {
-        router.get("login") { _, context -> Response in
+        router.get("login") { request, context -> Response in
             if context.user != nil { return Answer.redirect("/") }
-            return try self.loginPage(error: nil, user: "", secure: secure)
+            return try self.loginPage(request, error: nil, user: "", secure: secure)
         }
         router.post("login") { request, context -> Response in
             let form = try await request.form(context, checkCSRF: false)
             guard let cookie = request.cookies["lifeboat_login"]?.value, Answer.same(cookie, form["csrf"] ?? "") else {
-                return try self.loginPage(error: "the login form expired or came from another site: log in again", user: form["user"] ?? "",
+                return try self.loginPage(request, error: "the login form expired or came from another site: log in again", user: form["user"] ?? "",
                                           secure: secure, status: .forbidden)
             }
             do {
                 _ = try await self.login(user: form["user"] ?? "", password: form["password"] ?? "", context: context)
                 return Answer.redirect("/")
             } catch let error as ConsoleError where error.status == .unauthorized {
-                return try self.loginPage(error: error.message, user: form["user"] ?? "", secure: secure, status: .unauthorized)
+                return try self.loginPage(request, error: error.message, user: form["user"] ?? "", secure: secure, status: .unauthorized)
             }
         }
         router.post("logout") { request, context -> Response in
@@ -204,8 +208,8 @@ extension Console {
             return Answer.bytes(bytes, type: file.hasSuffix(".css") ? "text/css; charset=utf-8" : "text/javascript; charset=utf-8")
         }
         router.get("/") { _, context -> Response in
-            let page = DashboardPage(try await self.snapshot(), frame: context.frame("Dashboard"))
-            return Answer.html(try self.pages.render("dashboard", page))
+            let main = try self.dashboard(try await self.snapshot())
+            return Answer.html(try self.pages.render("dashboard", Shell(frame: context.frame("Dashboard"), main: main)))
         }
         router.get("machines/:name") { _, context -> Response in
             let name = try context.parameters.require("name")

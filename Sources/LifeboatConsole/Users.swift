@@ -44,6 +44,12 @@ public struct ConsoleUser: Codable, Sendable, Equatable {
 /// Every change is written to a temporary file and renamed into place.
 public struct UserStore: Sendable {
     public let path: String
+    /// The file as last read, kept while its inode, size and modification time stay the same
+    /// (every request checks its user: a stat, not a read).
+    private let cache = Cache()
+    private final class Cache: Sendable {
+        let entry = Mutex<(key: [Int], users: [ConsoleUser])?>(nil)
+    }
     /// scrypt N = 2^15, r = 8, p = 1: 32 MiB and about 0.1 s per check on this host's cores.
     public static let logN = 15
 
@@ -55,9 +61,15 @@ public struct UserStore: Sendable {
     private struct File: Codable { var users: [ConsoleUser] }
 
     public func users() throws -> [ConsoleUser] {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return [] }
+        let key = [Int(info.st_ino), Int(info.st_size), info.st_mtim.tv_sec, info.st_mtim.tv_nsec]
+        if let entry = cache.entry.withLock({ $0 }), entry.key == key { return entry.users }
         guard let bytes = FileSystem.contents(path) else { return [] }
         do {
-            return try JSONDecoder.lifeboat.decode(File.self, from: Data(bytes)).users
+            let users = try JSONDecoder.lifeboat.decode(File.self, from: Data(bytes)).users
+            cache.entry.withLock { $0 = (key, users) }
+            return users
         } catch {
             throw LifeboatError(.damaged, "the console's user file \(path) cannot be read (\(error)): restore it, or remove it and add users again")
         }

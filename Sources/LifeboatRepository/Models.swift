@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 
 /// repo/config.json: what a reader needs to interpret everything else.
 public struct RepositoryConfig: Codable, Sendable {
@@ -143,17 +144,60 @@ public struct RecoveryPoint: Codable, Sendable, Equatable {
 /// Times in manifests: ISO 8601 UTC with milliseconds (`2026-11-21T23:57:15.123Z`).
 public enum Timestamp {
     public static func format(_ date: Date) -> String {
-        let formatter = ISO8601DateFormatter()
-        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-        return formatter.string(from: date)
+        formatter.withLock { $0.string(from: date) }
     }
 
+    /// Our own form (`2026-11-21T23:57:15.123Z`, or without the milliseconds) is read directly:
+    /// status reads every point's time, and making an ISO8601DateFormatter costs more than the
+    /// rest of the read. Anything else goes through the formatter.
     public static func parse(_ text: String) -> Date? {
+        if let date = parseUTC(text) { return date }
+        return formatter.withLock { formatter in
+            defer { formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds] }
+            if let date = formatter.date(from: text) { return date }
+            formatter.formatOptions = [.withInternetDateTime]
+            return formatter.date(from: text)
+        }
+    }
+
+    private static let formatter: Mutex<ISO8601DateFormatter> = {
         let formatter = ISO8601DateFormatter()
         formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-        if let date = formatter.date(from: text) { return date }
-        formatter.formatOptions = [.withInternetDateTime]
-        return formatter.date(from: text)
+        return Mutex(formatter)
+    }()
+
+    /// YYYY-MM-DDTHH:MM:SS[.mmm]Z; nil for any other form. The instant is made as the formatter
+    /// makes it (whole milliseconds / 1000 from the reference date), so times compare equal.
+    static func parseUTC(_ text: String) -> Date? {
+        let bytes = Array(text.utf8)
+        guard bytes.count == 20 || bytes.count == 24, bytes.last == UInt8(ascii: "Z"),
+              bytes[4] == UInt8(ascii: "-"), bytes[7] == UInt8(ascii: "-"), bytes[10] == UInt8(ascii: "T"),
+              bytes[13] == UInt8(ascii: ":"), bytes[16] == UInt8(ascii: ":") else { return nil }
+        func number(_ from: Int, _ count: Int) -> Int? {
+            var value = 0
+            for byte in bytes[from..<from + count] {
+                guard byte >= 48 && byte <= 57 else { return nil }
+                value = value * 10 + Int(byte - 48)
+            }
+            return value
+        }
+        guard let year = number(0, 4), let month = number(5, 2), let day = number(8, 2),
+              let hour = number(11, 2), let minute = number(14, 2), let second = number(17, 2),
+              (1...12).contains(month), (1...31).contains(day), hour < 24, minute < 60, second < 60 else { return nil }
+        var millis = 0
+        if bytes.count == 24 {
+            guard bytes[19] == UInt8(ascii: "."), let value = number(20, 3) else { return nil }
+            millis = value
+        }
+        // Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's days_from_civil).
+        let y = month <= 2 ? year - 1 : year
+        let era = (y >= 0 ? y : y - 399) / 400
+        let yearOfEra = y - era * 400
+        let dayOfYear = (153 * (month > 2 ? month - 3 : month + 9) + 2) / 5 + day - 1
+        let dayOfEra = yearOfEra * 365 + yearOfEra / 4 - yearOfEra / 100 + dayOfYear
+        let days = era * 146_097 + dayOfEra - 719_468
+        let totalMillis = ((days * 24 + hour) * 60 + minute) * 60_000 + second * 1000 + millis
+        return Date(timeIntervalSinceReferenceDate: Double(totalMillis) / 1000 - Date.timeIntervalBetween1970AndReferenceDate)
     }
 }
 

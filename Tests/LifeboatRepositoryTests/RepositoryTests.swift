@@ -135,3 +135,28 @@ extension Array where Element == UInt8 {
         return stride(from: 0, through: count - n, by: 1).lazy.filter { self[$0] == UInt8(ascii: "T") }.map { self[$0..<($0 + n)] }
     }
 }
+
+@Suite("Timestamps")
+struct TimestampTests {
+    @Test("our own form is read to the same instant as ISO8601DateFormatter reads it, and written back unchanged")
+    func fastPathMatchesFormatter() throws {
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        let plain = ISO8601DateFormatter()
+        plain.formatOptions = [.withInternetDateTime]
+        var generator = SystemRandomNumberGenerator()
+        for index in 0..<5_000 {
+            // 1901 to 2099, with leap days and milliseconds of every kind.
+            let seconds = Double(Int64.random(in: -2_000_000_000...4_000_000_000, using: &generator)) + Double(index % 1000) / 1000
+            let text = formatter.string(from: Date(timeIntervalSince1970: seconds))
+            let fast = try #require(Timestamp.parse(text))
+            #expect(fast == formatter.date(from: text), "\(text)")
+            #expect(Timestamp.format(fast) == text)
+            let whole = plain.string(from: Date(timeIntervalSince1970: seconds.rounded(.down)))
+            #expect(Timestamp.parse(whole) == plain.date(from: whole), "\(whole)")
+        }
+        #expect(Timestamp.parse("2026-02-30T00:00:00Z") == formatter.date(from: "2026-02-30T00:00:00Z") ?? plain.date(from: "2026-02-30T00:00:00Z"))
+        #expect(Timestamp.parse("2026-11-22T10:00:00+01:00") == plain.date(from: "2026-11-22T10:00:00+01:00"), "other forms go to the formatter")
+        #expect(Timestamp.parse("yesterday") == nil)
+    }
+}
