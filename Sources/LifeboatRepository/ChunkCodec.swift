@@ -102,8 +102,43 @@ final class ChunkCodec: Sendable {
     /// - Parameter digests: `frameDigests(of: data)`, when the caller has them already.
     func encode(_ data: UnsafeRawBufferPointer, id: ChunkID, digests: [ChunkID]? = nil,
                 scratch: UnsafeMutableRawBufferPointer) throws -> UnsafeRawBufferPointer {
-        let count = frameCount(data.count)
         let digests = digests ?? frameDigests(of: data)
+        return try assemble(rawLength: data.count, id: id, digests: digests, scratch: scratch) { k, out in
+            try compressAndSeal(frame(k, of: data), id: id, frame: k, into: out)
+        }
+    }
+
+    /// Encodes a chunk that differs from the stored chunk `layout` only in the frames marked
+    /// `changed`, whose new plaintext is in `data` (the other frames of `data` are not read):
+    /// only those are compressed; the others are taken as stored (unencrypted), or opened and
+    /// sealed again under the new id (encrypted: the id is their associated data). A changed-block
+    /// point that touched one 64 KiB frame of a chunk compresses 64 KiB, not the whole chunk.
+    /// - Parameter digests: the new chunk's frame digests (the old ones for unchanged frames).
+    func encode(patching layout: ChunkLayout, stored: UnsafeRawBufferPointer, data: UnsafeRawBufferPointer, changed: [Bool],
+                id: ChunkID, digests: [ChunkID], scratch: UnsafeMutableRawBufferPointer) throws -> UnsafeRawBufferPointer {
+        precondition(layout.rawLength == data.count && changed.count == layout.frameCount)
+        return try assemble(rawLength: data.count, id: id, digests: digests, scratch: scratch) { k, out in
+            if changed[k] { return try compressAndSeal(frame(k, of: data), id: id, frame: k, into: out) }
+            let old = UnsafeRawBufferPointer(rebasing: stored[layout.storedRange(ofFrame: k)])
+            guard let keys else {
+                out.copyMemory(from: old)
+                return old.count
+            }
+            let body: Data
+            do {
+                body = try AES.GCM.open(try AES.GCM.SealedBox(combined: old), using: keys.encryption,
+                                        authenticating: Self.frameAAD(id: layout.id, frame: k))
+            } catch {
+                throw LifeboatError(.damaged, "chunk \(layout.id.hex) is damaged: authentication failed in frame \(k)")
+            }
+            return try body.withUnsafeBytes { try seal($0, id: id, frame: k, into: out) }
+        }
+    }
+
+    /// Header, frame table and the frames that `body(k, out)` writes (returning their length).
+    private func assemble(rawLength: Int, id: ChunkID, digests: [ChunkID], scratch: UnsafeMutableRawBufferPointer,
+                          body: (Int, UnsafeMutableRawBufferPointer) throws -> Int) throws -> UnsafeRawBufferPointer {
+        let count = frameCount(rawLength)
         var flags = Self.flagZstd
         if keys != nil { flags |= Self.flagEncrypted }
         for i in 0..<4 { scratch[i] = Self.magic[i] }
@@ -111,30 +146,50 @@ final class ChunkCodec: Sendable {
         scratch[5] = flags
         scratch[6] = UInt8(frameSize.trailingZeroBitCount)
         scratch[7] = 0
-        scratch.storeBytes(of: UInt32(data.count).littleEndian, toByteOffset: 8, as: UInt32.self)
+        scratch.storeBytes(of: UInt32(rawLength).littleEndian, toByteOffset: 8, as: UInt32.self)
         scratch.storeBytes(of: UInt32(count).littleEndian, toByteOffset: 12, as: UInt32.self)
         var offset = Self.headerSize + count * Self.tableEntrySize
         for k in 0..<count {
-            let plain = frame(k, of: data)
-            let out = UnsafeMutableRawBufferPointer(rebasing: scratch[offset...])
-            var length = try zstd.compress(plain, into: out)
-            if length >= plain.count {
-                out.copyMemory(from: plain)
-                length = plain.count
-            }
-            if let keys {
-                let box = try AES.GCM.seal(UnsafeRawBufferPointer(rebasing: out[0..<length]), using: keys.encryption,
-                                           authenticating: Self.frameAAD(id: id, frame: k))
-                let combined = box.combined!
-                combined.withUnsafeBytes { out.copyMemory(from: $0) }
-                length = combined.count
-            }
+            let length = try body(k, UnsafeMutableRawBufferPointer(rebasing: scratch[offset...]))
             let entry = Self.headerSize + k * Self.tableEntrySize
             scratch.storeBytes(of: UInt32(length).littleEndian, toByteOffset: entry, as: UInt32.self)
             digests[k].write(to: UnsafeMutableRawBufferPointer(rebasing: scratch[(entry + 4)..<(entry + 36)]))
             offset += length
         }
         return UnsafeRawBufferPointer(rebasing: scratch[0..<offset])
+    }
+
+    /// A frame compressed (stored plain when that is not smaller), then sealed; returns its length.
+    private func compressAndSeal(_ plain: UnsafeRawBufferPointer, id: ChunkID, frame k: Int,
+                                 into out: UnsafeMutableRawBufferPointer) throws -> Int {
+        var length = try zstd.compress(plain, into: out)
+        if length >= plain.count {
+            out.copyMemory(from: plain)
+            length = plain.count
+        }
+        guard keys != nil else { return length }
+        let body = Array(UnsafeRawBufferPointer(rebasing: out[0..<length]))
+        return try body.withUnsafeBytes { try seal($0, id: id, frame: k, into: out) }
+    }
+
+    /// Seals a frame's stored body under the id and frame number (encrypted repositories).
+    private func seal(_ body: UnsafeRawBufferPointer, id: ChunkID, frame k: Int, into out: UnsafeMutableRawBufferPointer) throws -> Int {
+        guard let keys else {
+            out.copyMemory(from: body)
+            return body.count
+        }
+        let box = try AES.GCM.seal(body, using: keys.encryption, authenticating: Self.frameAAD(id: id, frame: k))
+        let combined = box.combined!
+        combined.withUnsafeBytes { out.copyMemory(from: $0) }
+        return combined.count
+    }
+
+    /// The digest of frame `k` of a plaintext chunk.
+    func frameDigest(_ k: Int, of data: UnsafeRawBufferPointer) -> ChunkID { digest(frame(k, of: data)) }
+
+    /// The digest of `length` zero bytes: a frame with it holds nothing.
+    func zeroDigest(length: Int) -> ChunkID {
+        [UInt8](repeating: 0, count: length).withUnsafeBytes { digest($0) }
     }
 
     private static func frameAAD(id: ChunkID, frame: Int) -> [UInt8] {

@@ -225,6 +225,21 @@ extension Repository {
                 }
                 let chunk = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
                 let parts = dataRanges.map { Self.dataRanges($0, overlapping: offset..<(offset + length)) }
+                if let parts, let base, !base.ids[i].isZero, parts.reduce(0, { $0 + $1.count }) < length {
+                    // Changed-block tracking touched part of a chunk the base point holds: only the
+                    // frames it touched are read, hashed and compressed; the others are the stored ones.
+                    let patched = try Self.patch(base.ids[i], parts: parts, offset: offset, chunk: chunk, reader: reader,
+                                                 codec: codec, store: store, known: known, scratch: scratch)
+                    readBytes.add(patched.read, ordering: .relaxed)
+                    guard let id = patched.id else { continue }
+                    ids[i] = id
+                    dataBytes.add(length, ordering: .relaxed)
+                    if let stored = patched.stored {
+                        newBytes.add(length, ordering: .relaxed)
+                        storedBytes.add(stored, ordering: .relaxed)
+                    }
+                    continue
+                }
                 if let parts, parts.reduce(0, { $0 + $1.count }) < length {
                     // Only part of the chunk is to be read: the rest is what the base point holds
                     // there (changed-block tracking: unchanged blocks), or zeros (unallocated).
@@ -272,6 +287,63 @@ extension Repository {
                                   dataBytes: dataBytes.load(ordering: .relaxed), newBytes: newBytes.load(ordering: .relaxed),
                                   storedBytes: storedBytes.load(ordering: .relaxed), previousSize: nil)
         return (index, pointDisk, readBytes.load(ordering: .relaxed))
+    }
+
+    /// The chunk at `offset` made from the stored chunk `baseID` with `parts` (absolute byte
+    /// ranges inside it) read anew: the frames they touch are decoded, overwritten, hashed and
+    /// compressed; the others keep their stored bytes and digests. Returns the new id (nil when
+    /// the chunk is now all zeros: a hole), the bytes read, and the stored size when it was new.
+    static func patch(_ baseID: ChunkID, parts: [Range<Int>], offset: Int, chunk: UnsafeMutableRawBufferPointer,
+                      reader: any BlockReader, codec: ChunkCodec, store: any ChunkStore, known: ChunkSet,
+                      scratch: UnsafeMutableRawBufferPointer) throws -> (id: ChunkID?, read: Int, stored: Int?) {
+        let old = try store.read(baseID)
+        return try old.withUnsafeBytes { stored in
+            let layout = try codec.layout(stored, id: baseID, storedSize: stored.count)
+            guard layout.rawLength == chunk.count else {
+                throw LifeboatError(.damaged, "chunk \(baseID.hex) of the previous point has the wrong length: take a full point")
+            }
+            let frameSize = codec.frameSize
+            var changed = [Bool](repeating: false, count: layout.frameCount)
+            var covered = [Int](repeating: 0, count: layout.frameCount)
+            for part in parts {
+                for k in ((part.lowerBound - offset) / frameSize)...((part.upperBound - 1 - offset) / frameSize) {
+                    changed[k] = true
+                    let frame = (offset + k * frameSize)..<(offset + k * frameSize + layout.rawLength(ofFrame: k))
+                    covered[k] += part.clamped(to: frame).count
+                }
+            }
+            // A frame only partly rewritten keeps the rest of its old bytes.
+            for k in changed.indices where changed[k] && covered[k] < layout.rawLength(ofFrame: k) {
+                _ = try codec.decodeFrame(k, of: layout, stored: UnsafeRawBufferPointer(rebasing: stored[layout.storedRange(ofFrame: k)]),
+                                          into: UnsafeMutableRawBufferPointer(rebasing: chunk[(k * frameSize)...]))
+            }
+            var read = 0
+            for part in parts {
+                let piece = UnsafeMutableRawBufferPointer(rebasing: chunk[(part.lowerBound - offset)..<(part.upperBound - offset)])
+                let n = try reader.read(into: piece, at: part.lowerBound)
+                read += n
+                guard n == piece.count else { throw LifeboatError(.io, "a disk shrank while being read: take the point again") }
+            }
+            let data = UnsafeRawBufferPointer(chunk)
+            var digests = layout.frames.map(\.digest)
+            for k in changed.indices where changed[k] { digests[k] = codec.frameDigest(k, of: data) }
+            var zero: [Int: ChunkID] = [:]
+            let empty = digests.indices.allSatisfy { k in
+                let length = layout.rawLength(ofFrame: k)
+                if zero[length] == nil { zero[length] = codec.zeroDigest(length: length) }
+                return digests[k] == zero[length]
+            }
+            if empty { return (nil, read, nil) }
+            let id = codec.id(ofDigests: digests)
+            guard known.insert(id) else { return (id, read, nil) }
+            let encoded = try codec.encode(patching: layout, stored: stored, data: data, changed: changed, id: id, digests: digests,
+                                           scratch: scratch)
+            do { try store.write(id, encoded) } catch {
+                known.remove(id)
+                throw error
+            }
+            return (id, read, encoded.count)
+        }
     }
 
     /// True when `range` overlaps any of the sorted, disjoint `ranges`.
