@@ -37,9 +37,9 @@ final class ConsoleLab {
     }
 
     /// Starts the console and waits for the line with its URL.
-    func start(listen: String = "127.0.0.1:0") throws {
+    func start(listen: String = "127.0.0.1:0", command: [String]? = nil) throws {
         output = ""
-        let process = CLI.start(["console", "--listen", listen], environment: environment)
+        let process = CLI.start(command ?? ["console", "--listen", listen], environment: environment)
         self.process = process
         let pipe = process.standardOutput as! Pipe
         let deadline = Date().addingTimeInterval(30)
@@ -338,6 +338,22 @@ struct ConsoleHTTPTests {
                 "no job was started")
         let status = try #require(olga.get("/api/v1/machines").json as? [[String: Any]]).first
         #expect(status?["state"] as? String == "Standby")
+    }
+
+    @Test("the replication service serves the same console with --console")
+    func fromReplicationService() throws {
+        let lab = try ConsoleLab()
+        lab.stop()
+        try lab.start(command: ["replicate", "--console", "127.0.0.1:0"])
+        let alice = try lab.login("alice")
+        let machines = try #require(alice.get("/api/v1/machines").json as? [[String: Any]])
+        #expect(machines.map { $0["machine"] as? String } == [lab.machine])
+        let started = try alice.send("POST", "/api/v1/machines/\(lab.machine)/backups")
+        #expect(started.status == 202)
+        let job = try alice.waitForJob(try #require((started.json as? [String: Any])?["id"] as? String))
+        #expect(job["state"] as? String == "succeeded", "\(job)")
+        lab.stop()
+        #expect(lab.process?.terminationStatus == 0, "SIGTERM ends the service and its console cleanly")
     }
 
     @Test("off loopback the console speaks TLS with a self-signed certificate whose fingerprint it prints")
