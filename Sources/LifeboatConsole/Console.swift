@@ -192,9 +192,6 @@ extension Console {
         if action == .changePoint && (request.point ?? "").isEmpty {
             throw LifeboatError(.invalidArgument, "change-point needs the point to go to: give point (an id or 'latest')")
         }
-        if let running = jobs.running(machine: machine) {
-            throw LifeboatError(.busy, "\(machine) is busy with \(running.action) started by \(running.user): wait for it to end (job \(running.id))")
-        }
         try await read { recovery in
             if let command = action.command {
                 try recovery.preflight(command, machine: machine)

@@ -69,8 +69,6 @@ public final class JobBoard: Sendable {
 
     public func job(_ id: String) -> ConsoleJob? { jobs.withLock { $0.first { $0.id == id } }.map(withProgress) }
 
-    public func running(machine: String) -> ConsoleJob? { jobs.withLock { $0.last { $0.machine == machine && $0.state == .running } } }
-
     /// Starts `work` for `machine` on a thread; refuses while another job of that machine runs.
     /// The work returns the sentence that ends the job; an error fails it with its message.
     public func start(_ action: String, machine: String, user: String,
@@ -79,7 +77,8 @@ public final class JobBoard: Sendable {
             if let busy = jobs.last(where: { $0.machine == machine && $0.state == .running }) {
                 throw LifeboatError(.busy, "\(machine) is busy with \(busy.action) started by \(busy.user) at \(Timestamp.format(busy.started)): wait for it to end (job \(busy.id))")
             }
-            let job = ConsoleJob(id: Self.newID(), action: action, machine: machine, user: user, started: Date(), state: .running, lines: [])
+            let id = Repository.pointID(for: Date(), existing: Set(jobs.map(\.id)))
+            let job = ConsoleJob(id: id, action: action, machine: machine, user: user, started: Date(), state: .running, lines: [])
             jobs.append(job)
             if jobs.count > Self.kept, let old = jobs.firstIndex(where: { $0.state != .running }) { jobs.remove(at: old) }
             return job
@@ -132,13 +131,5 @@ public final class JobBoard: Sendable {
             job.eta = Double(max(0, meter.total - meter.done)) / rate
         }
         return job
-    }
-
-    static func newID() -> String {
-        let formatter = DateFormatter()
-        formatter.locale = Locale(identifier: "en_US_POSIX")
-        formatter.timeZone = TimeZone(identifier: "UTC")
-        formatter.dateFormat = "yyyyMMdd-HHmmss"
-        return formatter.string(from: Date()) + "-" + String(UInt32.random(in: 0...UInt32.max), radix: 16)
     }
 }

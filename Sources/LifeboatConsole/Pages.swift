@@ -58,7 +58,12 @@ struct Frame: MustacheParent {
     }
 }
 
-enum Tone: String { case ok, warn, bad, info, none }
+enum Tone: String {
+    case ok, warn, bad, info, none
+
+    /// A run's outcome: passed green, failed red, still going blue.
+    init(passed: Bool, failed: Bool) { self = passed ? .ok : failed ? .bad : .info }
+}
 
 /// A page whose main part was rendered before (the dashboard's, once per snapshot).
 struct Shell: MustacheParent {
@@ -141,7 +146,7 @@ struct DashboardPage: MustacheParent {
                 rpoTone: Self.rpoTone(status).rawValue,
                 rpoText: Self.rpoText(status),
                 drill: drill.map { "\($0.result.rawValue) \(Units.time($0.started))" } ?? "never",
-                drillTone: (drill.map { $0.result == .passed ? Tone.ok : $0.result == .failed ? .bad : .info } ?? .none).rawValue,
+                drillTone: (drill.map { Tone(passed: $0.result == .passed, failed: $0.result == .failed) } ?? .none).rawValue,
                 progress: Self.progress(status),
                 problems: status.problems)
         }
@@ -257,7 +262,7 @@ struct MachinePage {
         pointIDs = points.reversed().map(\.id)
         self.drills = drills.reversed().prefix(10).map { drill in
             DrillRow(id: drill.id, point: drill.point, started: Units.time(drill.started), result: drill.result.rawValue,
-                     resultTone: (drill.result == .passed ? Tone.ok : drill.result == .failed ? .bad : .info).rawValue,
+                     resultTone: Tone(passed: drill.result == .passed, failed: drill.result == .failed).rawValue,
                      running: drill.secondsToRunning.map { String(format: "%.1f s", $0) } ?? "-",
                      bootLine: drill.secondsToBootLine.map { String(format: "%.1f s", $0) } ?? "-",
                      vm: drill.vm, ip: drill.ip ?? "-", reason: drill.reason,
@@ -296,7 +301,7 @@ struct JobPage {
         user = job.user
         started = Units.time(job.started)
         state = job.state.rawValue
-        stateTone = (job.state == .succeeded ? Tone.ok : job.state == .failed ? .bad : .info).rawValue
+        stateTone = Tone(passed: job.state == .succeeded, failed: job.state == .failed).rawValue
         ended = job.ended.map(Units.time)
         message = job.message
         error = job.error
@@ -335,10 +340,10 @@ struct PlansPage {
                 name: plan.name, groups: "\(plan.groups.count)", machines: plan.machines.joined(separator: ", "),
                 drillEvery: plan.drillEverySeconds.map { DurationText.format(Double($0)) } ?? "not scheduled",
                 lastDrill: last.map { "\($0.result.rawValue) \(Units.time($0.started))" } ?? "never",
-                lastTone: (last.map { $0.result == .passed ? Tone.ok : $0.result == .failed ? .bad : .info } ?? .none).rawValue,
+                lastTone: (last.map { Tone(passed: $0.result == .passed, failed: $0.result == .failed) } ?? .none).rawValue,
                 reports: mine.reversed().prefix(20).map { report in
                     ReportRow(id: report.id, kind: report.kind.rawValue, result: report.result.rawValue,
-                              resultTone: (report.result == .passed ? Tone.ok : report.result == .failed ? .bad : .info).rawValue,
+                              resultTone: Tone(passed: report.result == .passed, failed: report.result == .failed).rawValue,
                               started: Units.time(report.started), rto: report.rtoSeconds.map { String(format: "%.1f s", $0) } ?? "-")
                 })
         }

@@ -43,14 +43,9 @@ struct ConsoleContext: SessionRequestContext, RequestContext {
         return user
     }
 
-    var frame: Frame {
-        Frame(title: "", user: user?.name ?? "", role: user?.role.rawValue ?? "", csrf: csrf,
-              isAdmin: user?.role == .admin, canAct: (user?.role ?? .viewer) >= .operator)
-    }
-
     func frame(_ title: String) -> Frame {
-        let base = frame
-        return Frame(title: title, user: base.user, role: base.role, csrf: base.csrf, isAdmin: base.isAdmin, canAct: base.canAct)
+        Frame(title: title, user: user?.name ?? "", role: user?.role.rawValue ?? "", csrf: csrf,
+              isAdmin: user?.role == .admin, canAct: (user?.role ?? .viewer) >= .operator)
     }
 }
 
@@ -260,13 +255,11 @@ enum Answer {
 
     /// Compares tokens in time that does not depend on where they differ.
     static func same(_ a: String, _ b: String) -> Bool {
-        let x = Array(a.utf8), y = Array(b.utf8)
-        guard x.count == y.count, !x.isEmpty else { return false }
-        return zip(x, y).reduce(UInt8(0)) { $0 | ($1.0 ^ $1.1) } == 0
+        !a.isEmpty && equalInConstantTime(a.utf8, b.utf8)
     }
 
     static func newToken() -> String {
-        Data((0..<32).map { _ in UInt8.random(in: 0...255) }).base64EncodedString()
+        Data(secureRandomBytes(32)).base64EncodedString()
             .replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
     }
 }

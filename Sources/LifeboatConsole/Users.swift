@@ -110,7 +110,7 @@ public struct UserStore: Sendable {
         let stored = user?.password ?? Self.decoy
         let derived = try Self.derive(password, stored)
         let expected = Data(base64Encoded: stored.hash) ?? Data()
-        guard let user, derived.count == expected.count, Self.equalInConstantTime(derived, expected) else { return nil }
+        guard let user, equalInConstantTime(derived, expected) else { return nil }
         return user
     }
 
@@ -119,9 +119,8 @@ public struct UserStore: Sendable {
     }
 
     static func hash(_ password: String) throws -> ConsoleUser.PasswordHash {
-        var salt = [UInt8](repeating: 0, count: 16)
-        for index in salt.indices { salt[index] = UInt8.random(in: 0...255) }
-        var entry = ConsoleUser.PasswordHash(kdf: "scrypt", logN: logN, r: 8, p: 1, salt: Data(salt).base64EncodedString(), hash: "")
+        var entry = ConsoleUser.PasswordHash(kdf: "scrypt", logN: logN, r: 8, p: 1, salt: Data(secureRandomBytes(16)).base64EncodedString(),
+                                             hash: "")
         entry.hash = try derive(password, entry).base64EncodedString()
         return entry
     }
@@ -136,12 +135,6 @@ public struct UserStore: Sendable {
         let key = try KDF.Scrypt.deriveKey(from: Array(password.utf8), salt: salt, outputByteCount: 32,
                                            rounds: 1 << entry.logN, blockSize: entry.r, parallelism: entry.p)
         return key.withUnsafeBytes { Data($0) }
-    }
-
-    static func equalInConstantTime(_ a: Data, _ b: Data) -> Bool {
-        var difference: UInt8 = 0
-        for (x, y) in zip(a, b) { difference |= x ^ y }
-        return difference == 0
     }
 
     private func save(_ list: [ConsoleUser]) throws {

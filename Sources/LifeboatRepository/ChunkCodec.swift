@@ -54,15 +54,20 @@ final class ChunkCodec: Sendable {
     let zstd: Zstd
     let keys: RepositoryKeys?
     let frameSize: Int
+    /// The digest of a whole frame of zeros (a frame that holds nothing).
+    let zeroFrameDigest: ChunkID
 
     init(compression: RepositoryConfig.Compression, frameSize: Int, keys: RepositoryKeys?) {
         zstd = Zstd(level: Int32(compression.level), hashLog: Int32(compression.hashLog ?? 0),
                     chainLog: Int32(compression.chainLog ?? 0), minMatch: Int32(compression.minMatch ?? 0))
         self.keys = keys
         self.frameSize = frameSize
+        zeroFrameDigest = Self.digest([UInt8](repeating: 0, count: frameSize), keys: keys)
     }
 
-    private func digest(_ data: UnsafeRawBufferPointer) -> ChunkID {
+    private func digest(_ data: UnsafeRawBufferPointer) -> ChunkID { Self.digest(data, keys: keys) }
+
+    private static func digest(_ data: some DataProtocol, keys: RepositoryKeys?) -> ChunkID {
         if let keys {
             return HMAC<SHA256>.authenticationCode(for: data, using: keys.id).withUnsafeBytes { ChunkID(bytes: $0) }
         }
@@ -189,7 +194,7 @@ final class ChunkCodec: Sendable {
 
     /// The digest of `length` zero bytes: a frame with it holds nothing.
     func zeroDigest(length: Int) -> ChunkID {
-        [UInt8](repeating: 0, count: length).withUnsafeBytes { digest($0) }
+        length == frameSize ? zeroFrameDigest : Self.digest([UInt8](repeating: 0, count: length), keys: keys)
     }
 
     private static func frameAAD(id: ChunkID, frame: Int) -> [UInt8] {
@@ -290,9 +295,7 @@ public struct KeyWrapping: Codable, Sendable {
     var wrappedKey: String
 
     static func create(master: [UInt8], password: String) throws -> KeyWrapping {
-        var salt = [UInt8](repeating: 0, count: 16)
-        for i in salt.indices { salt[i] = UInt8.random(in: 0...255) }
-        var wrapping = KeyWrapping(salt: Data(salt).base64EncodedString(), logN: 15, r: 8, p: 1, wrappedKey: "")
+        var wrapping = KeyWrapping(salt: Data(secureRandomBytes(16)).base64EncodedString(), logN: 15, r: 8, p: 1, wrappedKey: "")
         let key = try wrapping.derive(password)
         wrapping.wrappedKey = try AES.GCM.seal(master, using: key).combined!.base64EncodedString()
         return wrapping

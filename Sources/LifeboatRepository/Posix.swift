@@ -304,3 +304,15 @@ package final class FileLock {
     deinit { flock(file.fd, LOCK_UN) }
 }
 
+
+/// `count` bytes from the system's secure generator (keys, salts, session tokens).
+package func secureRandomBytes(_ count: Int) -> [UInt8] {
+    var generator = SystemRandomNumberGenerator()
+    return (0..<count).map { _ in UInt8(truncatingIfNeeded: generator.next()) }
+}
+
+/// Equal byte strings, compared in time that does not depend on where they differ.
+package func equalInConstantTime(_ a: some Collection<UInt8>, _ b: some Collection<UInt8>) -> Bool {
+    guard a.count == b.count else { return false }
+    return zip(a, b).reduce(UInt8(0)) { $0 | ($1.0 ^ $1.1) } == 0
+}

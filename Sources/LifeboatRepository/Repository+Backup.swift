@@ -327,12 +327,7 @@ extension Repository {
             let data = UnsafeRawBufferPointer(chunk)
             var digests = layout.frames.map(\.digest)
             for k in changed.indices where changed[k] { digests[k] = codec.frameDigest(k, of: data) }
-            var zero: [Int: ChunkID] = [:]
-            let empty = digests.indices.allSatisfy { k in
-                let length = layout.rawLength(ofFrame: k)
-                if zero[length] == nil { zero[length] = codec.zeroDigest(length: length) }
-                return digests[k] == zero[length]
-            }
+            let empty = digests.indices.allSatisfy { digests[$0] == codec.zeroDigest(length: layout.rawLength(ofFrame: $0)) }
             if empty { return (nil, read, nil) }
             let id = codec.id(ofDigests: digests)
             guard known.insert(id) else { return (id, read, nil) }

@@ -67,9 +67,7 @@ public final class Repository: Sendable {
         var wrapping: KeyWrapping? = nil
         if let password {
             guard !password.isEmpty else { throw LifeboatError(.invalidArgument, "the password is empty: give a non-empty password") }
-            var key = [UInt8](repeating: 0, count: 64)
-            var generator = SystemRandomNumberGenerator()
-            for i in key.indices { key[i] = generator.next() }
+            let key = secureRandomBytes(64)
             master = key
             wrapping = try KeyWrapping.create(master: key, password: password)
         }
