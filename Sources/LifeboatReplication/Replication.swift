@@ -80,10 +80,12 @@ public struct Replication: Sendable {
     public func takePoint(_ name: String, progress: ProgressMeter = ProgressMeter(),
                           cancelled: @escaping @Sendable () -> Bool = { false }) throws -> RecoveryPoint {
         var machine = try repository.machine(name)
+        Trace.mark("point of \(name): machine read")
         let (_, domain) = try self.domain(of: machine)
         let connectURI = self.connectURI(of: machine)
         let disks = try self.disks(of: domain)
         var notes: [String] = []
+        Trace.mark("domain and its disks")
 
         // Disks that appeared or went since the machine was last read.
         let before = Set(machine.disks.map(\.name)), now = Set(disks.map(\.target))
@@ -97,6 +99,7 @@ public struct Replication: Sendable {
         let uuid = try? domain.uuid()
         let previous = try repository.points(name).last
         let active = (try? domain.state().isActive) ?? false
+        Trace.mark("previous point, domain state")
         if !active {
             return try offlinePoint(name, domain: domain, disks: disks, previous: previous, uuid: uuid, notes: notes,
                                     progress: progress, cancelled: cancelled)
@@ -112,17 +115,19 @@ public struct Replication: Sendable {
         var notes = notes
         let bitmaps = disks.allSatisfy(\.canHoldBitmaps)
         var base: String? = nil
+        let checkpoints = (try? domain.checkpoints()) ?? []
         if !bitmaps {
             let raw = disks.filter { !$0.canHoldBitmaps }.map { "\($0.target) (\($0.format))" }.joined(separator: ", ")
             notes.append("read in full: disk \(raw) cannot hold a dirty bitmap (convert it to qcow2 for incremental points)")
         } else {
-            let (usable, why) = incrementalBase(domain: domain, disks: disks, previous: previous, uuid: uuid, notes: notes)
+            let (usable, why) = incrementalBase(domain: domain, checkpoints: checkpoints, disks: disks, previous: previous, uuid: uuid)
             base = usable
             if let why { notes.append(why) }
         }
-        let taken = Set(((try? domain.checkpoints()) ?? []).filter { $0.hasPrefix(Self.checkpointPrefix) }
+        let taken = Set(checkpoints.filter { $0.hasPrefix(Self.checkpointPrefix) }
             .map { String($0.dropFirst(Self.checkpointPrefix.count)) })
         let checkpoint = bitmaps ? Self.checkpointPrefix + Repository.pointID(for: Date(), existing: taken) : nil
+        Trace.mark("checkpoint chain checked")
         do {
             return try readRunning(name, domain: domain, connectURI: connectURI, disks: disks, previous: previous, base: base, checkpoint: checkpoint,
                                    uuid: uuid, notes: notes, progress: progress, cancelled: cancelled)
@@ -135,8 +140,8 @@ public struct Replication: Sendable {
     }
 
     /// The checkpoint the next point can be incremental from, or why there is none.
-    private func incrementalBase(domain: Domain, disks: [DomainDisk], previous: RecoveryPoint?, uuid: String?,
-                                 notes: [String]) -> (String?, String?) {
+    private func incrementalBase(domain: Domain, checkpoints: [String], disks: [DomainDisk], previous: RecoveryPoint?,
+                                 uuid: String?) -> (String?, String?) {
         guard let previous else { return (nil, "read in full: the first point of this domain") }
         guard let checkpoint = previous.checkpoint else {
             return (nil, "read in full: the previous point \(previous.id) has no checkpoint to start from")
@@ -144,7 +149,7 @@ public struct Replication: Sendable {
         if let uuid, let old = previous.domainUUID, old != uuid {
             return (nil, "read in full: domain \(domain.name) was redefined (its UUID changed) since point \(previous.id)")
         }
-        guard ((try? domain.checkpoints()) ?? []).contains(checkpoint) else {
+        guard checkpoints.contains(checkpoint) else {
             return (nil, "read in full: checkpoint \(checkpoint) of point \(previous.id) is gone (deleted, or the domain was redefined)")
         }
         let had = Set(previous.disks.map(\.name))
@@ -165,6 +170,7 @@ public struct Replication: Sendable {
 
         // From here a guard process undoes what this point leaves, should this process die.
         session.watch(checkpoint: checkpoint, connectURI: connectURI, startGuard: startGuard)
+        Trace.mark("session and guard")
 
         // Freeze the guest's file systems around the instant of the checkpoint, thaw always.
         var consistency = "crash-consistent"
@@ -177,6 +183,7 @@ public struct Replication: Sendable {
                 _ = try domain.freezeFileSystems()
             }
             frozen = true
+            Trace.mark("guest frozen")
         } catch {
             notes.append("crash-consistent: the guest agent did not freeze the file systems (\(error))")
             // A hung agent may still freeze after the timeout: a thaw must follow whatever happened.
@@ -202,9 +209,11 @@ public struct Replication: Sendable {
                 throw LifeboatError(.io, "libvirt could not start the backup of domain \(domain.name): \(error)")
             }
             if frozen { consistency = "application-consistent" }
+            Trace.mark("backup job begun")
         }
         if cancelled() { throw LifeboatError(.invalidState, "the point of \(name) was cancelled") }
 
+        Trace.mark("guest thawed")
         var captures: [DiskCapture] = []
         for disk in disks {
             let context = base != nil ? "qemu:dirty-bitmap:backup-\(disk.target)" : NBDConnection.allocationContext
@@ -222,6 +231,7 @@ public struct Replication: Sendable {
                     .map { Int($0.offset)..<Int($0.offset + $0.length) })
             }
             let baseIndex = try base.flatMap { _ in try previous.map { try repository.index($0, disk: disk.target) } }
+            Trace.mark("extents of \(disk.target): \(ranges.count) ranges, base index read")
             let socket = session.socket, export = disk.target
             captures.append(DiskCapture(name: disk.target, origin: "libvirt \(domain.name) \(disk.target) (\(disk.source))",
                                         size: Int(status.size), ranges: ranges, base: baseIndex) {
@@ -237,10 +247,12 @@ public struct Replication: Sendable {
             }
         }
         session.committed()
+        Trace.mark("point written")
         // Only the newest checkpoint is a base from now on: older lifeboat checkpoints go.
         for old in ((try? domain.checkpoints()) ?? []) where old.hasPrefix(Self.checkpointPrefix) && old != checkpoint {
             try? domain.deleteCheckpoint(old)
         }
+        Trace.mark("old checkpoints deleted")
         return point
     }
 

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import SystemPackage
 import Foundation
+import Synchronization
 
 /// Where stored chunks live. The local directory store is the only one today; the protocol is
 /// the seam for shared or object storage later.
@@ -59,8 +60,32 @@ final class LocalChunkStore: ChunkStore {
         return ids
     }
 
+    /// Linux's O_TMPFILE (x86-64 and arm64 value): a file without a name until `linkat` gives it one.
+    private static let unnamedFile: CInt = 0o20000000 | O_DIRECTORY
+    /// False once the file system refused O_TMPFILE (NFS, say): chunks go through temporary names.
+    private let unnamedFiles = Atomic<Bool>(true)
+
+    /// The chunk is written into an unnamed file in its folder and linked under its id once whole:
+    /// a killed writer leaves nothing behind, and no temporary name is made, renamed and looked
+    /// up again (two backup workers creating names in one folder contend for its lock).
     func write(_ id: ChunkID, _ bytes: UnsafeRawBufferPointer) throws {
         let final = path(id)
+        if unnamedFiles.load(ordering: .relaxed) {
+            do {
+                let file = try PosixFile(path: FileSystem.parent(of: final), flags: Self.unnamedFile | O_WRONLY, mode: 0o600)
+                try file.write(bytes, at: 0)
+                file.startWriteback()
+                // The same chunk stored meanwhile by another writer is the same bytes: done either way.
+                if linkat(AT_FDCWD, "/proc/self/fd/\(file.fd)", AT_FDCWD, final, AT_SYMLINK_FOLLOW) != 0 && errno != EEXIST {
+                    throw Errno(rawValue: errno)
+                }
+                return
+            } catch let error as Errno where [.notSupported, .isDirectory, .invalidArgument].contains(error) {
+                unnamedFiles.store(false, ordering: .relaxed)
+            } catch {
+                throw LifeboatError.io(error, "cannot write chunk", final)
+            }
+        }
         let tmp = FileSystem.parent(of: final) + "/" + FileSystem.temporaryName()
         do {
             let file = try PosixFile(path: tmp, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o600)

@@ -66,6 +66,12 @@ public struct Machine: Codable, Sendable, Equatable {
     public var everySeconds: Int?
     /// Retention the replication service applies after each point (nil: keep every point).
     public var retention: RetentionPolicy?
+    /// Chunk size of this machine's points (nil: the repository's). Fixed for the machine's life:
+    /// its points reference each other's chunks.
+    public var chunkSize: Int?
+    /// MiB per second a point may read of this machine's disks (nil: no limit): a full point of a
+    /// running domain then leaves the guest (and QEMU, which serves the export) room.
+    public var bandwidth: Int?
 
     /// How often the replication service takes a point: the setting, else half the RPO, else hourly.
     public var interval: Int { everySeconds ?? rpoSeconds.map { max(1, $0 / 2) } ?? 3600 }

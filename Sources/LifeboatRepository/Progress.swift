@@ -28,13 +28,17 @@ public final class ProgressMeter: Sendable {
         startedNanos.store(DispatchTime.now().uptimeNanoseconds, ordering: .relaxed)
     }
 
-    /// Counts `bytes` as done; `data` bytes (read or written, not holes) count against the limit:
-    /// the caller waits until the average since `start` is back under it. The wait is taken in
-    /// short slices, so a limit lifted meanwhile (`setLimit(0)`) takes effect at once.
-    func add(_ bytes: Int, data: Bool = true) {
+    /// Counts `bytes` as done; `data` bytes (read or written, not holes) count against the limit.
+    func add(_ bytes: Int, data: Bool = true) { add(bytes, moved: data ? bytes : 0) }
+
+    /// Counts `bytes` as done, of which `moved` were read or written (the rest: holes, chunks
+    /// taken from the previous point); those count against the limit: the caller waits until the
+    /// average since `start` is back under it. The wait is taken in short slices, so a limit
+    /// lifted meanwhile (`setLimit(0)`) takes effect at once.
+    func add(_ bytes: Int, moved: Int) {
         doneBytes.add(bytes, ordering: .relaxed)
-        guard data, limitBytes.load(ordering: .relaxed) > 0 else { return }
-        let moved = dataBytes.add(bytes, ordering: .relaxed).newValue
+        guard moved > 0, limitBytes.load(ordering: .relaxed) > 0 else { return }
+        let moved = dataBytes.add(moved, ordering: .relaxed).newValue
         while true {
             let limit = limitBytes.load(ordering: .relaxed)
             guard limit > 0 else { return }
@@ -72,4 +76,17 @@ public enum Units {
         formatter.dateFormat = "yyyy-MM-dd HH:mm:ss'Z'"
         return Mutex(formatter)
     }()
+}
+
+/// Phase timings on standard error when LIFEBOAT_TRACE is set (`LIFEBOAT_TRACE=1 lifeboat backup …`):
+/// where a command's time goes, without a profiler.
+public enum Trace {
+    public static let enabled = ProcessInfo.processInfo.environment["LIFEBOAT_TRACE"] != nil
+    private static let start = Date()
+
+    /// Prints the time since the process's first trace call and `what`.
+    public static func mark(_ what: @autoclosure () -> String) {
+        guard enabled else { return }
+        FileHandle.standardError.write(Data(String(format: "trace %8.1f ms  %@\n", Date().timeIntervalSince(start) * 1000, what()).utf8))
+    }
 }

@@ -21,7 +21,9 @@ extension Repository {
     public func backup(_ name: String, progress: ProgressMeter = ProgressMeter(), now: Date = Date(),
                        sources overrides: [String: String] = [:]) throws -> RecoveryPoint {
         let machine = try self.machine(name)
-        return try writePoint(name, now: now) { previous, known, staging in
+        let chunkSize = self.chunkSize(of: machine)
+        progress.setLimit((machine.bandwidth ?? 0) << 20)
+        return try writePoint(name, chunkSize: chunkSize, now: now) { previous, known, staging in
             var sources: [(disk: MachineDisk, file: PosixFile, size: Int)] = []
             for configured in machine.disks {
                 let disk = MachineDisk(name: configured.name, path: overrides[configured.name] ?? configured.path)
@@ -48,7 +50,7 @@ extension Repository {
                 }
                 let input = ChunkInput(size: source.size, ranges: dataRanges, base: nil, prefetch: prefetch,
                                        openReader: { FileReader(file: file, path: source.disk.path) })
-                let (index, disk, read) = try backupDisk(source.disk.name, path: source.disk.path, input: input,
+                let (index, disk, read) = try backupDisk(source.disk.name, path: source.disk.path, input: input, chunkSize: chunkSize,
                                                          known: known, progress: progress)
                 let after = try? source.file.stat()
                 if let before, let after, (before.st_mode & S_IFMT) == S_IFREG,
@@ -74,17 +76,22 @@ extension Repository {
     ///     visible; throwing there (the source's job vanished, say) leaves no point.
     public func backup(_ name: String, captures: [DiskCapture], details: PointDetails, progress: ProgressMeter = ProgressMeter(),
                        now: Date = Date(), checkBeforeCommit: () throws -> Void = {}) throws -> RecoveryPoint {
-        try writePoint(name, now: now) { previous, known, staging in
+        let machine = try self.machine(name)
+        let chunkSize = self.chunkSize(of: machine)
+        progress.setLimit((machine.bandwidth ?? 0) << 20)
+        return try writePoint(name, chunkSize: chunkSize, now: now) { previous, known, staging in
             progress.start(total: captures.reduce(0) { $0 + $1.size })
             var disks: [PointDisk] = []
             var bytesRead = 0
             for capture in captures {
-                if let base = capture.base, base.chunkSize != config.chunkSize || base.diskSize != capture.size {
+                if let base = capture.base, base.chunkSize != chunkSize || base.diskSize != capture.size {
                     throw LifeboatError(.invalidArgument, "the base index of disk \(capture.name) does not match its size: take a full point")
                 }
                 let input = ChunkInput(size: capture.size, ranges: capture.ranges, base: capture.base, prefetch: nil,
                                        openReader: capture.openReader)
-                let (index, disk, read) = try backupDisk(capture.name, path: capture.origin, input: input, known: known, progress: progress)
+                let (index, disk, read) = try backupDisk(capture.name, path: capture.origin, input: input, chunkSize: chunkSize,
+                                                         known: known, progress: progress)
+                Trace.mark("disk \(capture.name) read")
                 disks.append(disk)
                 bytesRead += read
                 try writeFile(index.encoded(), staging + "/" + disk.name + ".idx")
@@ -106,7 +113,7 @@ extension Repository {
 
     /// The locking, staging and commit every point shares: `makeDisks` writes the indexes into
     /// `staging`; the point becomes visible only once every chunk and index is durable.
-    private func writePoint(_ name: String, now: Date,
+    private func writePoint(_ name: String, chunkSize: Int, now: Date,
                             makeDisks: (_ previous: RecoveryPoint?, _ known: ChunkSet, _ staging: String) throws -> PointDraft) throws -> RecoveryPoint {
         _ = try self.machine(name)
         let started = Date()
@@ -118,12 +125,14 @@ extension Repository {
         machineLock.recordOwner()
         let repoLock = try repositoryLock(.shared, wait: true)
         let previous = try points(name).last
-        let known = ChunkSet(try store.all())
+        let known = ChunkSet(store: store)
+        Trace.mark("locks, previous point, known chunks")
         let pointsDir = pointsPath(name)
         let staging = pointsDir + "/" + FileSystem.temporaryName()
         try FileSystem.makeDirectory(staging)
         do {
             var draft = try makeDisks(previous, known, staging)
+            Trace.mark("disks read and stored")
             for index in draft.disks.indices {
                 if let old = previous?.disks.first(where: { $0.name == draft.disks[index].name }), old.size != draft.disks[index].size {
                     draft.disks[index].previousSize = old.size
@@ -132,7 +141,7 @@ extension Repository {
             var point = RecoveryPoint(
                 id: Self.pointID(for: now, existing: Set(try FileSystem.list(pointsDir))), machine: name, time: now,
                 consistency: draft.consistency, parent: previous?.id,
-                chunkSize: config.chunkSize, disks: draft.disks, bytesRead: draft.bytesRead,
+                chunkSize: chunkSize, disks: draft.disks, bytesRead: draft.bytesRead,
                 seconds: Date().timeIntervalSince(started))
             if let details = draft.details {
                 point.readMode = details.readMode
@@ -142,6 +151,7 @@ extension Repository {
             }
             try writeFile(Array(try JSONEncoder.lifeboat.encode(point)), staging + "/point.json")
             try store.sync()  // every chunk the point names is durable before the point is visible
+            Trace.mark("synced")
             try FileSystem.rename(staging, pointsDir + "/" + point.id)
             try FileSystem.syncDirectory(pointsDir)
             withExtendedLifetime((machineLock, repoLock)) {}
@@ -187,9 +197,8 @@ extension Repository {
         var openReader: @Sendable () throws -> any BlockReader
     }
 
-    private func backupDisk(_ name: String, path: String, input: ChunkInput, known: ChunkSet,
+    private func backupDisk(_ name: String, path: String, input: ChunkInput, chunkSize: Int, known: ChunkSet,
                             progress: ProgressMeter) throws -> (DiskIndex, PointDisk, Int) {
-        let chunkSize = config.chunkSize
         let size = input.size
         let count = DiskIndex.chunkCount(diskSize: size, chunkSize: chunkSize)
         let dataRanges = input.ranges
@@ -211,7 +220,11 @@ extension Repository {
             while let i = work.take() {
                 let offset = i * chunkSize
                 let length = min(chunkSize, size - offset)
-                defer { progress.add(length) }
+                var moved = 0   // bytes read for this chunk: they count against the machine's bandwidth
+                defer {
+                    readBytes.add(moved, ordering: .relaxed)
+                    progress.add(length, moved: moved)
+                }
                 if let prefetch, i % chunksPerWindow == 0, offset + window < size {
                     prefetch((offset + window)..<min(size, offset + 2 * window))
                 }
@@ -230,7 +243,7 @@ extension Repository {
                     // frames it touched are read, hashed and compressed; the others are the stored ones.
                     let patched = try Self.patch(base.ids[i], parts: parts, offset: offset, chunk: chunk, reader: reader,
                                                  codec: codec, store: store, known: known, scratch: scratch)
-                    readBytes.add(patched.read, ordering: .relaxed)
+                    moved = patched.read
                     guard let id = patched.id else { continue }
                     ids[i] = id
                     dataBytes.add(length, ordering: .relaxed)
@@ -253,14 +266,14 @@ extension Repository {
                     for part in parts {
                         let piece = UnsafeMutableRawBufferPointer(rebasing: chunk[(part.lowerBound - offset)..<(part.upperBound - offset)])
                         let n = try reader.read(into: piece, at: part.lowerBound)
-                        readBytes.add(n, ordering: .relaxed)
+                        moved += n
                         guard n == piece.count else {
                             throw LifeboatError(.io, "disk \(path) shrank while being read: take the backup again")
                         }
                     }
                 } else {
                     let n = try reader.read(into: chunk, at: offset)
-                    readBytes.add(n, ordering: .relaxed)
+                    moved = n
                     guard n == length else {
                         throw LifeboatError(.io, "disk \(path) shrank while being read: take the backup again")
                     }
@@ -369,16 +382,23 @@ extension Repository {
     }
 }
 
-/// The chunk ids the repository has, shared by the backup workers.
+/// Which chunks a point's workers must store, shared by them: a chunk is asked of the store
+/// (one stat) the first time a worker meets it, so an incremental point costs nothing per chunk
+/// the repository holds (listing a store of millions of chunks would take seconds).
 final class ChunkSet: Sendable {
-    private let ids: Mutex<Set<ChunkID>>
+    private let claimed = Mutex(Set<ChunkID>())
+    private let store: any ChunkStore
 
-    init(_ ids: Set<ChunkID>) { self.ids = Mutex(ids) }
+    init(store: any ChunkStore) { self.store = store }
 
-    /// Claims `id`; true when it was not there (the caller must then store it).
-    func insert(_ id: ChunkID) -> Bool { ids.withLock { $0.insert(id).inserted } }
+    /// Claims `id`; true when neither the store nor another worker has it (the caller must then store it).
+    func insert(_ id: ChunkID) -> Bool {
+        guard claimed.withLock({ $0.insert(id).inserted }) else { return false }
+        return !store.contains(id)
+    }
 
-    func remove(_ id: ChunkID) { _ = ids.withLock { $0.remove(id) } }
+    /// Gives up a claim whose chunk could not be stored.
+    func remove(_ id: ChunkID) { _ = claimed.withLock { $0.remove(id) } }
 }
 
 /// Reads a disk for a backup worker; each worker opens its own.

@@ -67,7 +67,7 @@ extension Repository {
         let damaged = Mutex<[ChunkID: String]>([:])
         let bytes = Atomic<Int>(0)
         let work = ParallelWork(count: ids.count)
-        let chunkSize = config.chunkSize
+        let chunkSize = indexes.reduce(config.chunkSize) { max($0, $1.2.chunkSize) }
         try work.run { work in
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
             defer { buffer.deallocate() }

@@ -20,8 +20,12 @@ public final class Repository: Sendable {
     public static let defaultChunkSize = 1 << 20
     /// zstd 3: the smallest repository of the levels measured; level 1 is ~25% faster, ~9% larger.
     public static let defaultCompressionLevel = 3
-    /// 256 KiB: a random 4 KiB read decodes at most this much (docs/FORMAT.md, "Choices").
+    /// 64 KiB: a random 4 KiB read decodes at most this much (docs/FORMAT.md, "Choices").
     public static let defaultFrameSize = 64 * 1024
+    /// 256 KiB: the chunk size of machines protected with --domain. An incremental point rewrites
+    /// every chunk a guest write touches: 40 MiB of scattered 64 KiB writes stored 320 MiB of
+    /// 1 MiB chunks and 100 MiB of 256 KiB ones (scripts/bench-replicate, docs/REPLICATION.md).
+    public static let replicationChunkSize = 256 << 10
 
     public let root: String
     public let config: RepositoryConfig
@@ -136,6 +140,11 @@ public final class Repository: Sendable {
             throw LifeboatError(.invalidArgument, "machine \(machine.name) needs at least one --disk PATH")
         }
         for disk in machine.disks { try DiskSource.check(path: disk.path) }
+        if let chunkSize = machine.chunkSize,
+           chunkSize < config.frameSize || chunkSize > 16 << 20 || chunkSize & (chunkSize - 1) != 0 {
+            throw LifeboatError(.invalidArgument,
+                                "invalid chunk size \(chunkSize): use a power of two from the repository's frame size (\(config.frameSize)) to 16777216")
+        }
         let dir = machinePath(machine.name)
         if FileSystem.exists(dir + "/machine.json") {
             throw LifeboatError(.alreadyExists, "machine \(machine.name) is already protected: pick another name or 'lifeboat unprotect \(machine.name)' first")
@@ -144,6 +153,9 @@ public final class Repository: Sendable {
         try FileSystem.makeDirectory(pointsPath(machine.name))
         try save(machine)
     }
+
+    /// The chunk size of a machine's points: its own, else the repository's.
+    public func chunkSize(of machine: Machine) -> Int { machine.chunkSize ?? config.chunkSize }
 
     /// Rewrites a machine's settings.
     public func save(_ machine: Machine) throws {

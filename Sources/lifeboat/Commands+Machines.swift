@@ -40,6 +40,9 @@ extension Lifeboat {
         @Option(help: "libvirt URI of that domain (default: $LIFEBOAT_CONNECT, else qemu:///system).") var connect: String?
         @Option(help: "Hot storage folder (scratch files while a running domain is read; default: $LIFEBOAT_HOT, else /var/lib/lifeboat/hot).")
         var hot: String?
+        @Option(name: .customLong("chunk-size"),
+                help: "Chunk size of this machine's points in bytes (default: 262144 for --domain, else the repository's).")
+        var chunkSize: Int?
         @OptionGroup var settings: ServerSettingsOptions
 
         func validate() throws { try settings.check() }
@@ -68,6 +71,9 @@ extension Lifeboat {
                 machine = Machine(name: name, disks: disks, macs: [Network.randomMAC()])
             }
             try settings.apply(to: &machine)
+            // Changed-block points rewrite whole chunks: smaller ones store less per guest write.
+            machine.chunkSize = chunkSize ?? (domain != nil ? max(repo.config.frameSize, min(repo.config.chunkSize, Repository.replicationChunkSize)) : nil)
+            if machine.chunkSize == repo.config.chunkSize { machine.chunkSize = nil }
             try repo.protect(machine)
             print("protected \(name)" + (domain.map { " (libvirt domain \($0))" } ?? "") + ": "
                 + machine.disks.map { "\($0.name)=\($0.path)" }.joined(separator: ", "))
@@ -145,6 +151,8 @@ struct ServerSettingsOptions: ParsableArguments {
     @Option(help: "Production libvirt network for failover.") var network: String?
     @Option(help: "Production host bridge for failover (instead of a libvirt network).") var bridge: String?
     @Option(help: "The replication service takes a point this often, e.g. 15m (default: half the RPO).") var every: String?
+    @Option(help: "Limit the reading of the machine's disks by a point to this many MiB/s (default: no limit; 0 clears).")
+    var bandwidth: Int?
     @Option(help: "Retention after each point of the replication service: keep the newest N points.") var keepLast: Int?
     @Option(help: "... and the newest point of each of the last N hours.") var keepHourly: Int?
     @Option(help: "... of each of the last N days.") var keepDaily: Int?
@@ -154,6 +162,7 @@ struct ServerSettingsOptions: ParsableArguments {
 
     func check() throws {
         if let vcpus, vcpus < 1 { throw ValidationError("--vcpus must be at least 1") }
+        if let bandwidth, bandwidth < 0 { throw ValidationError("--bandwidth is in MiB/s and must be 0 (no limit) or more") }
         if let memory, memory < 32 { throw ValidationError("--memory is in MiB and must be at least 32") }
         if let mac, !Network.isMAC(mac) { throw ValidationError("--mac \(mac) is not a MAC address like 52:54:00:12:34:56") }
         for (flag, value) in [("--ip", ip), ("--test-ip", testIp)] {
@@ -198,6 +207,7 @@ struct ServerSettingsOptions: ParsableArguments {
         machine.bridge = optional(bridge, machine.bridge)
         if network?.isEmpty == false { machine.bridge = nil }
         if bridge?.isEmpty == false { machine.network = nil }
+        if let bandwidth { machine.bandwidth = bandwidth == 0 ? nil : bandwidth }
         if let every { machine.everySeconds = every.isEmpty ? nil : max(1, Int(try DurationText.parse(every))) }
         if keepLast != nil || keepHourly != nil || keepDaily != nil || keepWeekly != nil || keepMonthly != nil || keepWithin != nil {
             var policy = machine.retention ?? RetentionPolicy()

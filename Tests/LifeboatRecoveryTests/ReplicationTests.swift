@@ -136,6 +136,7 @@ struct ReplicationTests {
         let first = try lab.point()
         let firstRead = first["bytesRead"] as? Int ?? 0
         #expect(first["readMode"] as? String == "full")
+        #expect(first["chunkSize"] as? Int == 256 << 10, "a domain's points use 256 KiB chunks, the repository 1 MiB: \(first)")
         #expect(first["consistency"] as? String == "application-consistent")
         #expect(firstRead >= allocated * 9 / 10 && firstRead <= allocated * 11 / 10 + (1 << 20),
                 "the first point reads about the allocated \(allocated) bytes, not the 256 MiB disk: read \(firstRead)")

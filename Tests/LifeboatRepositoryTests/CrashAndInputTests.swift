@@ -139,6 +139,8 @@ struct CrashAndInputTests {
         (["points", "m2", "--repo", "REPO"], "no machine named m2"),
         (["restore", "vm", "--to", "/tmp", "--repo", "REPO"], "machine vm has no recovery points yet"),
         (["init", "--repo", "REPO"], "a repository already exists at REPO"),
+        (["protect", "m", "--disk", "/etc/hostname", "--chunk-size", "300000", "--repo", "REPO"], "invalid chunk size 300000"),
+        (["protect", "m", "--disk", "/etc/hostname", "--chunk-size", "4096", "--repo", "REPO"], "invalid chunk size 4096"),
     ])
     func badInput(arguments: [String], message: String) throws {
         let scratch = Scratch()

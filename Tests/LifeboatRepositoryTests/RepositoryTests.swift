@@ -64,6 +64,35 @@ struct BackupRestoreTests {
         #expect(Disk.contents(scratch.file("first.raw")) == Bytes.random(size, seed: 9))
     }
 
+    @Test("machines of one repository with their own chunk sizes: each point records and uses its machine's, restores byte-identical, verifies")
+    func chunkSizePerMachine() throws {
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        let size = 16 << 20
+        try Disk.make(disk, size: size, writes: [(0, Bytes.random(size / 2, seed: 31)), (size / 2, Bytes.text(size / 2, seed: 32))])
+        let repo = try Repository.create(at: scratch.file("repo"))   // 1 MiB chunks
+        try repo.protect(Machine(name: "big", disks: Repository.diskNames(for: [disk])))
+        var small = Machine(name: "small", disks: Repository.diskNames(for: [disk]))
+        small.chunkSize = 64 << 10
+        try repo.protect(small)
+        let a = try repo.backup("big"), b = try repo.backup("small")
+        #expect(a.chunkSize == 1 << 20 && b.chunkSize == 64 << 10)
+        #expect(try repo.index(b, disk: "disk").ids.count == size / (64 << 10))
+        // 64 KiB written in the random half rewrites one chunk of each: 1 MiB against 64 KiB stored.
+        Disk.patch(disk, writes: [(3 << 20, Bytes.random(64 << 10, seed: 33))])
+        let a2 = try repo.backup("big"), b2 = try repo.backup("small")
+        #expect(a2.newBytes == 1 << 20 && b2.newBytes == 64 << 10)
+        for point in [a2, b2] {
+            let out = scratch.file("\(point.machine).raw")
+            _ = try repo.restore(point, disk: "disk", to: out)
+            #expect(Disk.contents(out) == Disk.contents(disk), "\(point.machine) restores byte-identical")
+        }
+        #expect(try repo.verify().isClean)
+        var bad = Machine(name: "bad", disks: Repository.diskNames(for: [disk]))
+        bad.chunkSize = 4096   // below the frame size
+        #expect(throws: LifeboatError.self) { try repo.protect(bad) }
+    }
+
     @Test("restoring onto an existing same-size disk writes only the chunks that differ")
     func restoreInPlace() throws {
         let scratch = Scratch()
