@@ -93,6 +93,31 @@ struct BackupRestoreTests {
         #expect(throws: LifeboatError.self) { try repo.protect(bad) }
     }
 
+    @Test("a machine's bandwidth caps the bytes a point reads, not the chunks it takes from the previous point")
+    func bandwidth() throws {
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        try Disk.make(disk, size: 24 << 20, writes: [(0, Bytes.random(24 << 20, seed: 41))])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        var machine = Machine(name: "capped", disks: Repository.diskNames(for: [disk]))
+        machine.bandwidth = 12   // MiB/s: 24 MiB take 2 s
+        try repo.protect(machine)
+        let started = Date()
+        let first = try repo.backup("capped")
+        let took = Date().timeIntervalSince(started)
+        #expect(took >= 1.8 && took < 6, "24 MiB at 12 MiB/s: \(took) s")
+        #expect(first.bytesRead == 24 << 20)
+        // Changed-block input: only the 1 MiB read counts against the cap, not the 23 MiB taken over.
+        let index = try repo.index(first, disk: "disk")
+        let capture = DiskCapture(name: "disk", origin: disk, size: 24 << 20, ranges: [(5 << 20)..<(6 << 20)], base: index) {
+            FileReader(file: try PosixFile.openForReading(disk, what: "disk"), path: disk)
+        }
+        let again = Date()
+        let second = try repo.backup("capped", captures: [capture], details: PointDetails(consistency: "consistent", readMode: "incremental"))
+        #expect(second.bytesRead == 1 << 20)
+        #expect(Date().timeIntervalSince(again) < 1, "1 MiB at 12 MiB/s takes under a second")
+    }
+
     @Test("restoring onto an existing same-size disk writes only the chunks that differ")
     func restoreInPlace() throws {
         let scratch = Scratch()
