@@ -60,8 +60,6 @@ final class LocalChunkStore: ChunkStore {
         return ids
     }
 
-    /// Linux's O_TMPFILE (x86-64 and arm64 value): a file without a name until `linkat` gives it one.
-    private static let unnamedFile: CInt = 0o20000000 | O_DIRECTORY
     /// False once the file system refused O_TMPFILE (NFS, say): chunks go through temporary names.
     private let unnamedFiles = Atomic<Bool>(true)
 
@@ -72,7 +70,7 @@ final class LocalChunkStore: ChunkStore {
         let final = path(id)
         if unnamedFiles.load(ordering: .relaxed) {
             do {
-                let file = try PosixFile(path: FileSystem.parent(of: final), flags: Self.unnamedFile | O_WRONLY, mode: 0o600)
+                let file = try PosixFile(path: FileSystem.parent(of: final), flags: O_TMPFILE | O_WRONLY, mode: 0o600)
                 try file.write(bytes, at: 0)
                 file.startWriteback()
                 // The same chunk stored meanwhile by another writer is the same bytes: done either way.

@@ -11,6 +11,14 @@ private let SEEK_DATA: CInt = 3  // <unistd.h> under _GNU_SOURCE, which Swift's 
 private let SEEK_HOLE: CInt = 4
 
 @_silgen_name("syncfs") private func c_syncfs(_ fd: CInt) -> CInt
+/// Linux open flags Glibc's Swift overlay leaves out (they need _GNU_SOURCE): O_DIRECT (I/O
+/// around the page cache) and O_TMPFILE (a file without a name until `linkat` gives it one).
+#if arch(arm64)
+package let O_DIRECT: CInt = 0o200000
+#else
+package let O_DIRECT: CInt = 0o40000
+#endif
+package let O_TMPFILE: CInt = 0o20000000 | O_DIRECTORY
 @_silgen_name("sync_file_range") private func c_sync_file_range(_ fd: CInt, _ offset: Int64, _ count: Int64, _ flags: CUnsignedInt) -> CInt
 private let SYNC_FILE_RANGE_WRITE: CUnsignedInt = 2
 

@@ -74,7 +74,7 @@ extension Repository {
             while let i = work.take() {
                 defer { progress.add(1) }
                 do {
-                    bytes.add(try self.readChunk(ids[i], into: buffer), ordering: .relaxed)
+                    bytes.add(try self.readChunk(ids[i], into: buffer, deep: true), ordering: .relaxed)
                 } catch let error as LifeboatError {
                     damaged.withLock { $0[ids[i]] = error.message }
                 }

@@ -252,9 +252,10 @@ public final class Repository: Sendable {
     }
 
     /// Reads one chunk's plaintext into `buffer`; returns its length.
+    /// - Parameter deep: check every frame's plaintext digest also where AES-GCM authenticated it (verify).
     /// - Throws: `.damaged` naming the chunk when it is missing or does not match its id.
-    public func readChunk(_ id: ChunkID, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
-        try store.read(id).withUnsafeBytes { try codec.decode($0, id: id, into: buffer) }
+    public func readChunk(_ id: ChunkID, into buffer: UnsafeMutableRawBufferPointer, deep: Bool = false) throws -> Int {
+        try store.read(id).withUnsafeBytes { try codec.decode($0, id: id, into: buffer, deep: deep) }
     }
 
     /// Reads frame `k` of a chunk into `buffer` (at least the frame size); returns the chunk's
