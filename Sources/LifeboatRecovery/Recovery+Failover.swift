@@ -533,7 +533,9 @@ extension Recovery {
             } catch let error as LifeboatError where error.code == .busy {
                 // another command works on the machine: look again shortly
             }
-            if try !seed(name, heartbeat: heartbeat) { Thread.sleep(forTimeInterval: 0.3) }
+            // A block job is looked at every 0.1 s: each disk waits on two of them, and a coarser
+            // look added up to a second to a finalisation of four (one look is a few ms).
+            if try !seed(name, heartbeat: heartbeat) { Thread.sleep(forTimeInterval: 0.1) }
         }
     }
 

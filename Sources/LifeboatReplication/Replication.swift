@@ -29,6 +29,23 @@ public struct Replication: Sendable {
     /// Prefix of the checkpoints lifeboat makes: a person sees they are lifeboat's.
     public static let checkpointPrefix = "lifeboat-"
 
+    /// The start of a machine's checkpoint names, `lifeboat-REPO-MACHINE-` (REPO: the first 8
+    /// characters of the repository's id): two machines, or two repositories, may protect one
+    /// domain, and each chain must only ever delete its own checkpoints.
+    public func checkpointStem(_ machine: String) -> String {
+        Self.checkpointPrefix + String(repository.config.id.prefix(8)) + "-" + machine + "-"
+    }
+
+    /// True for a checkpoint `checkpointStem(machine)` + a point id: not one of machine "web-b"'s
+    /// when the machine is "web".
+    func isCheckpoint(_ name: String, of machine: String) -> Bool {
+        let stem = checkpointStem(machine)
+        guard name.hasPrefix(stem) else { return false }
+        let parts = name.dropFirst(stem.count).split(separator: "-", omittingEmptySubsequences: false)
+        return (2...3).contains(parts.count) && parts[0].count == 8 && parts[1].count == 6
+            && parts.allSatisfy { !$0.isEmpty && $0.allSatisfy(\.isASCII) && $0.allSatisfy(\.isNumber) }
+    }
+
     public init(repository: Repository, hotDirectory: String, runDirectory: String = "/run/lifeboat",
                 defaultConnectURI: String = "qemu:///system") {
         self.repository = repository
@@ -124,9 +141,9 @@ public struct Replication: Sendable {
             base = usable
             if let why { notes.append(why) }
         }
-        let taken = Set(checkpoints.filter { $0.hasPrefix(Self.checkpointPrefix) }
-            .map { String($0.dropFirst(Self.checkpointPrefix.count)) })
-        let checkpoint = bitmaps ? Self.checkpointPrefix + Repository.pointID(for: Date(), existing: taken) : nil
+        let stem = checkpointStem(name)
+        let taken = Set(checkpoints.filter { isCheckpoint($0, of: name) }.map { String($0.dropFirst(stem.count)) })
+        let checkpoint = bitmaps ? stem + Repository.pointID(for: Date(), existing: taken) : nil
         Trace.mark("checkpoint chain checked")
         do {
             return try readRunning(name, domain: domain, connectURI: connectURI, disks: disks, previous: previous, base: base, checkpoint: checkpoint,
@@ -248,8 +265,9 @@ public struct Replication: Sendable {
         }
         session.committed()
         Trace.mark("point written")
-        // Only the newest checkpoint is a base from now on: older lifeboat checkpoints go.
-        for old in ((try? domain.checkpoints()) ?? []) where old.hasPrefix(Self.checkpointPrefix) && old != checkpoint {
+        // Only the newest checkpoint is a base from now on: this machine's older ones go (and the
+        // previous point's, named before names carried the repository and machine).
+        for old in ((try? domain.checkpoints()) ?? []) where (isCheckpoint(old, of: name) || old == previous?.checkpoint) && old != checkpoint {
             try? domain.deleteCheckpoint(old)
         }
         Trace.mark("old checkpoints deleted")

@@ -159,6 +159,18 @@ struct ReplicationTests {
         #expect(checkpoints.count == 1 && checkpoints[0].hasPrefix("lifeboat-") && checkpoints[0] == third["checkpoint"] as? String,
                 "one lifeboat checkpoint, the last point's: \(checkpoints)")
         #expect(try lab.leftovers().isEmpty)
+        // A second machine of the same domain (as another repository's would be) keeps a chain
+        // of its own: neither deletes the other's checkpoint.
+        let other = lab.machine + "-b"
+        try lab.check(["protect", other, "--domain", lab.domain])
+        try lab.check(["backup", other])
+        let fourth = try lab.point()
+        #expect(fourth["readMode"] as? String == "incremental", "the first chain survived the second machine's point: \(fourth)")
+        let otherText = try lab.check(["backup", other, "--json"])
+        let otherPoint = (try? JSONSerialization.jsonObject(with: Data(otherText.utf8)) as? [String: Any]) ?? [:]
+        #expect(otherPoint["readMode"] as? String == "incremental", "\(otherPoint)")
+        let both = try lab.checkpoints()
+        #expect(both.count == 2, "one checkpoint per machine: \(both)")
         let listing = try lab.check(["points", lab.machine])
         #expect(listing.contains("application-consistent") && listing.contains("incremental"), "\(listing)")
 
