@@ -107,7 +107,7 @@ extension Repository {
                         throw LifeboatError(.damaged, "\(error.message) (disk \(disk) at offset \(offset)); nothing wrong was written: try another point")
                     }
                 }
-                let target = direct != nil && length % 4096 == 0 ? direct! : file
+                let target = length % 4096 == 0 ? direct ?? file : file
                 do { try target.write(UnsafeRawBufferPointer(out), at: offset) } catch { throw LifeboatError.io(error, "cannot write", file.path) }
                 written.add(length, ordering: .relaxed)
             }
