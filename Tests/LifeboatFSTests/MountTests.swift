@@ -221,11 +221,18 @@ struct MountTests {
         let cache = 16 << 20
         #expect(try CLI.run(["mount", mnt, "--repo", repo.root, "--cache-size", "\(cache)"]).status == 0)
         defer { _ = try? CLI.run(["unmount", mnt]) }
-        #expect(try sha256("\(mnt)/big/\(point.id)/big.raw") == sha256(disk))
         let pid = try sh(["pgrep", "-f", "lifeboat mount \(mnt) --foreground"]).split(separator: "\n").first.map(String.init) ?? ""
-        let status = try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)
-        let peakKiB = Int(status.split(separator: "\n").first { $0.hasPrefix("VmHWM:") }!.split(separator: " ")[1])!
-        #expect(peakKiB * 1024 < cache + (80 << 20), "peak RSS \(peakKiB) KiB after reading 384 MiB with a 16 MiB cache")
+        func kib(_ field: String) throws -> Int {
+            let status = try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)
+            return Int(status.split(separator: "\n").first { $0.hasPrefix(field + ":") }!.split(separator: " ")[1])!
+        }
+        // Measured from the daemon as it starts (its code and libraries: 45 MiB in a debug
+        // build), so that the bound is about what reading costs, not how big the binary is.
+        let started = try kib("VmRSS")
+        #expect(try sha256("\(mnt)/big/\(point.id)/big.raw") == sha256(disk))
+        let grown = (try kib("VmHWM") - started) * 1024
+        #expect(grown < cache + (64 << 20),
+                "the daemon grew by \(grown >> 10) KiB reading 384 MiB with a 16 MiB cache (from \(started) KiB)")
     }
 
     @Test("encrypted repositories are served too")
