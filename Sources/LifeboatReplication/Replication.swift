@@ -32,7 +32,7 @@ public struct Replication: Sendable {
     /// The start of a machine's checkpoint names, `lifeboat-REPO-MACHINE-` (REPO: the first 8
     /// characters of the repository's id): two machines, or two repositories, may protect one
     /// domain, and each chain must only ever delete its own checkpoints.
-    public func checkpointStem(_ machine: String) -> String {
+    func checkpointStem(_ machine: String) -> String {
         Self.checkpointPrefix + String(repository.config.id.prefix(8)) + "-" + machine + "-"
     }
 
@@ -43,7 +43,7 @@ public struct Replication: Sendable {
         guard name.hasPrefix(stem) else { return false }
         let parts = name.dropFirst(stem.count).split(separator: "-", omittingEmptySubsequences: false)
         return (2...3).contains(parts.count) && parts[0].count == 8 && parts[1].count == 6
-            && parts.allSatisfy { !$0.isEmpty && $0.allSatisfy(\.isASCII) && $0.allSatisfy(\.isNumber) }
+            && parts.allSatisfy { !$0.isEmpty && $0.allSatisfy { $0.isASCII && $0.isNumber } }
     }
 
     public init(repository: Repository, hotDirectory: String, runDirectory: String = "/run/lifeboat",

@@ -173,8 +173,8 @@ final class ChunkCodec: Sendable {
             length = plain.count
         }
         guard keys != nil else { return length }
-        let body = Array(UnsafeRawBufferPointer(rebasing: out[0..<length]))
-        return try body.withUnsafeBytes { try seal($0, id: id, frame: k, into: out) }
+        // Sealing returns a new buffer, copied over `out` only after it has read the body.
+        return try seal(UnsafeRawBufferPointer(rebasing: out[0..<length]), id: id, frame: k, into: out)
     }
 
     /// Seals a frame's stored body under the id and frame number (encrypted repositories).

@@ -64,8 +64,7 @@ final class LocalChunkStore: ChunkStore {
     private let unnamedFiles = Atomic<Bool>(true)
 
     /// The chunk is written into an unnamed file in its folder and linked under its id once whole:
-    /// a killed writer leaves nothing behind, and no temporary name is made, renamed and looked
-    /// up again (two backup workers creating names in one folder contend for its lock).
+    /// a killed writer leaves nothing behind, so a point need not look for dead writers' files.
     func write(_ id: ChunkID, _ bytes: UnsafeRawBufferPointer) throws {
         let final = path(id)
         if unnamedFiles.load(ordering: .relaxed) {

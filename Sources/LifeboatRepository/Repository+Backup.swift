@@ -115,8 +115,7 @@ extension Repository {
     /// `staging`; the point becomes visible only once every chunk and index is durable.
     private func writePoint(_ name: String, chunkSize: Int, now: Date,
                             makeDisks: (_ previous: RecoveryPoint?, _ known: ChunkSet, _ staging: String) throws -> PointDraft) throws -> RecoveryPoint {
-        _ = try self.machine(name)
-        let started = Date()
+        let started = Date()   // (the callers have read the machine: it exists)
         let lockPath = machinePath(name) + "/backup.lock"
         guard let machineLock = try FileLock(path: lockPath, mode: .exclusive, wait: false) else {
             let owner = FileLock.owner(of: lockPath).map { " (pid \($0))" } ?? ""

@@ -24,7 +24,7 @@ public final class Repository: Sendable {
     public static let defaultFrameSize = 64 * 1024
     /// 256 KiB: the chunk size of machines protected with --domain. An incremental point rewrites
     /// every chunk a guest write touches: 40 MiB of scattered 64 KiB writes stored 320 MiB of
-    /// 1 MiB chunks and 100 MiB of 256 KiB ones (scripts/bench-replicate, docs/REPLICATION.md).
+    /// 1 MiB chunks and about 105 MiB of 256 KiB ones (measured by hand on bench-replicate's disk, docs/REPLICATION.md).
     public static let replicationChunkSize = 256 << 10
 
     public let root: String
@@ -46,9 +46,7 @@ public final class Repository: Sendable {
     /// - Throws: `.alreadyExists` when a repository or other files are there.
     public static func create(at root: String, password: String? = nil, chunkSize: Int = defaultChunkSize,
                               frameSize: Int? = nil, compressionLevel: Int = defaultCompressionLevel) throws -> Repository {
-        guard chunkSize >= 4096, chunkSize <= 16 << 20, chunkSize & (chunkSize - 1) == 0 else {
-            throw LifeboatError(.invalidArgument, "invalid chunk size \(chunkSize): use a power of two from 4096 to 16777216")
-        }
+        try checkChunkSize(chunkSize, from: 4096)
         let frameSize = frameSize ?? min(chunkSize, defaultFrameSize)
         guard frameSize >= 4096, frameSize <= chunkSize, frameSize & (frameSize - 1) == 0 else {
             throw LifeboatError(.invalidArgument, "invalid frame size \(frameSize): use a power of two from 4096 up to the chunk size")
@@ -140,11 +138,7 @@ public final class Repository: Sendable {
             throw LifeboatError(.invalidArgument, "machine \(machine.name) needs at least one --disk PATH")
         }
         for disk in machine.disks { try DiskSource.check(path: disk.path) }
-        if let chunkSize = machine.chunkSize,
-           chunkSize < config.frameSize || chunkSize > 16 << 20 || chunkSize & (chunkSize - 1) != 0 {
-            throw LifeboatError(.invalidArgument,
-                                "invalid chunk size \(chunkSize): use a power of two from the repository's frame size (\(config.frameSize)) to 16777216")
-        }
+        if let chunkSize = machine.chunkSize { try Self.checkChunkSize(chunkSize, from: config.frameSize) }
         let dir = machinePath(machine.name)
         if FileSystem.exists(dir + "/machine.json") {
             throw LifeboatError(.alreadyExists, "machine \(machine.name) is already protected: pick another name or 'lifeboat unprotect \(machine.name)' first")
@@ -152,6 +146,13 @@ public final class Repository: Sendable {
         try FileSystem.makeDirectory(dir)
         try FileSystem.makeDirectory(pointsPath(machine.name))
         try save(machine)
+    }
+
+    /// A chunk size is a power of two from `minimum` (4 KiB, or the repository's frame size) to 16 MiB.
+    static func checkChunkSize(_ size: Int, from minimum: Int) throws {
+        guard size >= minimum, size <= 16 << 20, size & (size - 1) == 0 else {
+            throw LifeboatError(.invalidArgument, "invalid chunk size \(size): use a power of two from \(minimum) to 16777216")
+        }
     }
 
     /// The chunk size of a machine's points: its own, else the repository's.
