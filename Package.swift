@@ -119,7 +119,7 @@ let package = Package(
         ),
         .testTarget(
             name: "LifeboatRepositoryTests",
-            dependencies: ["LifeboatRepository", "LifeboatTestSupport"]
+            dependencies: ["LifeboatRepository", "LifeboatTestSupport", .product(name: "Crypto", package: "swift-crypto")]
         ),
         .testTarget(
             name: "LifeboatFSTests",

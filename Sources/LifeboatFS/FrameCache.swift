@@ -40,9 +40,11 @@ public final class FrameCache: Sendable {
     /// Bytes of decoded frames held now.
     public var size: Int { state.withLock { $0.bytes } }
 
-    /// The plaintext of frame `frame` of `chunk`, from the cache or the repository.
+    /// The plaintext of frame `frame` of `chunk`, from the cache or the repository. Frames it was
+    /// compressed against (compacted chunks) come through the cache too: many frames share them.
+    /// - Parameter asReference: the frame is one another frame refers to (it may not refer to others).
     /// - Throws: `.damaged` when the chunk is missing or does not match its id.
-    func frame(_ frame: Int, of chunk: ChunkID) throws -> [UInt8] {
+    func frame(_ frame: Int, of chunk: ChunkID, asReference: Bool = false) throws -> [UInt8] {
         let key = Key(chunk: chunk, frame: frame)
         enum Step { case hit([UInt8]), wait(Pending), load(Pending) }
         let step: Step = state.withLock { state in
@@ -63,7 +65,7 @@ public final class FrameCache: Sendable {
             pending.done.wait()
             return try pending.result!.get()
         case .load(let pending):
-            let result = Result { try load(key) }
+            let result = Result { try load(key, asReference: asReference) }
             pending.result = result
             state.withLock { state in
                 state.pending[key] = nil
@@ -80,7 +82,7 @@ public final class FrameCache: Sendable {
         let missing = state.withLock { state in
             (0..<frames).contains { state.frames[Key(chunk: chunk, frame: $0)] == nil && state.pending[Key(chunk: chunk, frame: $0)] == nil }
         }
-        guard missing, let decoded = try? repository.readFrames(chunk) else { return }
+        guard missing, let decoded = try? repository.readFrames(chunk, references: referenceReader) else { return }
         state.withLock { state in
             state.layouts[chunk] = decoded.layout
             for (k, bytes) in decoded.frames.enumerated() where state.frames[Key(chunk: chunk, frame: k)] == nil {
@@ -90,14 +92,35 @@ public final class FrameCache: Sendable {
         }
     }
 
-    private func load(_ key: Key) throws -> [UInt8] {
-        let known = state.withLock { $0.layouts[key.chunk] }
-        var bytes = [UInt8](repeating: 0, count: repository.config.frameSize)
-        let (layout, length) = try bytes.withUnsafeMutableBytes {
-            try repository.readFrame(key.frame, of: key.chunk, layout: known, into: $0)
+    /// Layouts held now.
+    var layoutCount: Int { state.withLock { $0.layouts.count } }
+
+    /// Reads the layouts of `chunks` not known yet, several at a time (on the caller's thread:
+    /// call it from a background one), up to what the layout cache holds.
+    func warmLayouts(_ chunks: [ChunkID]) {
+        let wanted = state.withLock { state in
+            Array(chunks.filter { state.layouts[$0] == nil }.prefix(max(0, maxLayouts - state.layouts.count)))
         }
-        bytes.removeLast(bytes.count - length)
-        if known == nil {
+        guard !wanted.isEmpty else { return }
+        let layouts = repository.chunkLayouts(wanted)
+        state.withLock { state in
+            for (id, layout) in layouts where state.layouts[id] == nil && state.layouts.count < maxLayouts { state.layouts[id] = layout }
+        }
+    }
+
+    private var referenceReader: ReferenceReader { { try self.frame($0.frame, of: $0.chunk, asReference: true) } }
+
+    private func load(_ key: Key, asReference: Bool) throws -> [UInt8] {
+        let known = state.withLock { $0.layouts[key.chunk] }
+        var readLayout: ChunkLayout? = nil
+        let bytes = try [UInt8](filling: repository.config.frameSize) {
+            let (read, length) = try repository.readFrame(key.frame, of: key.chunk, layout: known, into: $0,
+                                                          references: asReference ? nil : referenceReader)
+            readLayout = read
+            return length
+        }
+        let layout = readLayout!
+        if known?.inode != layout.inode {
             state.withLock { state in
                 if state.layouts.count >= maxLayouts { state.layouts.removeAll(keepingCapacity: true) }
                 state.layouts[key.chunk] = layout

@@ -46,6 +46,10 @@ public final class FuseSession {
     /// SIGINT, SIGTERM or SIGHUP (then it unmounts itself).
     public func run(threads: Int) throws {
         guard let fuse else { return }
+        // Frames come and go by the thousand: freed heap memory is kept for the next ones rather
+        // than given back and faulted in again (page faults were 7% of a random-read run's samples).
+        _ = c_mallopt(-1, 256 << 20)   // M_TRIM_THRESHOLD (<malloc.h>, which Glibc's module leaves out)
+        _ = c_mallopt(-3, 4 << 20)     // M_MMAP_THRESHOLD
         let session = fuse_get_session(fuse)
         guard fuse_set_signal_handlers(session) == 0 else { throw LifeboatError(.io, "cannot set FUSE signal handlers") }
         defer { fuse_remove_signal_handlers(session) }
@@ -198,3 +202,5 @@ private enum Trampolines {
         ops.fallocate = { _, _, _, _, _ in -EROFS }
     }
 }
+
+@_silgen_name("mallopt") private func c_mallopt(_ parameter: CInt, _ value: CInt) -> CInt

@@ -157,7 +157,9 @@ public final class RecoveryPointFileSystem: FuseFileSystem {
             let point = try point(name, id)
             guard point.disks.contains(where: { $0.name == disk }) else { throw Errno.noSuchFileOrDirectory }
             do {
-                file = .disk(DiskFile(index: try repository.indexReader(point, disk: disk), label: "\(name)/\(id)/\(disk).raw"))
+                let disk = DiskFile(index: try repository.indexReader(point, disk: disk), label: "\(name)/\(id)/\(disk).raw")
+                file = .disk(disk)
+                warmLayouts(of: disk)
             } catch {
                 log("cannot open \(name)/\(id)/\(disk).raw: \(error)")
                 throw Errno.ioError
@@ -229,6 +231,19 @@ public final class RecoveryPointFileSystem: FuseFileSystem {
             position = frameEnd
         }
         return end - offset
+    }
+
+    /// Reads the layouts of an opened disk's chunks in the background: a recovery VM reads its
+    /// disk at random, one request at a time, and each first read of a chunk would otherwise
+    /// wait for its header before its frame (measured in docs/MOUNT.md).
+    private func warmLayouts(of disk: DiskFile) {
+        let cache = self.cache
+        let thread = Thread {
+            guard let ids = try? disk.index.ids(limit: 1 << 16) else { return }
+            cache.warmLayouts(ids)
+        }
+        thread.name = "lifeboat-layouts"
+        thread.start()
     }
 
     /// Loads the next frames of a sequential reader in the background, a few at a time.

@@ -15,6 +15,21 @@ struct RepositoryKeys: Sendable {
     }
 }
 
+/// A frame of a stored chunk: the chunk's id and the frame's number.
+public struct FrameReference: Hashable, Sendable {
+    public let chunk: ChunkID
+    public let frame: Int
+
+    public init(chunk: ChunkID, frame: Int) {
+        self.chunk = chunk
+        self.frame = frame
+    }
+}
+
+/// Gives the plaintext of a frame that another frame was compressed against (see `ChunkCodec`).
+/// Such a frame never refers to others itself: whoever decodes one passes no reader.
+public typealias ReferenceReader = (FrameReference) throws -> [UInt8]
+
 /// Where the frames of one stored chunk are, read from its header and frame table and checked
 /// against the chunk id. Lets a reader fetch and decode one frame without the rest.
 public struct ChunkLayout: Sendable {
@@ -25,10 +40,20 @@ public struct ChunkLayout: Sendable {
     let frames: [(range: Range<Int>, digest: ChunkID)]
     let compressed: Bool
     let encrypted: Bool
+    /// 1: frames are bare zstd frames (or plain when as long as their plaintext); 2: every frame
+    /// starts with its mode (see `ChunkCodec`).
+    let version: UInt8
+    /// Written by `compact`, which does not rewrite it again.
+    public let compacted: Bool
+    /// The inode of the file it was read from (0: not known). `compact` replaces chunk files
+    /// under the same name: a reader holding a layout checks that it still describes the file.
+    public internal(set) var inode: UInt64 = 0
 
     public var frameCount: Int { frames.count }
     public func storedRange(ofFrame k: Int) -> Range<Int> { frames[k].range }
     public func rawLength(ofFrame k: Int) -> Int { min(frameSize, rawLength - k * frameSize) }
+    /// Bytes of the header and frame table.
+    var tableEnd: Int { ChunkCodec.headerSize + frames.count * ChunkCodec.tableEntrySize }
 }
 
 /// Turns plaintext chunks into stored chunk files and back, and names them.
@@ -39,29 +64,52 @@ public struct ChunkLayout: Sendable {
 /// an encrypted repository; it depends on the plaintext alone, so equal chunks share one id.
 ///
 /// Stored chunk: a 16-byte header, a frame table, then the frames.
-/// Header: `"LBCK" | version 1 | flags | log2(frame size) | 0 | raw length (u32 LE) | frame count (u32 LE)`.
-/// Flags: bit 0 = frames are zstd (a frame whose stored size equals its raw size is stored plain),
-/// bit 1 = AES-256-GCM (each frame: nonce | ciphertext | tag, with the chunk id and frame number
-/// as associated data). Table: per frame, stored length (u32 LE) and plaintext digest (32 bytes).
+/// Header: `"LBCK" | version | flags | log2(frame size) | 0 | raw length (u32 LE) | frame count (u32 LE)`.
+/// Flags: bit 0 = frames are zstd, bit 1 = AES-256-GCM (each frame: nonce | ciphertext | tag,
+/// with the chunk id and frame number as associated data), bit 2 = compacted. Table: per frame,
+/// stored length (u32 LE) and plaintext digest (32 bytes).
+///
+/// Version 2 frames (version 1, still read, had bare zstd frames, plain when not smaller) start
+/// with their mode: 0 plain bytes; 1 a zstd frame; 2 a u32 LE dictionary number, then a zstd
+/// frame compressed with that repository dictionary; 3 a count n (1-4) and n references (chunk
+/// id, u16 LE frame number), then a zstd frame compressed against the referenced frames'
+/// plaintext, concatenated (a prefix: what dedups 4 KiB-aligned copies of files that fixed
+/// chunks miss). A referenced frame never has mode 3 itself, so a read costs at most one level
+/// of references. Modes 1 and 2 with bit 7 set: the plaintext went through `X86Filter` before
+/// compression (x86 code: call and jump targets made absolute). Encrypted, the mode and
+/// references are inside the sealed body.
 final class ChunkCodec: Sendable {
     static let headerSize = 16
     static let tableEntrySize = 36
     static let magic: [UInt8] = Array("LBCK".utf8)
+    static let version: UInt8 = 2
     private static let flagZstd: UInt8 = 1
     private static let flagEncrypted: UInt8 = 2
+    private static let flagCompacted: UInt8 = 4
     private static let sealOverhead = 12 + 16
+    static let maxReferences = 4
+    private static let referenceSize = 32 + 2
+
+    enum Mode: UInt8 {
+        case plain = 0, zstd = 1, dictionary = 2, references = 3
+    }
+    /// Set in the mode byte of a frame whose plaintext was filtered (see `X86Filter`).
+    static let filtered: UInt8 = 0x80
 
     let zstd: Zstd
     let keys: RepositoryKeys?
     let frameSize: Int
+    /// The repository's trained dictionaries (frames of mode 2).
+    let dictionaries: DictionaryShelf?
     /// The digest of a whole frame of zeros (a frame that holds nothing).
     let zeroFrameDigest: ChunkID
 
-    init(compression: RepositoryConfig.Compression, frameSize: Int, keys: RepositoryKeys?) {
+    init(compression: RepositoryConfig.Compression, frameSize: Int, keys: RepositoryKeys?, dictionaries: DictionaryShelf? = nil) {
         zstd = Zstd(level: Int32(compression.level), hashLog: Int32(compression.hashLog ?? 0),
                     chainLog: Int32(compression.chainLog ?? 0), minMatch: Int32(compression.minMatch ?? 0))
         self.keys = keys
         self.frameSize = frameSize
+        self.dictionaries = dictionaries
         zeroFrameDigest = Self.digest([UInt8](repeating: 0, count: frameSize), keys: keys)
     }
 
@@ -76,7 +124,7 @@ final class ChunkCodec: Sendable {
 
     private func frameCount(_ length: Int) -> Int { max(1, (length + frameSize - 1) / frameSize) }
 
-    private func frame(_ k: Int, of data: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer {
+    func frame(_ k: Int, of data: UnsafeRawBufferPointer) -> UnsafeRawBufferPointer {
         UnsafeRawBufferPointer(rebasing: data[(k * frameSize)..<min(data.count, (k + 1) * frameSize)])
     }
 
@@ -97,10 +145,15 @@ final class ChunkCodec: Sendable {
         return table.withUnsafeBytes { digest($0) }
     }
 
+    /// Bytes one frame can take when stored, at most (mode and references included).
+    var storedFrameBound: Int {
+        max(Zstd.bound(frameSize), frameSize) + 2 + Self.maxReferences * Self.referenceSize + Self.sealOverhead
+    }
+
     /// Bytes of scratch space `encode` needs for a chunk of `chunkSize`.
     func scratchSize(chunkSize: Int) -> Int {
         let frames = frameCount(chunkSize)
-        return Self.headerSize + frames * (Self.tableEntrySize + Self.sealOverhead) + max(Zstd.bound(frameSize), frameSize) * frames
+        return Self.headerSize + frames * Self.tableEntrySize + storedFrameBound * frames
     }
 
     /// Encodes a chunk for storage into `scratch` (see `scratchSize`). Returns the stored bytes, inside `scratch`.
@@ -108,8 +161,17 @@ final class ChunkCodec: Sendable {
     func encode(_ data: UnsafeRawBufferPointer, id: ChunkID, digests: [ChunkID]? = nil,
                 scratch: UnsafeMutableRawBufferPointer) throws -> UnsafeRawBufferPointer {
         let digests = digests ?? frameDigests(of: data)
-        return try assemble(rawLength: data.count, id: id, digests: digests, scratch: scratch) { k, out in
-            try compressAndSeal(frame(k, of: data), id: id, frame: k, into: out)
+        return try assemble(rawLength: data.count, id: id, digests: digests, compacted: false, scratch: scratch) { k, out in
+            try seal(writeBody(frame(k, of: data), into: out, compressor: zstd, dictionary: nil), in: out, id: id, frame: k)
+        }
+    }
+
+    /// Encodes a chunk whose frames' bodies `body(k, out)` writes into `out` (returning their
+    /// length; see `writeBody`), marked as compacted. Returns the stored bytes, inside `scratch`.
+    func encodeCompacted(rawLength: Int, id: ChunkID, digests: [ChunkID], scratch: UnsafeMutableRawBufferPointer,
+                         body: (Int, UnsafeMutableRawBufferPointer) throws -> Int) throws -> UnsafeRawBufferPointer {
+        try assemble(rawLength: rawLength, id: id, digests: digests, compacted: true, scratch: scratch) { k, out in
+            try seal(body(k, out), in: out, id: id, frame: k)
         }
     }
 
@@ -118,36 +180,56 @@ final class ChunkCodec: Sendable {
     /// only those are compressed; the others are taken as stored (unencrypted), or opened and
     /// sealed again under the new id (encrypted: the id is their associated data). A changed-block
     /// point that touched one 64 KiB frame of a chunk compresses 64 KiB, not the whole chunk.
-    /// - Parameter digests: the new chunk's frame digests (the old ones for unchanged frames).
+    /// A kept frame that refers to other frames is decoded and compressed anew, so that only
+    /// `compact` makes references (and records them for `gc`).
+    /// - Parameters:
+    ///   - digests: the new chunk's frame digests (the old ones for unchanged frames).
+    ///   - references: reads the frames the old chunk's frames refer to.
     func encode(patching layout: ChunkLayout, stored: UnsafeRawBufferPointer, data: UnsafeRawBufferPointer, changed: [Bool],
-                id: ChunkID, digests: [ChunkID], scratch: UnsafeMutableRawBufferPointer) throws -> UnsafeRawBufferPointer {
+                id: ChunkID, digests: [ChunkID], scratch: UnsafeMutableRawBufferPointer,
+                references: ReferenceReader?) throws -> UnsafeRawBufferPointer {
         precondition(layout.rawLength == data.count && changed.count == layout.frameCount)
-        return try assemble(rawLength: data.count, id: id, digests: digests, scratch: scratch) { k, out in
-            if changed[k] { return try compressAndSeal(frame(k, of: data), id: id, frame: k, into: out) }
+        return try assemble(rawLength: data.count, id: id, digests: digests, compacted: false, scratch: scratch) { k, out in
+            if changed[k] { return try seal(writeBody(frame(k, of: data), into: out, compressor: zstd, dictionary: nil), in: out, id: id, frame: k) }
             let old = UnsafeRawBufferPointer(rebasing: stored[layout.storedRange(ofFrame: k)])
-            guard let keys else {
-                out.copyMemory(from: old)
-                return old.count
+            if layout.version >= 2 && keys == nil {
+                if old.first != Mode.references.rawValue {
+                    out.copyMemory(from: old)
+                    return old.count
+                }
             }
-            let body: Data
-            do {
-                body = try AES.GCM.open(try AES.GCM.SealedBox(combined: old), using: keys.encryption,
-                                        authenticating: Self.frameAAD(id: layout.id, frame: k))
-            } catch {
-                throw LifeboatError(.damaged, "chunk \(layout.id.hex) is damaged: authentication failed in frame \(k)")
+            let body = try open(old, id: layout.id, frame: k)
+            return try body.withUnsafeBytes { body in
+                if layout.version == 1 {
+                    // A bare frame of the first format gets its mode in front.
+                    out[0] = body.count == layout.rawLength(ofFrame: k) ? Mode.plain.rawValue : Mode.zstd.rawValue
+                    UnsafeMutableRawBufferPointer(rebasing: out[1...]).copyMemory(from: body)
+                    return try seal(1 + body.count, in: out, id: id, frame: k)
+                }
+                if body.first != Mode.references.rawValue {
+                    out.copyMemory(from: body)
+                    return try seal(body.count, in: out, id: id, frame: k)
+                }
+                var plain = [UInt8](repeating: 0, count: layout.rawLength(ofFrame: k))
+                _ = try plain.withUnsafeMutableBytes {
+                    try decodeFrame(k, of: layout, stored: old, into: $0, references: references)
+                }
+                return try plain.withUnsafeBytes {
+                    try seal(writeBody($0, into: out, compressor: zstd, dictionary: nil), in: out, id: id, frame: k)
+                }
             }
-            return try body.withUnsafeBytes { try seal($0, id: id, frame: k, into: out) }
         }
     }
 
     /// Header, frame table and the frames that `body(k, out)` writes (returning their length).
-    private func assemble(rawLength: Int, id: ChunkID, digests: [ChunkID], scratch: UnsafeMutableRawBufferPointer,
+    private func assemble(rawLength: Int, id: ChunkID, digests: [ChunkID], compacted: Bool, scratch: UnsafeMutableRawBufferPointer,
                           body: (Int, UnsafeMutableRawBufferPointer) throws -> Int) throws -> UnsafeRawBufferPointer {
         let count = frameCount(rawLength)
         var flags = Self.flagZstd
         if keys != nil { flags |= Self.flagEncrypted }
+        if compacted { flags |= Self.flagCompacted }
         for i in 0..<4 { scratch[i] = Self.magic[i] }
-        scratch[4] = 1
+        scratch[4] = Self.version
         scratch[5] = flags
         scratch[6] = UInt8(frameSize.trailingZeroBitCount)
         scratch[7] = 0
@@ -164,29 +246,71 @@ final class ChunkCodec: Sendable {
         return UnsafeRawBufferPointer(rebasing: scratch[0..<offset])
     }
 
-    /// A frame compressed (stored plain when that is not smaller), then sealed; returns its length.
-    private func compressAndSeal(_ plain: UnsafeRawBufferPointer, id: ChunkID, frame k: Int,
-                                 into out: UnsafeMutableRawBufferPointer) throws -> Int {
-        var length = try zstd.compress(plain, into: out)
-        if length >= plain.count {
-            out.copyMemory(from: plain)
-            length = plain.count
+    /// Writes a frame's body into `out`: its mode, the dictionary number, and the frame
+    /// compressed by `compressor`; or the plain bytes when compression would not make it smaller.
+    /// Returns the body's length.
+    /// - Parameter filter: run frames that look like x86 code through `X86Filter` first.
+    func writeBody(_ plain: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer, compressor: Zstd,
+                   dictionary: UInt32?, filter: Bool = false) throws -> Int {
+        var head = 1
+        out[0] = Mode.zstd.rawValue
+        if let dictionary {
+            out[0] = Mode.dictionary.rawValue
+            out.storeBytes(of: dictionary.littleEndian, toByteOffset: 1, as: UInt32.self)
+            head = 5
         }
-        guard keys != nil else { return length }
-        // Sealing returns a new buffer, copied over `out` only after it has read the body.
-        return try seal(UnsafeRawBufferPointer(rebasing: out[0..<length]), id: id, frame: k, into: out)
+        let n: Int
+        if filter && X86Filter.looksLikeCode(plain) {
+            out[0] |= Self.filtered
+            var filtered = [UInt8](plain)
+            filtered.withUnsafeMutableBytes { X86Filter.encode($0) }
+            n = try filtered.withUnsafeBytes { try compressor.compress($0, into: UnsafeMutableRawBufferPointer(rebasing: out[head...])) }
+        } else {
+            n = try compressor.compress(plain, into: UnsafeMutableRawBufferPointer(rebasing: out[head...]))
+        }
+        if head + n < 1 + plain.count { return head + n }
+        out[0] = Mode.plain.rawValue
+        UnsafeMutableRawBufferPointer(rebasing: out[1...]).copyMemory(from: plain)
+        return 1 + plain.count
     }
 
-    /// Seals a frame's stored body under the id and frame number (encrypted repositories).
-    private func seal(_ body: UnsafeRawBufferPointer, id: ChunkID, frame k: Int, into out: UnsafeMutableRawBufferPointer) throws -> Int {
-        guard let keys else {
-            out.copyMemory(from: body)
-            return body.count
+    /// Writes a frame's body compressed against the plaintext of `references` (`prefix`, their
+    /// bytes one after another) into `out`; returns its length.
+    func writeBody(_ plain: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer, compressor: Zstd,
+                   references: [FrameReference], prefix: UnsafeRawBufferPointer) throws -> Int {
+        precondition((1...Self.maxReferences).contains(references.count))
+        out[0] = Mode.references.rawValue
+        out[1] = UInt8(references.count)
+        var head = 2
+        for reference in references {
+            reference.chunk.write(to: UnsafeMutableRawBufferPointer(rebasing: out[head..<(head + 32)]))
+            out.storeBytes(of: UInt16(reference.frame).littleEndian, toByteOffset: head + 32, as: UInt16.self)
+            head += Self.referenceSize
         }
-        let box = try AES.GCM.seal(body, using: keys.encryption, authenticating: Self.frameAAD(id: id, frame: k))
+        return head + (try compressor.compress(plain, into: UnsafeMutableRawBufferPointer(rebasing: out[head...]), prefix: prefix))
+    }
+
+    /// Seals a frame's body (the first `length` bytes of `out`) in place under the id and frame
+    /// number (encrypted repositories); returns the stored length.
+    private func seal(_ length: Int, in out: UnsafeMutableRawBufferPointer, id: ChunkID, frame k: Int) throws -> Int {
+        guard let keys else { return length }
+        // Sealing returns a new buffer, copied over `out` only after it has read the body.
+        let box = try AES.GCM.seal(UnsafeRawBufferPointer(rebasing: out[0..<length]), using: keys.encryption,
+                                   authenticating: Self.frameAAD(id: id, frame: k))
         let combined = box.combined!
         combined.withUnsafeBytes { out.copyMemory(from: $0) }
         return combined.count
+    }
+
+    /// The body of a stored frame: opened (authenticated and decrypted) in an encrypted repository.
+    private func open(_ stored: UnsafeRawBufferPointer, id: ChunkID, frame k: Int) throws -> Data {
+        guard let keys else { return Data(stored) }
+        do {
+            return try AES.GCM.open(try AES.GCM.SealedBox(combined: stored), using: keys.encryption,
+                                    authenticating: Self.frameAAD(id: id, frame: k))
+        } catch {
+            throw LifeboatError(.damaged, "chunk \(id.hex) is damaged: authentication failed in frame \(k)")
+        }
     }
 
     /// The digest of frame `k` of a plaintext chunk.
@@ -206,7 +330,11 @@ final class ChunkCodec: Sendable {
     func layout(_ bytes: UnsafeRawBufferPointer, id: ChunkID, storedSize: Int) throws -> ChunkLayout {
         func damaged(_ why: String) -> LifeboatError { LifeboatError(.damaged, "chunk \(id.hex) is damaged: \(why)") }
         guard bytes.count >= Self.headerSize, bytes[0] == Self.magic[0], bytes[1] == Self.magic[1],
-              bytes[2] == Self.magic[2], bytes[3] == Self.magic[3], bytes[4] == 1 else { throw damaged("bad header") }
+              bytes[2] == Self.magic[2], bytes[3] == Self.magic[3] else { throw damaged("bad header") }
+        let version = bytes[4]
+        guard version == 1 || version == 2 else {
+            throw LifeboatError(.unsupported, "chunk \(id.hex) has format version \(version), newer than this lifeboat understands: upgrade lifeboat")
+        }
         let flags = bytes[5]
         guard bytes[6] < 31, 1 << Int(bytes[6]) == frameSize else { throw damaged("frame size differs from the repository's") }
         let rawLength = Int(UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: 8, as: UInt32.self)))
@@ -230,7 +358,8 @@ final class ChunkCodec: Sendable {
         guard offset == storedSize else { throw damaged("wrong length") }
         guard self.id(ofDigests: frames.map(\.digest)) == id else { throw damaged("frame table does not match its id") }
         return ChunkLayout(id: id, rawLength: rawLength, frameSize: frameSize, frames: frames,
-                           compressed: flags & Self.flagZstd != 0, encrypted: flags & Self.flagEncrypted != 0)
+                           compressed: flags & Self.flagZstd != 0, encrypted: flags & Self.flagEncrypted != 0,
+                           version: version, compacted: version >= 2 && flags & Self.flagCompacted != 0)
     }
 
     /// Decodes frame `k` from its stored bytes into `output` and checks it. Returns the plaintext length.
@@ -239,31 +368,71 @@ final class ChunkCodec: Sendable {
     /// the frame number, the table to the id), so its plaintext digest is computed again only
     /// when `deep` (verify): that hash was a quarter of a restore's CPU time. Unencrypted frames
     /// always have their digest checked: it is their only check.
+    /// - Parameter references: reads the frames a frame of mode 3 was compressed against; nil
+    ///   where no frame may refer to others (a referenced frame itself).
     func decodeFrame(_ k: Int, of layout: ChunkLayout, stored: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer,
-                     deep: Bool = false) throws -> Int {
+                     deep: Bool = false, references: ReferenceReader?) throws -> Int {
         let id = layout.id
         func damaged(_ why: String) -> LifeboatError { LifeboatError(.damaged, "chunk \(id.hex) is damaged: \(why) in frame \(k)") }
         let rawLength = layout.rawLength(ofFrame: k)
         guard output.count >= rawLength else { throw damaged("output too small") }
         let out = UnsafeMutableRawBufferPointer(rebasing: output[0..<rawLength])
-        func unpack(_ body: UnsafeRawBufferPointer) throws -> Int {
+        func unpackFirstFormat(_ body: UnsafeRawBufferPointer) throws -> Int {
             if body.count == rawLength {
                 out.copyMemory(from: body)
                 return rawLength
             }
             guard layout.compressed else { throw damaged("wrong length") }
-            do { return try zstd.decompress(body, into: out) } catch { throw damaged("cannot decompress (\(error))") }
+            do { return try Zstd.decompress(body, into: out) } catch { throw damaged("cannot decompress (\(error))") }
+        }
+        func unpack(_ body: UnsafeRawBufferPointer) throws -> Int {
+            guard layout.version >= 2 else { return try unpackFirstFormat(body) }
+            guard let first = body.first, let mode = Mode(rawValue: first & ~Self.filtered),
+                  first & Self.filtered == 0 || mode == .zstd || mode == .dictionary else { throw damaged("unknown frame mode") }
+            let n = try unpack(body, mode)
+            if first & Self.filtered != 0 { X86Filter.decode(UnsafeMutableRawBufferPointer(rebasing: out[0..<n])) }
+            return n
+        }
+        func unpack(_ body: UnsafeRawBufferPointer, _ mode: Mode) throws -> Int {
+            switch mode {
+            case .plain:
+                guard body.count == 1 + rawLength else { throw damaged("wrong length") }
+                out.copyMemory(from: UnsafeRawBufferPointer(rebasing: body[1...]))
+                return rawLength
+            case .zstd:
+                do { return try Zstd.decompress(UnsafeRawBufferPointer(rebasing: body[1...]), into: out) } catch {
+                    throw damaged("cannot decompress (\(error))")
+                }
+            case .dictionary:
+                guard body.count > 5 else { throw damaged("wrong length") }
+                let number = UInt32(littleEndian: body.loadUnaligned(fromByteOffset: 1, as: UInt32.self))
+                guard let dictionaries else { throw damaged("needs dictionary \(number), which this reader lacks") }
+                let dictionary = try dictionaries.dictionary(number)
+                do { return try Zstd.decompress(UnsafeRawBufferPointer(rebasing: body[5...]), into: out, dictionary: dictionary) } catch {
+                    throw damaged("cannot decompress with dictionary \(number) (\(error))")
+                }
+            case .references:
+                let (targets, head) = try Self.references(in: body, damaged: damaged)
+                guard let references else { throw damaged("refers to other frames, which a referenced frame may not") }
+                var prefix = [UInt8]()
+                prefix.reserveCapacity(targets.count * frameSize)
+                for target in targets {
+                    do { prefix += try references(target) } catch let error as LifeboatError {
+                        throw LifeboatError(error.code, "chunk \(id.hex) frame \(k) refers to frame \(target.frame) of chunk \(target.chunk.hex), which cannot be read: \(error.message)")
+                    }
+                }
+                do {
+                    return try prefix.withUnsafeBytes {
+                        try Zstd.decompress(UnsafeRawBufferPointer(rebasing: body[head...]), into: out, prefix: $0)
+                    }
+                } catch {
+                    throw damaged("cannot decompress against the frames it refers to (\(error))")
+                }
+            }
         }
         let length: Int
-        if let keys {
-            let plain: Data
-            do {
-                plain = try AES.GCM.open(try AES.GCM.SealedBox(combined: stored), using: keys.encryption,
-                                         authenticating: Self.frameAAD(id: id, frame: k))
-            } catch {
-                throw damaged("authentication failed")
-            }
-            length = try plain.withUnsafeBytes { try unpack($0) }
+        if keys != nil {
+            length = try open(stored, id: id, frame: k).withUnsafeBytes { try unpack($0) }
         } else {
             length = try unpack(stored)
         }
@@ -274,9 +443,36 @@ final class ChunkCodec: Sendable {
         return length
     }
 
+    /// The references of a mode-3 body and where its zstd frame starts.
+    private static func references(in body: UnsafeRawBufferPointer, damaged: (String) -> LifeboatError) throws -> ([FrameReference], Int) {
+        guard body.count >= 2, (1...maxReferences).contains(Int(body[1])), body.count > 2 + Int(body[1]) * referenceSize else {
+            throw damaged("bad references")
+        }
+        var targets: [FrameReference] = []
+        var head = 2
+        for _ in 0..<Int(body[1]) {
+            let chunk = ChunkID(bytes: UnsafeRawBufferPointer(rebasing: body[head..<(head + 32)]))
+            targets.append(FrameReference(chunk: chunk, frame: Int(UInt16(littleEndian: body.loadUnaligned(fromByteOffset: head + 32, as: UInt16.self)))))
+            head += referenceSize
+        }
+        return (targets, head)
+    }
+
+    /// The frames that frame `k` of a stored chunk refers to (none unless it has mode 3).
+    func references(ofFrame k: Int, of layout: ChunkLayout, stored: UnsafeRawBufferPointer) throws -> [FrameReference] {
+        guard layout.version >= 2 else { return [] }
+        func damaged(_ why: String) -> LifeboatError { LifeboatError(.damaged, "chunk \(layout.id.hex) is damaged: \(why) in frame \(k)") }
+        let body = try open(stored, id: layout.id, frame: k)
+        return try body.withUnsafeBytes { body in
+            guard body.first == Mode.references.rawValue else { return [] }
+            return try Self.references(in: body, damaged: damaged).0
+        }
+    }
+
     /// Decodes a whole stored chunk into `output`, checking every frame (`deep`: see `decodeFrame`).
     /// Returns the plaintext length.
-    func decode(_ stored: UnsafeRawBufferPointer, id: ChunkID, into output: UnsafeMutableRawBufferPointer, deep: Bool = false) throws -> Int {
+    func decode(_ stored: UnsafeRawBufferPointer, id: ChunkID, into output: UnsafeMutableRawBufferPointer, deep: Bool = false,
+                references: ReferenceReader?) throws -> Int {
         let layout = try self.layout(stored, id: id, storedSize: stored.count)
         guard output.count >= layout.rawLength else {
             throw LifeboatError(.damaged, "chunk \(id.hex) is damaged: longer than a chunk")
@@ -284,7 +480,8 @@ final class ChunkCodec: Sendable {
         for k in 0..<layout.frameCount {
             let range = layout.storedRange(ofFrame: k)
             _ = try decodeFrame(k, of: layout, stored: UnsafeRawBufferPointer(rebasing: stored[range]),
-                                into: UnsafeMutableRawBufferPointer(rebasing: output[(k * frameSize)...]), deep: deep)
+                                into: UnsafeMutableRawBufferPointer(rebasing: output[(k * frameSize)...]), deep: deep,
+                                references: references)
         }
         return layout.rawLength
     }

@@ -20,6 +20,11 @@ protocol ChunkStore: Sendable {
     func remove(_ id: ChunkID) throws -> Int
     /// Makes every chunk written so far durable.
     func sync() throws
+    /// Writes a new version of a stored chunk (the same plaintext, encoded anew) under a
+    /// temporary name; returns that name for `replace`. Not yet durable.
+    func stage(_ id: ChunkID, _ bytes: UnsafeRawBufferPointer) throws -> String
+    /// Puts a staged version in place of the chunk, in one step: readers see the old or the new file.
+    func replace(_ id: ChunkID, with staged: String) throws
 }
 
 /// `chunks/ab/abcd…`: one file per chunk, in 256 folders by the first byte of the id.
@@ -93,6 +98,26 @@ final class LocalChunkStore: ChunkStore {
             throw LifeboatError.io(error, "cannot write chunk", final)
         }
         do { try FileSystem.rename(tmp, final) } catch { unlink(tmp); throw error }
+    }
+
+    func stage(_ id: ChunkID, _ bytes: UnsafeRawBufferPointer) throws -> String {
+        let tmp = FileSystem.parent(of: path(id)) + "/" + FileSystem.temporaryName()
+        do {
+            let file = try PosixFile(path: tmp, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o600)
+            try file.write(bytes, at: 0)
+            file.startWriteback()
+        } catch {
+            unlink(tmp)
+            throw LifeboatError.io(error, "cannot write chunk", tmp)
+        }
+        return tmp
+    }
+
+    func replace(_ id: ChunkID, with staged: String) throws {
+        do { try FileSystem.rename(staged, path(id)) } catch {
+            unlink(staged)
+            throw error
+        }
     }
 
     func read(_ id: ChunkID) throws -> [UInt8] {

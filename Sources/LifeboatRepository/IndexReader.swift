@@ -38,6 +38,23 @@ public final class IndexReader: Sendable {
         }
     }
 
+    /// The distinct ids of the first `limit` chunks that are not holes (one read of that part of the index).
+    public func ids(limit: Int) throws -> [ChunkID] {
+        let n = min(limit, count)
+        let bytes: [UInt8]
+        do { bytes = try [UInt8](filling: n * 32) { try file.read(into: $0, at: 32) } } catch {
+            throw LifeboatError(.damaged, "index \(file.path) cannot be read (\(error))")
+        }
+        guard bytes.count == n * 32 else { throw LifeboatError(.damaged, "index \(file.path) is damaged (short read)") }
+        var seen = Set<ChunkID>()
+        return bytes.withUnsafeBytes { raw in
+            (0..<n).compactMap { i in
+                let id = ChunkID(bytes: UnsafeRawBufferPointer(rebasing: raw[(i * 32)..<(i * 32 + 32)]))
+                return !id.isZero && seen.insert(id).inserted ? id : nil
+            }
+        }
+    }
+
     /// The id of chunk `i` (zero for a hole).
     public func id(at i: Int) throws -> ChunkID {
         precondition(i >= 0 && i < count)

@@ -12,8 +12,14 @@ final class ParallelWork: Sendable {
     private let failed = Atomic<Bool>(false)
     private let next = Atomic<Int>(0)
     let count: Int
+    /// Threads `run` starts (at most one per item).
+    let threads: Int
 
-    init(count: Int) { self.count = count }
+    /// - Parameter threads: nil for `workerCount`; more where workers mostly wait for the disk.
+    init(count: Int, threads: Int? = nil) {
+        self.count = count
+        self.threads = threads ?? Self.workerCount
+    }
 
     /// One more worker than cores, so that a worker waiting for the disk does not leave a core idle.
     static var workerCount: Int { max(1, System.coreCount) + 1 }
@@ -30,13 +36,16 @@ final class ParallelWork: Sendable {
         failed.store(true, ordering: .relaxed)
     }
 
-    /// Runs `worker` on `workerCount` threads at once; each call loops over `take()`.
-    func run(_ worker: @escaping @Sendable (ParallelWork) throws -> Void) throws {
-        let threads = min(Self.workerCount, max(count, 1))
+    /// Runs `worker` on `threads` threads at once; each call loops over `take()`.
+    /// - Parameter background: the threads run at the lowest CPU priority (nice 19), so that
+    ///   any other work on the host (points, guests) comes first.
+    func run(background: Bool = false, _ worker: @escaping @Sendable (ParallelWork) throws -> Void) throws {
+        let threads = min(self.threads, max(count, 1))
         let group = DispatchGroup()
         for _ in 0..<threads {
             group.enter()
             let thread = Thread { [self] in
+                if background { _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(c_gettid()), 19) }   // this thread only
                 do { try worker(self) } catch { fail(error) }
                 group.leave()
             }
@@ -67,6 +76,8 @@ final class SlotArray<Element: Sendable>: @unchecked Sendable {
 
     var array: [Element] { Array(storage) }
 }
+
+@_silgen_name("gettid") private func c_gettid() -> pid_t
 
 enum System {
     static var coreCount: Int { Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))) }

@@ -77,10 +77,7 @@ final class PosixFile: @unchecked Sendable {
 
     func readAll() throws -> [UInt8] {
         let size = try self.size()
-        var bytes = [UInt8](repeating: 0, count: size)
-        let n = try bytes.withUnsafeMutableBytes { try read(into: $0, at: 0) }
-        if n < size { bytes.removeLast(size - n) }
-        return bytes
+        return try [UInt8](filling: size) { try read(into: $0, at: 0) }
     }
 
     func sync() throws { _ = try retryingErrno { fsync(fd) } }
@@ -312,6 +309,19 @@ package final class FileLock {
     deinit { flock(file.fd, LOCK_UN) }
 }
 
+
+extension Array where Element == UInt8 {
+    /// Up to `capacity` bytes that `fill` writes (returning how many), without zeroing them first:
+    /// frames and chunks read or decoded on every disk read need no memset before they are overwritten.
+    package init(filling capacity: Int, _ fill: (UnsafeMutableRawBufferPointer) throws -> Int) rethrows {
+        try self.init(unsafeUninitializedCapacity: capacity) { buffer, count in
+            count = 0
+            let n = try fill(UnsafeMutableRawBufferPointer(buffer))
+            precondition(n <= capacity)
+            count = n
+        }
+    }
+}
 
 /// `count` bytes from the system's secure generator (keys, salts, session tokens).
 package func secureRandomBytes(_ count: Int) -> [UInt8] {

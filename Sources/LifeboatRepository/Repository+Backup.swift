@@ -48,8 +48,13 @@ extension Repository {
                     guard let dataRanges else { return file.prefetch(range) }
                     for data in Self.dataRanges(dataRanges, overlapping: range) { file.prefetch(data) }
                 }
-                let input = ChunkInput(size: source.size, ranges: dataRanges, base: nil, prefetch: prefetch,
-                                       openReader: { FileReader(file: file, path: source.disk.path) })
+                // Read around the page cache where the file system allows: no copy into it, no
+                // page allocated per 4 KiB; the disk then needs several reads in flight at once,
+                // which more workers than cores give (they wait for the disk, not for a core).
+                let direct = try? PosixFile(path: source.disk.path, flags: O_RDONLY | O_DIRECT)
+                let input = ChunkInput(size: source.size, ranges: dataRanges, base: nil, prefetch: direct == nil ? prefetch : nil,
+                                       openReader: { FileReader(file: file, direct: direct, path: source.disk.path) },
+                                       workers: direct == nil ? nil : Self.directReadWorkers)
                 let (index, disk, read) = try backupDisk(source.disk.name, path: source.disk.path, input: input, chunkSize: chunkSize,
                                                          known: known, progress: progress)
                 let after = try? source.file.stat()
@@ -123,6 +128,7 @@ extension Repository {
         }
         machineLock.recordOwner()
         let repoLock = try repositoryLock(.shared, wait: true)
+        try upgradeFormat()
         let previous = try points(name).last
         let known = ChunkSet(store: store)
         Trace.mark("locks, previous point, known chunks")
@@ -194,7 +200,14 @@ extension Repository {
         /// Called with the byte range the workers will need next (files: read ahead).
         var prefetch: (@Sendable (Range<Int>) -> Void)?
         var openReader: @Sendable () throws -> any BlockReader
+        /// Worker threads (nil: one more than cores).
+        var workers: Int? = nil
     }
+
+    /// Workers of a backup that reads with O_DIRECT: eight 1 MiB reads in flight read this
+    /// host's disk at 1.4 GB/s where three read at 0.36 GB/s (fio, cold), and compression keeps
+    /// the cores busy meanwhile.
+    static let directReadWorkers = max(8, System.coreCount + 1)
 
     private func backupDisk(_ name: String, path: String, input: ChunkInput, chunkSize: Int, known: ChunkSet,
                             progress: ProgressMeter) throws -> (DiskIndex, PointDisk, Int) {
@@ -204,8 +217,8 @@ extension Repository {
         let base = input.base
         let ids = SlotArray(count: count, initial: ChunkID.zero)
         let newBytes = Atomic<Int>(0), storedBytes = Atomic<Int>(0), dataBytes = Atomic<Int>(0), readBytes = Atomic<Int>(0)
-        let work = ParallelWork(count: count)
-        let codec = self.codec, store = self.store
+        let work = ParallelWork(count: count, threads: input.workers)
+        let codec = self.codec, store = self.store, references = self.references
         let window = 32 << 20
         let chunksPerWindow = max(1, window / chunkSize)
         let prefetch = input.prefetch
@@ -241,7 +254,7 @@ extension Repository {
                     // Changed-block tracking touched part of a chunk the base point holds: only the
                     // frames it touched are read, hashed and compressed; the others are the stored ones.
                     let patched = try Self.patch(base.ids[i], parts: parts, offset: offset, chunk: chunk, reader: reader,
-                                                 codec: codec, store: store, known: known, scratch: scratch)
+                                                 codec: codec, store: store, known: known, scratch: scratch, references: references)
                     moved = patched.read
                     guard let id = patched.id else { continue }
                     ids[i] = id
@@ -257,7 +270,7 @@ extension Repository {
                     // there (changed-block tracking: unchanged blocks), or zeros (unallocated).
                     if let base, !base.ids[i].isZero {
                         let id = base.ids[i]
-                        let n = try store.read(id).withUnsafeBytes { try codec.decode($0, id: id, into: chunk) }
+                        let n = try store.read(id).withUnsafeBytes { try codec.decode($0, id: id, into: chunk, references: references) }
                         guard n == length else { throw LifeboatError(.damaged, "chunk \(id.hex) of the previous point has the wrong length: take a full point") }
                     } else {
                         chunk.initializeMemory(as: UInt8.self, repeating: 0)
@@ -307,7 +320,7 @@ extension Repository {
     /// the chunk is now all zeros: a hole), the bytes read, and the stored size when it was new.
     static func patch(_ baseID: ChunkID, parts: [Range<Int>], offset: Int, chunk: UnsafeMutableRawBufferPointer,
                       reader: any BlockReader, codec: ChunkCodec, store: any ChunkStore, known: ChunkSet,
-                      scratch: UnsafeMutableRawBufferPointer) throws -> (id: ChunkID?, read: Int, stored: Int?) {
+                      scratch: UnsafeMutableRawBufferPointer, references: ReferenceReader?) throws -> (id: ChunkID?, read: Int, stored: Int?) {
         let old = try store.read(baseID)
         return try old.withUnsafeBytes { stored in
             let layout = try codec.layout(stored, id: baseID, storedSize: stored.count)
@@ -327,7 +340,7 @@ extension Repository {
             // A frame only partly rewritten keeps the rest of its old bytes.
             for k in changed.indices where changed[k] && covered[k] < layout.rawLength(ofFrame: k) {
                 _ = try codec.decodeFrame(k, of: layout, stored: UnsafeRawBufferPointer(rebasing: stored[layout.storedRange(ofFrame: k)]),
-                                          into: UnsafeMutableRawBufferPointer(rebasing: chunk[(k * frameSize)...]))
+                                          into: UnsafeMutableRawBufferPointer(rebasing: chunk[(k * frameSize)...]), references: references)
             }
             var read = 0
             for part in parts {
@@ -344,7 +357,7 @@ extension Repository {
             let id = codec.id(ofDigests: digests)
             guard known.insert(id) else { return (id, read, nil) }
             let encoded = try codec.encode(patching: layout, stored: stored, data: data, changed: changed, id: id, digests: digests,
-                                           scratch: scratch)
+                                           scratch: scratch, references: references)
             do { try store.write(id, encoded) } catch {
                 known.remove(id)
                 throw error
@@ -450,18 +463,23 @@ public struct PointDetails: Sendable {
     }
 }
 
-/// A disk file read with pread.
+/// A disk file read with pread; through `direct` (the file opened with O_DIRECT) where offset,
+/// length and buffer are 4 KiB-aligned, else through the page cache.
 final class FileReader: BlockReader {
     let file: PosixFile
+    let direct: PosixFile?
     let path: String
 
-    init(file: PosixFile, path: String) {
+    init(file: PosixFile, direct: PosixFile? = nil, path: String) {
         self.file = file
+        self.direct = direct
         self.path = path
     }
 
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws -> Int {
-        do { return try file.read(into: buffer, at: offset) } catch {
+        var through = file
+        if let direct, offset % 4096 == 0, buffer.count % 4096 == 0, Int(bitPattern: buffer.baseAddress) % 4096 == 0 { through = direct }
+        do { return try through.read(into: buffer, at: offset) } catch {
             throw LifeboatError.io(error, "cannot read disk", path)
         }
     }

@@ -79,9 +79,10 @@ extension Repository {
 
     /// Deletes every stored chunk no recovery point uses (mark and sweep).
     ///
-    /// Runs under the repository's exclusive lock, which backups hold shared: it waits for
-    /// running backups to finish, and backups wait for it, so a chunk a backup counts on is
-    /// never deleted under it. Any unreadable index stops it before it deletes anything.
+    /// Runs under the repository's exclusive lock, which backups and `compact` hold shared: it
+    /// waits for them to finish, and they wait for it, so a chunk one of them counts on is never
+    /// deleted under it. Chunks that frames of used chunks refer to (`compact`'s catalogue) are
+    /// used too. Any unreadable index or catalogue stops it before it deletes anything.
     /// - Parameter waiting: called once if gc has to wait for running backups.
     public func gc(dryRun: Bool = false, waiting: () -> Void = {}) throws -> GCResult {
         var lock = try repositoryLock(.exclusive, wait: false)
@@ -89,13 +90,16 @@ extension Repository {
             waiting()
             lock = try repositoryLock(.exclusive, wait: true)
         }
-        var referenced = Set<ChunkID>()
-        for machine in try machines() {
-            for point in try points(machine.name) {
-                for disk in point.disks {
-                    for id in try index(point, disk: disk.name).ids where !id.isZero { referenced.insert(id) }
-                }
-            }
+        var referenced = try liveChunks()
+        let catalogue: [ReferenceRecord]
+        do { catalogue = try loadReferenceCatalogue() } catch let error as LifeboatError {
+            throw LifeboatError(.damaged, "\(error.message): gc cannot tell which chunks compacted chunks refer to, so it deletes nothing")
+        }
+        var bySource: [ChunkID: [ChunkID]] = [:]
+        for record in catalogue { bySource[record.source, default: []].append(record.target.chunk) }
+        var pending = Array(referenced)
+        while let id = pending.popLast() {
+            for target in bySource[id] ?? [] where referenced.insert(target).inserted { pending.append(target) }
         }
         let stored = try store.all()
         var removed = 0, freed = 0
@@ -103,8 +107,12 @@ extension Repository {
             removed += 1
             if !dryRun { freed += try store.remove(id) }
         }
+        if !dryRun && !catalogue.isEmpty {
+            // Records of chunks that are gone say nothing any more; one file instead of many.
+            let kept = Array(Set(catalogue.filter { referenced.contains($0.source) }))
+            try rewriteReferenceCatalogue(kept.sorted { ($0.source.hex, $0.target.chunk.hex, $0.target.frame) < ($1.source.hex, $1.target.chunk.hex, $1.target.frame) })
+        }
         withExtendedLifetime(lock) {}
         return GCResult(referenced: referenced.count, removed: removed, bytesFreed: freed, dryRun: dryRun)
     }
 }
-

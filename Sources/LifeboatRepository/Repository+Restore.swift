@@ -77,7 +77,7 @@ extension Repository {
                        progress: ProgressMeter) throws -> Int {
         let written = Atomic<Int>(0)
         let work = ParallelWork(count: index.ids.count)
-        let codec = self.codec, store = self.store
+        let codec = self.codec, store = self.store, references = self.references
         try work.run { work in
             let current = UnsafeMutableRawBufferPointer.allocate(byteCount: index.chunkSize, alignment: 4096)
             let wanted = UnsafeMutableRawBufferPointer.allocate(byteCount: index.chunkSize, alignment: 4096)
@@ -101,7 +101,7 @@ extension Repository {
                     out.initializeMemory(as: UInt8.self, repeating: 0)
                 } else {
                     do {
-                        let n = try store.read(id).withUnsafeBytes { try codec.decode($0, id: id, into: out) }
+                        let n = try store.read(id).withUnsafeBytes { try codec.decode($0, id: id, into: out, references: references) }
                         guard n == length else { throw LifeboatError(.damaged, "chunk \(id.hex) has the wrong length") }
                     } catch let error as LifeboatError {
                         throw LifeboatError(.damaged, "\(error.message) (disk \(disk) at offset \(offset)); nothing wrong was written: try another point")

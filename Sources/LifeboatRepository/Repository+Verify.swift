@@ -23,8 +23,10 @@ public struct VerifyReport: Sendable, Codable {
     public var damagedChunks: [DamagedChunk]
     /// Points whose manifest or index could not be read, with the reason.
     public var damagedPoints: [String]
+    /// Other repository files that are damaged or incomplete (compact's catalogue), with the reason.
+    public var damagedFiles: [String] = []
 
-    public var isClean: Bool { damagedChunks.isEmpty && damagedPoints.isEmpty }
+    public var isClean: Bool { damagedChunks.isEmpty && damagedPoints.isEmpty && damagedFiles.isEmpty }
 }
 
 extension Repository {
@@ -68,17 +70,29 @@ extension Repository {
         let bytes = Atomic<Int>(0)
         let work = ParallelWork(count: ids.count)
         let chunkSize = indexes.reduce(config.chunkSize) { max($0, $1.2.chunkSize) }
+        var damagedFiles: [String] = []
+        var recorded = Set<ReferenceRecord>()
+        do { recorded = Set(try loadReferenceCatalogue()) } catch let error as LifeboatError { damagedFiles.append(error.message) }
+        let catalogue = recorded
+        let unrecorded = Mutex<[ReferenceRecord]>([])
         try work.run { work in
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
             defer { buffer.deallocate() }
             while let i = work.take() {
                 defer { progress.add(1) }
+                var references: [FrameReference] = []
                 do {
-                    bytes.add(try self.readChunk(ids[i], into: buffer, deep: true), ordering: .relaxed)
+                    bytes.add(try self.readChunk(ids[i], into: buffer, deep: true) { references.append($0) }, ordering: .relaxed)
                 } catch let error as LifeboatError {
                     damaged.withLock { $0[ids[i]] = error.message }
                 }
+                let missing = references.map { ReferenceRecord(source: ids[i], target: $0) }.filter { !catalogue.contains($0) }
+                if !missing.isEmpty { unrecorded.withLock { $0 += missing } }
             }
+        }
+        // gc keeps a referenced chunk only through the catalogue: one missing from it could go.
+        for record in unrecorded.withLock({ $0 }).sorted(by: { $0.source.hex < $1.source.hex }) {
+            damagedFiles.append("chunk \(record.source.hex) refers to frame \(record.target.frame) of chunk \(record.target.chunk.hex), which compact's catalogue does not record: gc could delete it: do not run gc until compact/ is restored from a copy of the repository")
         }
         let bad = damaged.withLock { $0 }
         var usages: [ChunkID: [ChunkUsage]] = [:]
@@ -92,6 +106,6 @@ extension Repository {
         let damagedChunks = bad.map { DamagedChunk(id: $0.key.hex, reason: $0.value, usages: usages[$0.key] ?? []) }
             .sorted { $0.id < $1.id }
         return VerifyReport(points: selected.count, chunks: ids.count, bytes: bytes.load(ordering: .relaxed),
-                            damagedChunks: damagedChunks, damagedPoints: damagedPoints)
+                            damagedChunks: damagedChunks, damagedPoints: damagedPoints, damagedFiles: damagedFiles)
     }
 }

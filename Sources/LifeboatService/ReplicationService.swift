@@ -14,18 +14,22 @@ public struct ReplicationServiceOptions: Sendable {
     public var once = false
     /// At most this many points at once.
     public var jobs = 1
-    /// gc runs this often (seconds), between jobs.
+    /// gc runs this often (seconds), between jobs; `compact` follows each gc, beside the points.
     public var gcEvery: TimeInterval = 86_400
+    /// zstd level of that compact (nil: no compact).
+    public var compactLevel: Int? = CompactOptions.defaultLevel
 
-    public init(once: Bool = false, jobs: Int = 1, gcEvery: TimeInterval = 86_400) {
+    public init(once: Bool = false, jobs: Int = 1, gcEvery: TimeInterval = 86_400, compactLevel: Int? = CompactOptions.defaultLevel) {
         self.once = once
         self.jobs = jobs
         self.gcEvery = gcEvery
+        self.compactLevel = compactLevel
     }
 }
 
 /// Keeps every protected machine within its RPO: a point per machine every interval, the
-/// machine's retention after each, gc on its own schedule, failed points retried with back-off.
+/// machine's retention after each, gc on its own schedule and a compact after it (on a thread of
+/// its own at the lowest CPU priority: points go on meanwhile), failed points retried with back-off.
 /// Points run on threads of their own (the repository and libvirt calls block); a graceful
 /// shutdown (SIGTERM) cancels running points, which then clean up (backup job aborted, scratch
 /// files and sockets removed, nothing half-written) before `run` returns.
@@ -46,6 +50,8 @@ public final class ReplicationService: Service, Sendable {
         var lastGC: Date = Date()
         /// The plan whose scheduled drill runs now (one at a time).
         var drilling: String?
+        /// A compact runs (gc waits until it is done: it would wait for its lock).
+        var compacting = false
     }
 
     public init(recovery: Recovery, replication: Replication, options: ReplicationServiceOptions,
@@ -78,7 +84,11 @@ public final class ReplicationService: Service, Sendable {
                     let due = recovery.replicationSchedule(now: now).filter { $0.due <= now && !running.contains($0.machine) }
                         .sorted { $0.due < $1.due }
                     for entry in due.prefix(max(0, options.jobs - running.count)) { start(entry.machine) }
-                    if runningCount() == 0, now.timeIntervalSince(state.withLock { $0.lastGC }) >= options.gcEvery { collectGarbage() }
+                    if runningCount() == 0, !state.withLock({ $0.compacting }),
+                       now.timeIntervalSince(state.withLock { $0.lastGC }) >= options.gcEvery {
+                        collectGarbage()
+                        if let level = options.compactLevel { compact(level: level) }
+                    }
                     if state.withLock({ $0.drilling }) == nil,
                        let plan = recovery.drillSchedule().filter({ $0.due <= now }).min(by: { $0.due < $1.due }) {
                         drill(plan.plan)
@@ -92,7 +102,7 @@ public final class ReplicationService: Service, Sendable {
                     }
                 }
             }
-            while runningCount() > 0 || state.withLock({ $0.drilling }) != nil { try? await Task.sleep(for: .milliseconds(100)) }
+            while runningCount() > 0 || state.withLock({ $0.drilling != nil || $0.compacting }) { try? await Task.sleep(for: .milliseconds(100)) }
         } onGracefulShutdown: {
             self.stopping.store(true, ordering: .releasing)
         }
@@ -148,6 +158,27 @@ public final class ReplicationService: Service, Sendable {
             state.withLock { $0.drilling = nil }
         }
         thread.name = "lifeboat-drill-\(plan)"
+        thread.start()
+    }
+
+    /// Compacts the chunks written since the last compact, on a thread of its own at the lowest
+    /// priority; a shutdown ends it after the chunks under way (the next run goes on from there).
+    private func compact(level: Int) {
+        state.withLock { $0.compacting = true }
+        let thread = Thread { [self] in
+            let options = CompactOptions(level: level, background: true) { [self] in stopping.load(ordering: .acquiring) }
+            do {
+                let result = try recovery.repository.compact(options)
+                logger.info("compact", metadata: ["compacted": "\(result.compacted)", "bytesSaved": "\(result.bytesBefore - result.bytesAfter)",
+                                                  "referenceFrames": "\(result.referenceFrames)", "stopped": "\(result.stopped)",
+                                                  "seconds": "\(String(format: "%.1f", result.seconds))"])
+                for damaged in result.damaged { logger.error("compact skipped a chunk", metadata: ["error": "\(damaged)"]) }
+            } catch {
+                logger.error("compact failed", metadata: ["error": "\(error)"])
+            }
+            state.withLock { $0.compacting = false }
+        }
+        thread.name = "lifeboat-compact"
         thread.start()
     }
 

@@ -113,9 +113,9 @@ extension Lifeboat {
                         print("  used by \(use.machine) point \(use.point) disk \(use.disk) at offset \(use.offset)")
                     }
                 }
-                for message in report.damagedPoints { print("DAMAGED \(message)") }
+                for message in report.damagedPoints + report.damagedFiles { print("DAMAGED \(message)") }
                 print("verified \(report.points) point(s), \(report.chunks) chunk(s), \(Format.bytes(report.bytes)): "
-                    + (report.isClean ? "no damage" : "\(report.damagedChunks.count) damaged chunk(s), \(report.damagedPoints.count) damaged point file(s)"))
+                    + (report.isClean ? "no damage" : "\(report.damagedChunks.count) damaged chunk(s), \(report.damagedPoints.count + report.damagedFiles.count) damaged point or repository file(s)"))
             }
             if !report.isClean { throw ExitCode(3) }
         }
@@ -142,6 +142,33 @@ extension Lifeboat {
             for kept in result.kept { print("keep   \(kept.point)  (\(kept.reasons.joined(separator: ", ")))") }
             for id in result.removed { print((dryRun ? "would remove " : "remove ") + id) }
             print("\(result.kept.count) kept, \(result.removed.count) \(dryRun ? "would be " : "")removed; run 'lifeboat gc' to free their chunks")
+        }
+    }
+
+    struct Compact: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "compact",
+            abstract: "Store every chunk smaller: a high zstd level, a dictionary trained on the repository, copies found elsewhere.",
+            discussion: "Rewrites each chunk once (later runs take only new chunks); runs beside backups, mounts and drills. The replication service runs it after gc.")
+        @OptionGroup var repository: RepositoryOptions
+        @Option(help: "zstd level, 1-22.") var level = CompactOptions.defaultLevel
+        @Flag(help: "Run at the lowest CPU priority.") var background = false
+        @OptionGroup var output: OutputOptions
+
+        func run() throws {
+            let repo = try repository.open()
+            let progress = ProgressMeter()
+            let result = try Terminal.withProgress("compact", progress) {
+                try repo.compact(CompactOptions(level: level, background: background), progress: progress)
+            }
+            if output.json { return try JSON.print(result) }
+            let saved = result.bytesBefore - result.bytesAfter
+            print("compacted \(result.compacted) of \(result.chunks) chunk(s) (\(result.alreadyCompacted) already were): "
+                + "\(Format.bytes(result.bytesBefore)) -> \(Format.bytes(result.bytesAfter)), \(Format.bytes(saved)) saved, "
+                + "\(result.referenceFrames) frame(s) stored against copies elsewhere, "
+                + (result.dictionary.map { "dictionary \($0)" + (result.trainedDictionary ? " (trained now)" : "") } ?? "no dictionary")
+                + String(format: ", %.1f s", result.seconds))
+            for damaged in result.damaged { FileHandle.standardError.write(Data("compact: skipped: \(damaged)\n".utf8)) }
         }
     }
 

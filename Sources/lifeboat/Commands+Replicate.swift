@@ -23,6 +23,7 @@ extension Lifeboat {
         @Option(help: "Serve Prometheus metrics on ADDR:PORT (GET /metrics), e.g. 127.0.0.1:9470 (default: $LIFEBOAT_METRICS, else none).")
         var metrics: String?
         @Option(help: "Run gc this often (default 1d).") var gcEvery = "1d"
+        @Option(help: "zstd level of the compact after each gc (0: none).") var compactLevel = CompactOptions.defaultLevel
         @Option(help: "Also serve the web console and API on ADDR:PORT, as 'lifeboat console --listen' (default: $LIFEBOAT_CONSOLE, else none).")
         var console: String?
         @OptionGroup var tls: ConsoleTLSOptions
@@ -33,6 +34,7 @@ extension Lifeboat {
                 throw ValidationError("--metrics \(metrics) is not ADDR:PORT like 127.0.0.1:9470")
             }
             if let console = consoleAddress { _ = try tls.listen(console, option: "--console") }
+            if compactLevel != 0 && !(1...22).contains(compactLevel) { throw ValidationError("--compact-level \(compactLevel) is not a zstd level from 1 to 22 (or 0 for none)") }
             if (try? DurationText.parse(gcEvery)) == nil { throw ValidationError("--gc-every \(gcEvery) is not a duration like 12h or 1d") }
         }
 
@@ -61,7 +63,8 @@ extension Lifeboat {
             let metricsRegistry = ReplicationMetrics()
             let service = ReplicationService(
                 recovery: recovery, replication: replication,
-                options: ReplicationServiceOptions(once: once, jobs: jobs, gcEvery: try DurationText.parse(gcEvery)),
+                options: ReplicationServiceOptions(once: once, jobs: jobs, gcEvery: try DurationText.parse(gcEvery),
+                                                   compactLevel: compactLevel == 0 ? nil : compactLevel),
                 metrics: metricsRegistry, logger: logger)
             // The service ends by itself after --once (or a shutdown signal): then the group ends too.
             var services: [ServiceGroupConfiguration.ServiceConfiguration] = [

@@ -1,0 +1,313 @@
+import Crypto
+import Foundation
+import Testing
+@testable import LifeboatRepository
+import LifeboatTestSupport
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Text lines with a marker, for compression and for looking for plaintext in stored files.
+private func markedText(_ count: Int, seed: Int) -> [UInt8] {
+    var out = [UInt8]()
+    out.reserveCapacity(count + 200)
+    var line = seed
+    while out.count < count {
+        out += Array("LIFEBOAT-SECRET-MARKER record \(line * 7919 % 100_003) of account \(line % 977), balance \(line * 31 % 10_007)\n".utf8)
+        line += 1
+    }
+    return Array(out.prefix(count))
+}
+
+/// x86-like bytes: call and jump opcodes with nearby targets among other instructions.
+private func codeLike(_ count: Int, seed: UInt64) -> [UInt8] {
+    var state = seed | 1
+    func next() -> UInt64 { state ^= state << 13; state ^= state >> 7; state ^= state << 17; return state }
+    var out = [UInt8]()
+    out.reserveCapacity(count + 16)
+    let targets = (0..<64).map { _ in Int(next() % UInt64(count)) }
+    while out.count < count {
+        switch next() % 4 {
+        case 0, 1:
+            let target = targets[Int(next() % 64)]
+            let relative = Int32(truncatingIfNeeded: target - (out.count + 5))
+            out.append(next() % 3 == 0 ? 0xE9 : 0xE8)
+            out += withUnsafeBytes(of: relative.littleEndian, Array.init)
+        case 2: out += [0x48, 0x89, 0xE5, 0x5D, 0xC3]
+        default: out += [0x48, 0x83, 0xEC, UInt8(truncatingIfNeeded: next() % 64), 0x90]
+        }
+    }
+    return Array(out.prefix(count))
+}
+
+/// Every chunk file, dictionary and compaction file of a repository.
+private func storedFiles(_ repo: Repository) -> [String] {
+    guard let walker = FileManager.default.enumerator(atPath: repo.root) else { return [] }
+    return walker.compactMap { $0 as? String }.filter { $0.hasPrefix("chunks/") || $0.hasPrefix("dictionaries/") || $0.hasPrefix("compact/") }
+        .map { repo.root + "/" + $0 }.filter { !FileSystem.isDirectory($0) }
+}
+
+private func storedBytes(_ repo: Repository) -> Int {
+    (try? repo.chunkFiles())?.reduce(0) { $0 + Disk.contents($1).count } ?? 0
+}
+
+@Suite("Compact")
+struct CompactTests {
+    @Test("x86 filter: decode(encode(x)) == x, also for opcodes at the very end and random bytes")
+    func x86FilterRoundTrip() {
+        for seed in 1...40 {
+            var data = seed % 2 == 0 ? codeLike(65536 - seed, seed: UInt64(seed)) : Bytes.random(4096 + seed * 97, seed: UInt64(seed))
+            data.append(0xE8)   // an opcode with no room for its operand
+            let original = data
+            data.withUnsafeMutableBytes { X86Filter.encode($0) }
+            if seed % 2 == 0 { #expect(data != original, "code-like frames change") }
+            data.withUnsafeMutableBytes { X86Filter.decode($0) }
+            #expect(data == original, "seed \(seed)")
+        }
+        #expect(codeLike(65536, seed: 3).withUnsafeBytes { X86Filter.looksLikeCode($0) })
+        #expect(!Bytes.text(65536, seed: 3).withUnsafeBytes { X86Filter.looksLikeCode($0) })
+    }
+
+    @Test("compact stores less, keeps ids and indexes, restores byte-identical, compacts each chunk once", arguments: [false, true])
+    func roundTrip(encrypted: Bool) throws {
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        let size = 24 << 20
+        let text = markedText(6 << 20, seed: 1)
+        // A copy of 2 MiB of the text at a 4 KiB boundary that is no 64 KiB one: only references find it.
+        try Disk.make(disk, size: size, writes: [(0, text), (8 << 20, codeLike(2 << 20, seed: 5)),
+                                                 ((12 << 20) + 12288, Array(text[(1 << 20)..<(3 << 20)])),
+                                                 (18 << 20, Bytes.random(1 << 20, seed: 6))])
+        let repo = try Repository.create(at: scratch.file("repo"), password: encrypted ? "pw" : nil)
+        try repo.protect(Machine(name: "app", disks: Repository.diskNames(for: [disk])))
+        let first = try repo.backup("app")
+        let indexPath = repo.indexPath("app", first.id, disk: "disk")
+        let indexBefore = Disk.contents(indexPath)
+        let before = storedBytes(repo)
+
+        let result = try repo.compact(CompactOptions(level: 9))
+        #expect(result.compacted == result.chunks && result.chunks > 0)
+        #expect(result.damaged.isEmpty)
+        #expect(result.trainedDictionary && result.dictionary == 1)
+        #expect(result.referenceFrames >= 20, "the 2 MiB copy is stored against the frames it copies")
+        #expect(result.bytesAfter < result.bytesBefore)
+        #expect(storedBytes(repo) < before * 85 / 100, "compacted chunks are smaller (\(storedBytes(repo)) of \(before))")
+        #expect(Disk.contents(indexPath) == indexBefore, "indexes and chunk ids do not change")
+        #expect(try repo.config.format == 2 && Repository.open(at: repo.root) { "pw" }.config.format == 2)
+        #expect(try !repo.loadReferenceCatalogue().isEmpty)
+        _ = try repo.restore(first, disk: "disk", to: scratch.file("first.raw"))
+        #expect(Disk.contents(scratch.file("first.raw")) == Disk.contents(disk))
+        #expect(try repo.verify().isClean)
+
+        let again = try repo.compact(CompactOptions(level: 9))
+        #expect(again.compacted == 0 && again.alreadyCompacted == again.chunks)
+
+        // New data: the next compact takes only the new chunks, with the same dictionary.
+        Disk.patch(disk, writes: [(20 << 20, markedText(1 << 20, seed: 99)), (4 << 20, Bytes.random(70_000, seed: 7))])
+        let second = try repo.backup("app")
+        let third = try repo.compact(CompactOptions(level: 9))
+        #expect(third.compacted == 2, "the chunk at 4 MiB and the one at 20 MiB")
+        #expect(!third.trainedDictionary && third.dictionary == 1)
+        _ = try repo.restore(second, disk: "disk", to: scratch.file("second.raw"))
+        #expect(Disk.contents(scratch.file("second.raw")) == Disk.contents(disk))
+        _ = try repo.restore(first, disk: "disk", to: scratch.file("first-again.raw"))
+        #expect(Disk.contents(scratch.file("first-again.raw")) == Disk.contents(scratch.file("first.raw")))
+        #expect(try repo.verify().isClean)
+
+        if encrypted {
+            // The dictionary is made of plaintext and the block table hashes it: both are sealed.
+            let needle = Array("LIFEBOAT-SECRET".utf8)
+            for path in storedFiles(repo) {
+                #expect(!Disk.contents(path).windows(ofCount: needle.count).contains { $0.elementsEqual(needle) }, "\(path) holds plaintext")
+            }
+        }
+    }
+
+    @Test("gc keeps a chunk that compacted frames refer to after the points that used it are gone")
+    func gcKeepsReferencedChunks() throws {
+        let scratch = Scratch()
+        let shared = Bytes.random(3 << 20, seed: 11)
+        let a = scratch.file("a.raw"), b = scratch.file("b.raw")
+        try Disk.make(a, size: 8 << 20, writes: [(0, shared)])
+        try Disk.make(b, size: 8 << 20, writes: [(12288, shared), (5 << 20, markedText(1 << 20, seed: 3))])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        try repo.protect(Machine(name: "a", disks: Repository.diskNames(for: [a])))
+        try repo.protect(Machine(name: "b", disks: Repository.diskNames(for: [b])))
+        let pointA = try repo.backup("a"), pointB = try repo.backup("b")
+        let idsA = Set(try repo.index(pointA, disk: "a").ids), idsB = Set(try repo.index(pointB, disk: "b").ids)
+        let result = try repo.compact(CompactOptions(level: 3))
+        #expect(result.referenceFrames >= 40, "3 MiB of copies, 64 KiB frames")
+        let records = try repo.loadReferenceCatalogue()
+        // Drop the machine whose chunks the other one's frames refer to.
+        let bNeedsA = records.contains { idsB.contains($0.source) && !idsB.contains($0.target.chunk) }
+        let (gone, kept, keptDisk, keptPoint) = bNeedsA ? ("a", "b", b, pointB) : ("b", "a", a, pointA)
+        let needed = Set(records.filter { (bNeedsA ? idsB : idsA).contains($0.source) }.map(\.target.chunk))
+            .subtracting(bNeedsA ? idsB : idsA)
+        #expect(!needed.isEmpty)
+        try repo.unprotect(gone, purge: true)
+        let collected = try repo.gc()
+        #expect(collected.removed > 0, "chunks only the dropped machine used and nothing refers to go")
+        let stored = try repo.store.all()
+        #expect(needed.isSubset(of: stored), "the chunks \(kept)'s frames refer to stay")
+        _ = try repo.restore(keptPoint, disk: kept, to: scratch.file("kept.raw"))
+        #expect(Disk.contents(scratch.file("kept.raw")) == Disk.contents(keptDisk))
+        #expect(try repo.verify().isClean)
+        #expect(try repo.loadReferenceCatalogue().allSatisfy { stored.contains($0.source) }, "gc drops records of chunks that are gone")
+    }
+
+    @Test("gc deletes nothing and verify reports it when the reference catalogue is damaged or incomplete")
+    func damagedCatalogue() throws {
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        let copy = Bytes.random(1 << 20, seed: 21)
+        try Disk.make(disk, size: 8 << 20, writes: [(0, copy), ((4 << 20) + 4096, copy)])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        try repo.protect(Machine(name: "m", disks: Repository.diskNames(for: [disk])))
+        _ = try repo.backup("m")
+        Disk.patch(disk, writes: [(0, Bytes.random(1 << 20, seed: 22))])
+        _ = try repo.backup("m")
+        _ = try repo.compact(CompactOptions(level: 3))
+        let files = try FileSystem.list(repo.compactPath).filter { $0.hasPrefix("references-") }
+        #expect(files.count == 1)
+        let path = repo.compactPath + "/" + files[0]
+        let original = Disk.contents(path)
+        var flipped = original
+        flipped[flipped.count / 2] ^= 1
+        try FileSystem.writeAtomically(flipped, to: path)
+        let points = try repo.points("m")
+        _ = try repo.prune("m", policy: RetentionPolicy(last: 1))
+        let chunksBefore = try repo.store.all()
+        #expect(throws: LifeboatError.self) { try repo.gc() }
+        #expect(try repo.store.all() == chunksBefore, "nothing deleted")
+        #expect(try !repo.verify().isClean)
+        // Without the catalogue verify names the references gc could break.
+        FileSystem.remove(path)
+        let report = try repo.verify()
+        #expect(report.damagedFiles.contains { $0.contains("does not record") })
+        try FileSystem.writeAtomically(original, to: path)
+        #expect(try repo.verify().isClean)
+        _ = try repo.gc()
+        _ = try repo.restore(try repo.point("m", points.last!.id), disk: "disk", to: scratch.file("r.raw"))
+        #expect(Disk.contents(scratch.file("r.raw")) == Disk.contents(disk))
+    }
+
+    @Test("kill -9 of compact at random moments leaves every chunk readable; a later compact finishes")
+    func killedCompact() throws {
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        let size = 48 << 20
+        try Disk.make(disk, size: size, writes: [(0, markedText(size / 2, seed: 5)), (size / 2, codeLike(size / 2, seed: 8))])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        try repo.protect(Machine(name: "vm", disks: Repository.diskNames(for: [disk])))
+        let point = try repo.backup("vm")
+        var generator = SystemRandomNumberGenerator()
+        for round in 0..<4 {
+            let child = CLI.start(["compact", "--level", "19", "--repo", repo.root])
+            usleep(UInt32.random(in: 200_000...2_500_000, using: &generator))
+            kill(child.processIdentifier, SIGKILL)
+            child.waitUntilExit()
+            #expect(try repo.verify().isClean, "round \(round)")
+            _ = try repo.restore(point, disk: "disk", to: scratch.file("r.raw"))
+            #expect(Disk.contents(scratch.file("r.raw")) == Disk.contents(disk), "round \(round)")
+            unlink(scratch.file("r.raw"))
+        }
+        let done = try CLI.run(["compact", "--level", "9", "--json", "--repo", repo.root])
+        #expect(done.status == 0, "\(done.stderr)")
+        #expect(try repo.compact(CompactOptions(level: 9)).compacted == 0)
+        _ = try repo.gc()
+        #expect(temporaryFiles(in: repo.root).isEmpty, "gc removes a killed compact's staged chunks")
+        _ = try repo.restore(point, disk: "disk", to: scratch.file("r.raw"))
+        #expect(Disk.contents(scratch.file("r.raw")) == Disk.contents(disk))
+        #expect(try repo.verify().isClean)
+    }
+
+    @Test("a second compact refuses while one runs; bad levels are refused in one sentence")
+    func concurrentAndBadInput() throws {
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        try Disk.make(disk, size: 32 << 20, writes: [(0, markedText(32 << 20, seed: 2))])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        try repo.protect(Machine(name: "vm", disks: Repository.diskNames(for: [disk])))
+        _ = try repo.backup("vm")
+        let child = CLI.start(["compact", "--level", "19", "--repo", repo.root])
+        for _ in 0..<500 where FileLock.owner(of: repo.root + "/compact.lock") != "\(child.processIdentifier)" { usleep(10_000) }
+        do {
+            _ = try repo.compact()
+            Issue.record("a second compact ran beside the first")
+        } catch let error as LifeboatError {
+            #expect(error.code == .busy)
+            #expect(error.message.contains("already running (pid \(child.processIdentifier))"))
+        }
+        kill(child.processIdentifier, SIGKILL)
+        child.waitUntilExit()
+        let bad = try CLI.run(["compact", "--level", "40", "--repo", repo.root])
+        #expect(bad.status != 0)
+        #expect(bad.stderr.contains("invalid compact level 40"))
+    }
+
+    @Test("a repository of the first format is read, upgraded by the first backup, and compacted")
+    func firstFormat() throws {
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        try Disk.make(disk, size: 8 << 20, writes: [(0, markedText(3 << 20, seed: 4)), (5 << 20, Bytes.random(1 << 20, seed: 4))])
+        let created = try Repository.create(at: scratch.file("repo"), password: "pw")
+        try created.protect(Machine(name: "old", disks: Repository.diskNames(for: [disk])))
+        let point = try created.backup("old")
+        try FirstFormat.convert(created)
+        let repo = try Repository.open(at: created.root) { "pw" }
+        #expect(repo.config.format == 1)
+        #expect(try repo.chunkFiles().allSatisfy { Disk.contents($0)[4] == 1 }, "chunks are of the first format")
+        _ = try repo.restore(point, disk: "disk", to: scratch.file("r1.raw"))
+        #expect(Disk.contents(scratch.file("r1.raw")) == Disk.contents(disk))
+        #expect(try repo.verify().isClean)
+        // A changed-block style point patches first-format chunks into second-format ones.
+        Disk.patch(disk, writes: [(100_000, Bytes.random(5000, seed: 9))])
+        let second = try repo.backup("old")
+        #expect(try Repository.open(at: repo.root) { "pw" }.config.format == 2)
+        _ = try repo.compact(CompactOptions(level: 5))
+        _ = try repo.restore(second, disk: "disk", to: scratch.file("r2.raw"))
+        #expect(Disk.contents(scratch.file("r2.raw")) == Disk.contents(disk))
+        _ = try repo.restore(point, disk: "disk", to: scratch.file("r3.raw"))
+        #expect(Disk.contents(scratch.file("r3.raw")) == Disk.contents(scratch.file("r1.raw")))
+        #expect(try repo.verify().isClean)
+    }
+}
+
+/// Rewrites a repository into the first format (bare zstd frames, config format 1), as
+/// lifeboat before format 2 wrote it.
+enum FirstFormat {
+    static func convert(_ repo: Repository) throws {
+        let codec = repo.codec
+        for path in try repo.chunkFiles() {
+            let id = ChunkID(hex: String(path.split(separator: "/").last!))!
+            let stored = Disk.contents(path)
+            var plain = [UInt8](repeating: 0, count: 16 << 20)
+            let layout = try stored.withUnsafeBytes { try codec.layout($0, id: id, storedSize: $0.count) }
+            _ = try plain.withUnsafeMutableBytes { out in try stored.withUnsafeBytes { try codec.decode($0, id: id, into: out, references: nil) } }
+            var frames: [[UInt8]] = []
+            for k in 0..<layout.frameCount {
+                let frame = Array(plain[(k * codec.frameSize)..<(k * codec.frameSize + layout.rawLength(ofFrame: k))])
+                var out = [UInt8](repeating: 0, count: Zstd.bound(frame.count))
+                let n = try out.withUnsafeMutableBytes { o in try frame.withUnsafeBytes { try codec.zstd.compress($0, into: o) } }
+                var body = n < frame.count ? Array(out[0..<n]) : frame
+                if let keys = codec.keys {
+                    let aad = id.bytes + withUnsafeBytes(of: UInt32(k).littleEndian, Array.init)
+                    body = Array(try AES.GCM.seal(body, using: keys.encryption, authenticating: aad).combined!)
+                }
+                frames.append(body)
+            }
+            var file = Array(stored[0..<layout.tableEnd])
+            file[4] = 1
+            file[5] &= 3
+            for (k, frame) in frames.enumerated() {
+                let entry = ChunkCodec.headerSize + k * ChunkCodec.tableEntrySize
+                withUnsafeBytes(of: UInt32(frame.count).littleEndian) { for i in 0..<4 { file[entry + i] = $0[i] } }
+            }
+            for frame in frames { file += frame }
+            try FileSystem.writeAtomically(file, to: path, syncDirectory: false)
+        }
+        var config = repo.config
+        config.format = 1
+        try FileSystem.writeAtomically(Array(try JSONEncoder.lifeboat.encode(config)), to: repo.root + "/config.json")
+    }
+}
