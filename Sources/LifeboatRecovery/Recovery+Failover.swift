@@ -386,8 +386,10 @@ extension Recovery {
         try seed(name, heartbeat: nil)
     }
 
+    /// - Parameter oneDisk: seed one disk and return, so that its block jobs start (`advance`)
+    ///   while the next disk is seeded.
     @discardableResult
-    func seed(_ name: String, heartbeat: Heartbeat?) throws -> Bool {
+    func seed(_ name: String, heartbeat: Heartbeat?, oneDisk: Bool = false) throws -> Bool {
         guard let record = try hot.record(name), record.state == .finalizing,
               record.disks.contains(where: { $0.seeded != true && !$0.isHot }),
               let pointID = record.point else { return false }
@@ -428,6 +430,7 @@ extension Recovery {
             }
             withExtendedLifetime(machineLock) {}
             seededAny = true
+            if oneDisk { break }
         }
         return seededAny
     }
@@ -533,9 +536,9 @@ extension Recovery {
             } catch let error as LifeboatError where error.code == .busy {
                 // another command works on the machine: look again shortly
             }
-            // A block job is looked at every 0.1 s: each disk waits on two of them, and a coarser
-            // look added up to a second to a finalisation of four (one look is a few ms).
-            if try !seed(name, heartbeat: heartbeat) { Thread.sleep(forTimeInterval: 0.1) }
+            // Block jobs are looked at every 25 ms once a disk is seeded: each disk waits on two
+            // of them and each look is a few ms, while 0.1 s looks added about 0.3 s (measured).
+            if try !seed(name, heartbeat: heartbeat, oneDisk: true) { Thread.sleep(forTimeInterval: 0.025) }
         }
     }
 

@@ -14,6 +14,10 @@ protocol ChunkStore: Sendable {
     /// Stores a chunk under its id. Visible only once whole; not yet durable (see `sync`).
     func write(_ id: ChunkID, _ bytes: UnsafeRawBufferPointer) throws
     func read(_ id: ChunkID) throws -> [UInt8]
+    /// Reads a chunk into `buffer` (4 KiB-aligned, its size a multiple of 4 KiB, at least the
+    /// chunk's size), around the page cache where the file system allows; returns its length.
+    /// For reads of many chunks once (restore): no copy into the page cache and out again.
+    func readDirect(_ id: ChunkID, into buffer: UnsafeMutableRawBufferPointer) throws -> Int
     /// Opens a stored chunk for reading parts of it.
     func open(_ id: ChunkID) throws -> PosixFile
     /// Removes a chunk; returns the bytes it took.
@@ -118,6 +122,35 @@ final class LocalChunkStore: ChunkStore {
             unlink(staged)
             throw error
         }
+    }
+
+    /// False once the file system refused O_DIRECT (tmpfs, say).
+    private let directReads = Atomic<Bool>(true)
+
+    func readDirect(_ id: ChunkID, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        let path = path(id)
+        if directReads.load(ordering: .relaxed) {
+            do {
+                let file = try PosixFile(path: path, flags: O_RDONLY | O_DIRECT)
+                let n = try file.read(into: buffer, at: 0)
+                guard n < buffer.count else { throw LifeboatError(.damaged, "chunk \(id.hex) is damaged: longer than a chunk") }
+                return n
+            } catch let error as Errno where error == .invalidArgument {
+                directReads.store(false, ordering: .relaxed)
+            } catch let error as Errno where error == .noSuchFileOrDirectory {
+                throw LifeboatError(.damaged, "chunk \(id.hex) is missing from the repository (\(path))")
+            } catch let error as LifeboatError {
+                throw error
+            } catch {
+                throw LifeboatError.io(error, "cannot read chunk", path)
+            }
+        }
+        let file = try open(id)
+        do {
+            let n = try file.read(into: buffer, at: 0)
+            guard n < buffer.count else { throw LifeboatError(.damaged, "chunk \(id.hex) is damaged: longer than a chunk") }
+            return n
+        } catch let error as LifeboatError { throw error } catch { throw LifeboatError.io(error, "cannot read chunk", path) }
     }
 
     func read(_ id: ChunkID) throws -> [UInt8] {

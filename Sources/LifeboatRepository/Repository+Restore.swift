@@ -76,12 +76,16 @@ extension Repository {
     private func write(_ index: DiskIndex, disk: String, to file: PosixFile, direct: PosixFile?, compareFirst: Bool,
                        progress: ProgressMeter) throws -> Int {
         let written = Atomic<Int>(0)
-        let work = ParallelWork(count: index.ids.count)
+        let work = ParallelWork(count: index.ids.count, threads: Self.directReadWorkers)
         let codec = self.codec, store = self.store, references = self.references
         try work.run { work in
             let current = UnsafeMutableRawBufferPointer.allocate(byteCount: index.chunkSize, alignment: 4096)
             let wanted = UnsafeMutableRawBufferPointer.allocate(byteCount: index.chunkSize, alignment: 4096)
-            defer { current.deallocate(); wanted.deallocate() }
+            // Stored chunks are read once each: around the page cache (room for one more block,
+            // so that a chunk that fills it whole is told from a damaged, longer one).
+            let storedSize = (codec.scratchSize(chunkSize: index.chunkSize) + 4096) / 4096 * 4096
+            let stored = UnsafeMutableRawBufferPointer.allocate(byteCount: storedSize, alignment: 4096)
+            defer { current.deallocate(); wanted.deallocate(); stored.deallocate() }
             while let i = work.take() {
                 let offset = i * index.chunkSize
                 let length = index.length(ofChunk: i)
@@ -101,7 +105,8 @@ extension Repository {
                     out.initializeMemory(as: UInt8.self, repeating: 0)
                 } else {
                     do {
-                        let n = try store.read(id).withUnsafeBytes { try codec.decode($0, id: id, into: out, references: references) }
+                        let storedLength = try store.readDirect(id, into: stored)
+                        let n = try codec.decode(UnsafeRawBufferPointer(rebasing: stored[0..<storedLength]), id: id, into: out, references: references)
                         guard n == length else { throw LifeboatError(.damaged, "chunk \(id.hex) has the wrong length") }
                     } catch let error as LifeboatError {
                         throw LifeboatError(.damaged, "\(error.message) (disk \(disk) at offset \(offset)); nothing wrong was written: try another point")
