@@ -92,16 +92,7 @@ final class LocalChunkStore: ChunkStore {
                 throw LifeboatError.io(error, "cannot write chunk", final)
             }
         }
-        let tmp = FileSystem.parent(of: final) + "/" + FileSystem.temporaryName()
-        do {
-            let file = try PosixFile(path: tmp, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o600)
-            try file.write(bytes, at: 0)
-            file.startWriteback()
-        } catch {
-            unlink(tmp)
-            throw LifeboatError.io(error, "cannot write chunk", final)
-        }
-        do { try FileSystem.rename(tmp, final) } catch { unlink(tmp); throw error }
+        try replace(id, with: try stage(id, bytes))
     }
 
     func stage(_ id: ChunkID, _ bytes: UnsafeRawBufferPointer) throws -> String {

@@ -165,6 +165,7 @@ public final class ReplicationService: Service, Sendable {
     /// priority; a shutdown ends it after the chunks under way (the next run goes on from there).
     private func compact(level: Int) {
         state.withLock { $0.compacting = true }
+        logger.info("compact started", metadata: ["level": "\(level)"])
         let thread = Thread { [self] in
             let options = CompactOptions(level: level, background: true) { [self] in stopping.load(ordering: .acquiring) }
             do {

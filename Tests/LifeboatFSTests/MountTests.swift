@@ -119,6 +119,44 @@ struct MountTests {
         #expect(failures.value == 0)
     }
 
+    @Test("reads while compact rewrites the chunks underneath, and after it, return the original bytes")
+    func readsDuringCompact() throws {
+        let demo = try DemoRepository()
+        let mnt = try demo.mount(["--cache-size", "\(2 << 20)"])  // frames evicted, layouts kept: they go stale
+        defer { try? demo.unmount(mnt) }
+        let point = demo.points[1]
+        let original = demo.contents[point.id]!
+        let path = "\(mnt)/demo/\(point.id)/demo.raw"
+        #expect(try sha256(path) == sha256(original))
+        let fd = open(path, O_RDONLY)
+        #expect(fd >= 0)
+        defer { close(fd) }
+        let failures = ManagedAtomicCounter(), reads = ManagedAtomicCounter()
+        let compacting = ManagedAtomicCounter()
+        compacting.increment()
+        let group = DispatchGroup()
+        for _ in 0..<4 {
+            DispatchQueue.global().async(group: group) {
+                var generator = SystemRandomNumberGenerator()
+                while compacting.value > 0 {
+                    let offset = Int.random(in: 0..<(original.count - 1), using: &generator)
+                    let count = min(original.count - offset, Int.random(in: 1...(200_000), using: &generator))
+                    let (bytes, error) = readAt(fd, offset, count)
+                    reads.increment()
+                    if error != 0 || bytes[...] != original[offset..<(offset + count)] { failures.increment() }
+                }
+            }
+        }
+        let result = try demo.repo.compact(CompactOptions(level: 9))
+        compacting.decrement()
+        group.wait()
+        #expect(result.compacted > 0 && result.bytesAfter < result.bytesBefore)
+        #expect(reads.value > 20)
+        #expect(failures.value == 0, "\(failures.value) of \(reads.value) reads differed or failed")
+        #expect(try sha256(path) == sha256(original), "the same open disk, every chunk now compacted")
+        #expect(try sha256("\(mnt)/demo/\(demo.points[0].id)/demo.raw") == sha256(demo.contents[demo.points[0].id]!))
+    }
+
     @Test("a point taken while mounted appears; a pruned one disappears")
     func livePoints() throws {
         let demo = try DemoRepository()
@@ -272,6 +310,7 @@ final class ManagedAtomicCounter: @unchecked Sendable {
     private let lock = NSLock()
     private var count = 0
     func increment() { lock.lock(); count += 1; lock.unlock() }
+    func decrement() { lock.lock(); count -= 1; lock.unlock() }
     var value: Int { lock.lock(); defer { lock.unlock() }; return count }
 }
 

@@ -47,6 +47,14 @@ private func storedFiles(_ repo: Repository) -> [String] {
         .map { repo.root + "/" + $0 }.filter { !FileSystem.isDirectory($0) }
 }
 
+/// Restores `disk` of `point` into the scratch folder and returns its bytes.
+private func restored(_ repo: Repository, _ point: RecoveryPoint, disk: String = "disk", in scratch: Scratch) throws -> [UInt8] {
+    let path = scratch.file("restored-\(UInt32.random(in: 0...UInt32.max)).raw")
+    defer { unlink(path) }
+    _ = try repo.restore(point, disk: disk, to: path)
+    return Disk.contents(path)
+}
+
 private func storedBytes(_ repo: Repository) -> Int {
     (try? repo.chunkFiles())?.reduce(0) { $0 + Disk.contents($1).count } ?? 0
 }
@@ -95,23 +103,36 @@ struct CompactTests {
         #expect(Disk.contents(indexPath) == indexBefore, "indexes and chunk ids do not change")
         #expect(try repo.config.format == 2 && Repository.open(at: repo.root) { "pw" }.config.format == 2)
         #expect(try !repo.loadReferenceCatalogue().isEmpty)
-        _ = try repo.restore(first, disk: "disk", to: scratch.file("first.raw"))
-        #expect(Disk.contents(scratch.file("first.raw")) == Disk.contents(disk))
+        let firstBytes = Disk.contents(disk)
+        #expect(try restored(repo, first, in: scratch) == firstBytes)
         #expect(try repo.verify().isClean)
 
         let again = try repo.compact(CompactOptions(level: 9))
         #expect(again.compacted == 0 && again.alreadyCompacted == again.chunks)
 
+        // A changed-block point that patches a compacted chunk whose frames refer to others: those
+        // are compressed anew on their own (only compact makes references, and records them).
+        // (Which copy of the text refers to the other depends on the order of the keyed ids.)
+        let records = try repo.loadReferenceCatalogue()
+        let ids = try repo.index(first, disk: "disk").ids
+        let copyIndex = try #require(ids.firstIndex { id in records.contains { $0.source == id } })
+        let copyChunk = copyIndex << 20
+        Disk.patch(disk, writes: [(copyChunk + 100_000, Bytes.random(5000, seed: 13))])
+        let file = try PosixFile(path: disk, flags: O_RDONLY)
+        let capture = DiskCapture(name: "disk", origin: disk, size: size, ranges: [(copyChunk + 100_000)..<(copyChunk + 105_000)],
+                                  base: try repo.index(first, disk: "disk")) { FileReader(file: file, path: disk) }
+        let patchedPoint = try repo.backup("app", captures: [capture], details: PointDetails(consistency: "crash-consistent", readMode: "incremental"))
+        #expect(try restored(repo, patchedPoint, in: scratch) == Disk.contents(disk))
+        #expect(try repo.verify().isClean, "no reference the catalogue does not know")
+
         // New data: the next compact takes only the new chunks, with the same dictionary.
         Disk.patch(disk, writes: [(20 << 20, markedText(1 << 20, seed: 99)), (4 << 20, Bytes.random(70_000, seed: 7))])
         let second = try repo.backup("app")
         let third = try repo.compact(CompactOptions(level: 9))
-        #expect(third.compacted == 2, "the chunk at 4 MiB and the one at 20 MiB")
+        #expect(third.compacted == Set([copyIndex, 4, 20]).count, "the patched chunk and the chunks at 4 and 20 MiB")
         #expect(!third.trainedDictionary && third.dictionary == 1)
-        _ = try repo.restore(second, disk: "disk", to: scratch.file("second.raw"))
-        #expect(Disk.contents(scratch.file("second.raw")) == Disk.contents(disk))
-        _ = try repo.restore(first, disk: "disk", to: scratch.file("first-again.raw"))
-        #expect(Disk.contents(scratch.file("first-again.raw")) == Disk.contents(scratch.file("first.raw")))
+        #expect(try restored(repo, second, in: scratch) == Disk.contents(disk))
+        #expect(try restored(repo, first, in: scratch) == firstBytes)
         #expect(try repo.verify().isClean)
 
         if encrypted {
@@ -149,8 +170,7 @@ struct CompactTests {
         #expect(collected.removed > 0, "chunks only the dropped machine used and nothing refers to go")
         let stored = try repo.store.all()
         #expect(needed.isSubset(of: stored), "the chunks \(kept)'s frames refer to stay")
-        _ = try repo.restore(keptPoint, disk: kept, to: scratch.file("kept.raw"))
-        #expect(Disk.contents(scratch.file("kept.raw")) == Disk.contents(keptDisk))
+        #expect(try restored(repo, keptPoint, disk: kept, in: scratch) == Disk.contents(keptDisk))
         #expect(try repo.verify().isClean)
         #expect(try repo.loadReferenceCatalogue().allSatisfy { stored.contains($0.source) }, "gc drops records of chunks that are gone")
     }
@@ -187,8 +207,7 @@ struct CompactTests {
         try FileSystem.writeAtomically(original, to: path)
         #expect(try repo.verify().isClean)
         _ = try repo.gc()
-        _ = try repo.restore(try repo.point("m", points.last!.id), disk: "disk", to: scratch.file("r.raw"))
-        #expect(Disk.contents(scratch.file("r.raw")) == Disk.contents(disk))
+        #expect(try restored(repo, try repo.point("m", points.last!.id), in: scratch) == Disk.contents(disk))
     }
 
     @Test("kill -9 of compact at random moments leaves every chunk readable; a later compact finishes")
@@ -207,17 +226,14 @@ struct CompactTests {
             kill(child.processIdentifier, SIGKILL)
             child.waitUntilExit()
             #expect(try repo.verify().isClean, "round \(round)")
-            _ = try repo.restore(point, disk: "disk", to: scratch.file("r.raw"))
-            #expect(Disk.contents(scratch.file("r.raw")) == Disk.contents(disk), "round \(round)")
-            unlink(scratch.file("r.raw"))
+            #expect(try restored(repo, point, in: scratch) == Disk.contents(disk), "round \(round)")
         }
         let done = try CLI.run(["compact", "--level", "9", "--json", "--repo", repo.root])
         #expect(done.status == 0, "\(done.stderr)")
         #expect(try repo.compact(CompactOptions(level: 9)).compacted == 0)
         _ = try repo.gc()
         #expect(temporaryFiles(in: repo.root).isEmpty, "gc removes a killed compact's staged chunks")
-        _ = try repo.restore(point, disk: "disk", to: scratch.file("r.raw"))
-        #expect(Disk.contents(scratch.file("r.raw")) == Disk.contents(disk))
+        #expect(try restored(repo, point, in: scratch) == Disk.contents(disk))
         #expect(try repo.verify().isClean)
     }
 
@@ -245,6 +261,56 @@ struct CompactTests {
         #expect(bad.stderr.contains("invalid compact level 40"))
     }
 
+    @Test("the replication service compacts after its gc, beside points; SIGTERM during a compact ends it cleanly")
+    func serviceCompacts() throws {
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        try Disk.make(disk, size: 64 << 20, writes: [(0, markedText(40 << 20, seed: 12)), (48 << 20, codeLike(8 << 20, seed: 3))])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        try repo.protect(Machine(name: "vm", disks: Repository.diskNames(for: [disk]), rpoSeconds: 3600))
+        func service(_ arguments: [String]) throws -> (Process, String) {
+            let log = scratch.file("replicate-\(UInt32.random(in: 0...UInt32.max)).log")
+            FileManager.default.createFile(atPath: log, contents: nil)
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: CLI.binary)
+            process.arguments = ["replicate", "--repo", repo.root, "--hot", scratch.file("hot")] + arguments
+            let handle = FileHandle(forWritingAtPath: log)!
+            (process.standardOutput, process.standardError, process.standardInput) = (handle, handle, FileHandle.nullDevice)
+            try process.run()
+            return (process, log)
+        }
+        func waitFor(_ text: String, in log: String, seconds: Double) -> Bool {
+            let deadline = Date().addingTimeInterval(seconds)
+            while Date() < deadline {
+                if (try? String(contentsOfFile: log, encoding: .utf8))?.contains(text) == true { return true }
+                Thread.sleep(forTimeInterval: 0.2)
+            }
+            return false
+        }
+        // A slow compact (level 19) that SIGTERM interrupts: the service ends at once, cleanly.
+        let (slow, slowLog) = try service(["--gc-every", "2s", "--compact-level", "19"])
+        defer { if slow.isRunning { kill(slow.processIdentifier, SIGKILL) } }
+        #expect(waitFor("compact started", in: slowLog, seconds: 60), "\((try? String(contentsOfFile: slowLog, encoding: .utf8)) ?? "")")
+        Thread.sleep(forTimeInterval: 1)
+        let asked = Date()
+        kill(slow.processIdentifier, SIGTERM)
+        slow.waitUntilExit()
+        #expect(slow.terminationStatus == 0)
+        #expect(Date().timeIntervalSince(asked) < 20, "a compact stops after the chunks under way")
+        #expect(try repo.verify().isClean)
+        // Then a service whose compact finishes: every chunk the points use is compacted.
+        let (fast, fastLog) = try service(["--gc-every", "2s", "--compact-level", "3"])
+        defer { if fast.isRunning { kill(fast.processIdentifier, SIGKILL) } }
+        #expect(waitFor("stopped=false", in: fastLog, seconds: 90), "\((try? String(contentsOfFile: fastLog, encoding: .utf8)) ?? "")")
+        kill(fast.processIdentifier, SIGTERM)
+        fast.waitUntilExit()
+        #expect(fast.terminationStatus == 0)
+        let again = try repo.compact(CompactOptions(level: 3))
+        #expect(again.compacted == 0 && again.alreadyCompacted == again.chunks && again.chunks > 0)
+        #expect(try repo.points("vm").count >= 1)
+        #expect(try repo.verify().isClean)
+    }
+
     @Test("a repository of the first format is read, upgraded by the first backup, and compacted")
     func firstFormat() throws {
         let scratch = Scratch()
@@ -257,18 +323,24 @@ struct CompactTests {
         let repo = try Repository.open(at: created.root) { "pw" }
         #expect(repo.config.format == 1)
         #expect(try repo.chunkFiles().allSatisfy { Disk.contents($0)[4] == 1 }, "chunks are of the first format")
-        _ = try repo.restore(point, disk: "disk", to: scratch.file("r1.raw"))
-        #expect(Disk.contents(scratch.file("r1.raw")) == Disk.contents(disk))
+        let firstBytes = Disk.contents(disk)
+        #expect(try restored(repo, point, in: scratch) == firstBytes)
         #expect(try repo.verify().isClean)
-        // A changed-block style point patches first-format chunks into second-format ones.
+        // A changed-block point (as of a libvirt domain) patches a first-format chunk: the frame it
+        // touched is compressed anew, the others are taken over into second-format frames.
         Disk.patch(disk, writes: [(100_000, Bytes.random(5000, seed: 9))])
-        let second = try repo.backup("old")
+        let file = try PosixFile(path: disk, flags: O_RDONLY)
+        let capture = DiskCapture(name: "disk", origin: disk, size: 8 << 20, ranges: [100_000..<105_000],
+                                  base: try repo.index(point, disk: "disk")) { FileReader(file: file, path: disk) }
+        let second = try repo.backup("old", captures: [capture], details: PointDetails(consistency: "crash-consistent", readMode: "incremental"))
+        #expect(second.bytesRead == 5000)
         #expect(try Repository.open(at: repo.root) { "pw" }.config.format == 2)
+        let patched = try repo.index(second, disk: "disk").ids[0]
+        #expect(Disk.contents((repo.store as! LocalChunkStore).path(patched))[4] == 2)
+        #expect(try restored(repo, second, in: scratch) == Disk.contents(disk))
         _ = try repo.compact(CompactOptions(level: 5))
-        _ = try repo.restore(second, disk: "disk", to: scratch.file("r2.raw"))
-        #expect(Disk.contents(scratch.file("r2.raw")) == Disk.contents(disk))
-        _ = try repo.restore(point, disk: "disk", to: scratch.file("r3.raw"))
-        #expect(Disk.contents(scratch.file("r3.raw")) == Disk.contents(scratch.file("r1.raw")))
+        #expect(try restored(repo, second, in: scratch) == Disk.contents(disk))
+        #expect(try restored(repo, point, in: scratch) == firstBytes)
         #expect(try repo.verify().isClean)
     }
 }
