@@ -199,7 +199,9 @@ struct FailoverTests {
             state = status["state"] as? String ?? ""
             for problem in status["problems"] as? [String] ?? [] { alarms.append("\(state): \(problem)") }
             if let transition = status["transition"] as? String { transitions.insert(transition) }
-            if state == "FailedOver" && !failover.isRunning { break }
+            // The finaliser still holds the machine for a moment after the record says FailedOver
+            // (autostart, releasing the mount): status shows that as a transition; wait it out.
+            if state == "FailedOver" && status["transition"] == nil && !failover.isRunning { break }
             Thread.sleep(forTimeInterval: 0.1)
         }
         failover.waitUntilExit()
