@@ -170,12 +170,7 @@ public struct HotStorage: Sendable {
     /// Takes the lock at `path` without waiting and records our pid in it; when another process
     /// holds it, says "another lifeboat command (pid N) \(busy): wait for it to finish".
     static func exclusiveLock(_ path: String, busy: String) throws -> FileLock {
-        guard let lock = try FileLock(path: path, mode: .exclusive, wait: false) else {
-            let owner = FileLock.owner(of: path).map { " (pid \($0))" } ?? ""
-            throw LifeboatError(.busy, "another lifeboat command\(owner) \(busy): wait for it to finish")
-        }
-        lock.recordOwner()
-        return lock
+        try FileLock.exclusive(path) { "another lifeboat command\($0) \(busy): wait for it to finish" }
     }
 
     /// A lock over the shared FUSE mount and the test network, held briefly while they are

@@ -122,13 +122,9 @@ extension Recovery {
     /// Holds the repository's replication-service lock for as long as the returned object lives.
     /// - Throws: `.busy` naming the pid of the service that holds it.
     package func lockReplicationService() throws -> FileLock {
-        let path = repository.root + "/replicate.lock"
-        guard let lock = try FileLock(path: path, mode: .exclusive, wait: false) else {
-            let owner = FileLock.owner(of: path).map { " (pid \($0))" } ?? ""
-            throw LifeboatError(.busy, "another lifeboat replicate\(owner) serves repository \(repository.root): stop it first (one service per repository)")
+        try FileLock.exclusive(repository.root + "/replicate.lock") {
+            "another lifeboat replicate\($0) serves repository \(repository.root): stop it first (one service per repository)"
         }
-        lock.recordOwner()
-        return lock
     }
 }
 

@@ -192,11 +192,9 @@ final class ChunkCodec: Sendable {
         return try assemble(rawLength: data.count, id: id, digests: digests, compacted: false, scratch: scratch) { k, out in
             if changed[k] { return try seal(writeBody(frame(k, of: data), into: out, compressor: zstd, dictionary: nil), in: out, id: id, frame: k) }
             let old = UnsafeRawBufferPointer(rebasing: stored[layout.storedRange(ofFrame: k)])
-            if layout.version >= 2 && keys == nil {
-                if old.first != Mode.references.rawValue {
-                    out.copyMemory(from: old)
-                    return old.count
-                }
+            if layout.version >= 2, keys == nil, old.first != Mode.references.rawValue {
+                out.copyMemory(from: old)
+                return old.count
             }
             let body = try open(old, id: layout.id, frame: k)
             return try body.withUnsafeBytes { body in
@@ -210,8 +208,7 @@ final class ChunkCodec: Sendable {
                     out.copyMemory(from: body)
                     return try seal(body.count, in: out, id: id, frame: k)
                 }
-                var plain = [UInt8](repeating: 0, count: layout.rawLength(ofFrame: k))
-                _ = try plain.withUnsafeMutableBytes {
+                let plain = try [UInt8](filling: layout.rawLength(ofFrame: k)) {
                     try decodeFrame(k, of: layout, stored: old, into: $0, references: references)
                 }
                 return try plain.withUnsafeBytes {

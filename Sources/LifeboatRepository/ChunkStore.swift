@@ -120,28 +120,24 @@ final class LocalChunkStore: ChunkStore {
 
     func readDirect(_ id: ChunkID, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
         let path = path(id)
+        var length: Int? = nil
         if directReads.load(ordering: .relaxed) {
             do {
-                let file = try PosixFile(path: path, flags: O_RDONLY | O_DIRECT)
-                let n = try file.read(into: buffer, at: 0)
-                guard n < buffer.count else { throw LifeboatError(.damaged, "chunk \(id.hex) is damaged: longer than a chunk") }
-                return n
+                length = try PosixFile(path: path, flags: O_RDONLY | O_DIRECT).read(into: buffer, at: 0)
             } catch let error as Errno where error == .invalidArgument {
-                directReads.store(false, ordering: .relaxed)
+                directReads.store(false, ordering: .relaxed)   // through the page cache from now on
             } catch let error as Errno where error == .noSuchFileOrDirectory {
                 throw LifeboatError(.damaged, "chunk \(id.hex) is missing from the repository (\(path))")
-            } catch let error as LifeboatError {
-                throw error
             } catch {
                 throw LifeboatError.io(error, "cannot read chunk", path)
             }
         }
-        let file = try open(id)
-        do {
-            let n = try file.read(into: buffer, at: 0)
-            guard n < buffer.count else { throw LifeboatError(.damaged, "chunk \(id.hex) is damaged: longer than a chunk") }
-            return n
-        } catch let error as LifeboatError { throw error } catch { throw LifeboatError.io(error, "cannot read chunk", path) }
+        if length == nil {
+            let file = try open(id)
+            do { length = try file.read(into: buffer, at: 0) } catch { throw LifeboatError.io(error, "cannot read chunk", path) }
+        }
+        guard let length, length < buffer.count else { throw LifeboatError(.damaged, "chunk \(id.hex) is damaged: longer than a chunk") }
+        return length
     }
 
     func read(_ id: ChunkID) throws -> [UInt8] {

@@ -274,6 +274,18 @@ package final class FileLock {
         }
     }
 
+    /// Takes the exclusive lock at `path` without waiting and records our pid in it.
+    /// - Parameter busy: the message when another process holds it, given " (pid N)" (or "" when
+    ///   the holder is not known) to put after the holder's name.
+    /// - Throws: `.busy` with that message.
+    package static func exclusive(_ path: String, busy: (_ owner: String) -> String) throws -> FileLock {
+        guard let lock = try FileLock(path: path, mode: .exclusive, wait: false) else {
+            throw LifeboatError(.busy, busy(owner(of: path).map { " (pid \($0))" } ?? ""))
+        }
+        lock.recordOwner()
+        return lock
+    }
+
     /// Records the holder's PID in the lock file, for the message a second process prints.
     package func recordOwner() {
         let text = Array("\(getpid())\n".utf8)

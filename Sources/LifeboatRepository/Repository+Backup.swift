@@ -121,12 +121,9 @@ extension Repository {
     private func writePoint(_ name: String, chunkSize: Int, now: Date,
                             makeDisks: (_ previous: RecoveryPoint?, _ known: ChunkSet, _ staging: String) throws -> PointDraft) throws -> RecoveryPoint {
         let started = Date()   // (the callers have read the machine: it exists)
-        let lockPath = machinePath(name) + "/backup.lock"
-        guard let machineLock = try FileLock(path: lockPath, mode: .exclusive, wait: false) else {
-            let owner = FileLock.owner(of: lockPath).map { " (pid \($0))" } ?? ""
-            throw LifeboatError(.busy, "a backup of machine \(name) is already running\(owner): wait for it to finish")
+        let machineLock = try FileLock.exclusive(machinePath(name) + "/backup.lock") {
+            "a backup of machine \(name) is already running\($0): wait for it to finish"
         }
-        machineLock.recordOwner()
         let repoLock = try repositoryLock(.shared, wait: true)
         try upgradeFormat()
         let previous = try points(name).last

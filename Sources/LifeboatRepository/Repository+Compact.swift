@@ -39,6 +39,8 @@ public struct CompactOptions: Sendable {
     public var shouldStop: @Sendable () -> Bool
 
     public static let defaultLevel = 15
+    /// The levels zstd has.
+    public static let levels = 1...22
 
     public init(level: Int = defaultLevel, dictionarySize: Int = 1 << 20, background: Bool = false,
                 shouldStop: @escaping @Sendable () -> Bool = { false }) {
@@ -70,15 +72,12 @@ extension Repository {
     /// chunks go in place: a killed compact leaves every chunk readable, old or new.
     public func compact(_ options: CompactOptions = CompactOptions(), progress: ProgressMeter = ProgressMeter()) throws -> CompactResult {
         let started = Date()
-        guard (1...22).contains(options.level) else {
+        guard CompactOptions.levels.contains(options.level) else {
             throw LifeboatError(.invalidArgument, "invalid compact level \(options.level): use a zstd level from 1 to 22")
         }
-        let lockPath = root + "/compact.lock"
-        guard let compactLock = try FileLock(path: lockPath, mode: .exclusive, wait: false) else {
-            let owner = FileLock.owner(of: lockPath).map { " (pid \($0))" } ?? ""
-            throw LifeboatError(.busy, "a compact of this repository is already running\(owner): wait for it to finish")
+        let compactLock = try FileLock.exclusive(root + "/compact.lock") {
+            "a compact of this repository is already running\($0): wait for it to finish"
         }
-        compactLock.recordOwner()
         let repoLock = try repositoryLock(.shared, wait: true)
         try upgradeFormat()
         if !FileSystem.exists(compactPath) { try FileSystem.makeDirectory(compactPath) }

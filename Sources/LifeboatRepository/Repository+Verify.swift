@@ -71,9 +71,11 @@ extension Repository {
         let work = ParallelWork(count: ids.count)
         let chunkSize = indexes.reduce(config.chunkSize) { max($0, $1.2.chunkSize) }
         var damagedFiles: [String] = []
-        var recorded = Set<ReferenceRecord>()
-        do { recorded = Set(try loadReferenceCatalogue()) } catch let error as LifeboatError { damagedFiles.append(error.message) }
-        let catalogue = recorded
+        let catalogue: Set<ReferenceRecord>
+        do { catalogue = Set(try loadReferenceCatalogue()) } catch let error as LifeboatError {
+            catalogue = []
+            damagedFiles.append(error.message)
+        }
         let unrecorded = Mutex<[ReferenceRecord]>([])
         try work.run { work in
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)

@@ -306,20 +306,12 @@ public final class Repository: Sendable {
     /// layout (pass it back next time to skip reading the header) and the frame's length.
     /// One open of the chunk file; a 4 KiB read of a disk needs one such frame, never the whole chunk.
     /// A layout that no longer describes the file (`compact` replaced it) is read again.
-    /// - Parameter references: reads the frames this frame may refer to (nil: it may not).
+    /// - Parameters:
+    ///   - deep: check the plaintext digest also where AES-GCM authenticated it (verify).
+    ///   - references: reads the frames this frame may refer to (nil: it may not).
     /// - Throws: `.damaged` naming the chunk when it is missing or does not match its id.
-    public func readFrame(_ k: Int, of id: ChunkID, layout known: ChunkLayout?,
-                          into buffer: UnsafeMutableRawBufferPointer) throws -> (layout: ChunkLayout, length: Int) {
-        try readFrame(k, of: id, layout: known, into: buffer, deep: false, references: references)
-    }
-
     public func readFrame(_ k: Int, of id: ChunkID, layout known: ChunkLayout?, into buffer: UnsafeMutableRawBufferPointer,
-                          references: ReferenceReader?) throws -> (layout: ChunkLayout, length: Int) {
-        try readFrame(k, of: id, layout: known, into: buffer, deep: false, references: references)
-    }
-
-    func readFrame(_ k: Int, of id: ChunkID, layout known: ChunkLayout?, into buffer: UnsafeMutableRawBufferPointer,
-                   deep: Bool, references: ReferenceReader?) throws -> (layout: ChunkLayout, length: Int) {
+                          deep: Bool = false, references: ReferenceReader?) throws -> (layout: ChunkLayout, length: Int) {
         let file = try store.open(id)
         let layout: ChunkLayout
         if let known, known.inode != 0, let st = try? file.stat(), UInt64(st.st_ino) == known.inode {
@@ -381,7 +373,7 @@ public final class Repository: Sendable {
 
     /// Reads a whole chunk with one read and returns its layout and every frame's plaintext.
     /// - Parameter references: reads the frames the chunk's frames refer to (a cache's reader, say).
-    public func readFrames(_ id: ChunkID, references: ((FrameReference) throws -> [UInt8])? = nil) throws -> (layout: ChunkLayout, frames: [[UInt8]]) {
+    public func readFrames(_ id: ChunkID, references: ReferenceReader? = nil) throws -> (layout: ChunkLayout, frames: [[UInt8]]) {
         let file = try store.open(id)
         let stored: [UInt8]
         do { stored = try file.readAll() } catch { throw LifeboatError.io(error, "cannot read chunk", file.path) }

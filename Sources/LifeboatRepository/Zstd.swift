@@ -91,7 +91,7 @@ final class Zstd: @unchecked Sendable {
         self.dictionary = dictionary
     }
 
-    /// Level 3 with hash log, chain log and minimum match overrides (0 = the level's own).
+    /// A level with hash log, chain log and minimum match overrides (0 = the level's own).
     convenience init(level: Int32, hashLog: Int32 = 0, chainLog: Int32 = 0, minMatch: Int32 = 0) {
         self.init(ZstdParameters(level: level, hashLog: hashLog, chainLog: chainLog, minMatch: minMatch))
     }

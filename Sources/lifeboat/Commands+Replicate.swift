@@ -34,7 +34,7 @@ extension Lifeboat {
                 throw ValidationError("--metrics \(metrics) is not ADDR:PORT like 127.0.0.1:9470")
             }
             if let console = consoleAddress { _ = try tls.listen(console, option: "--console") }
-            if compactLevel != 0 && !(1...22).contains(compactLevel) { throw ValidationError("--compact-level \(compactLevel) is not a zstd level from 1 to 22 (or 0 for none)") }
+            if compactLevel != 0 && !CompactOptions.levels.contains(compactLevel) { throw ValidationError("--compact-level \(compactLevel) is not a zstd level from 1 to 22 (or 0 for none)") }
             if (try? DurationText.parse(gcEvery)) == nil { throw ValidationError("--gc-every \(gcEvery) is not a duration like 12h or 1d") }
         }
 
