@@ -22,6 +22,7 @@ public final class FrameCache: Sendable {
     private struct State {
         var frames: [Key: (bytes: [UInt8], used: UInt64)] = [:]
         var layouts: [ChunkID: ChunkLayout] = [:]
+        var warming: Set<ChunkID> = []   // layouts a warmer is reading now
         var pending: [Key: Pending] = [:]
         var bytes = 0
         var clock: UInt64 = 0
@@ -96,14 +97,21 @@ public final class FrameCache: Sendable {
     var layoutCount: Int { state.withLock { $0.layouts.count } }
 
     /// Reads the layouts of `chunks` not known yet, several at a time (on the caller's thread:
-    /// call it from a background one), up to what the layout cache holds.
+    /// call it from a background one), up to what the layout cache holds. Layouts that another
+    /// warmer is reading are left to it: opening a disk starts a warmer, and `qemu-img create`
+    /// then QEMU open the same disk several times within a second (each reading every header
+    /// again tripled the reads that a cold random reader queued behind).
     func warmLayouts(_ chunks: [ChunkID]) {
         let wanted = state.withLock { state in
-            Array(chunks.filter { state.layouts[$0] == nil }.prefix(max(0, maxLayouts - state.layouts.count)))
+            let wanted = Array(chunks.filter { state.layouts[$0] == nil && !state.warming.contains($0) }
+                .prefix(max(0, maxLayouts - state.layouts.count - state.warming.count)))
+            state.warming.formUnion(wanted)
+            return wanted
         }
         guard !wanted.isEmpty else { return }
         let layouts = repository.chunkLayouts(wanted)
         state.withLock { state in
+            state.warming.subtract(wanted)
             for (id, layout) in layouts where state.layouts[id] == nil && state.layouts.count < maxLayouts { state.layouts[id] = layout }
         }
     }

@@ -31,13 +31,14 @@ extension Lifeboat {
         @Option(help: "Production libvirt network (default: the machine's, else lifeboat-prod made from the template).")
         var network: String?
         @Option(help: "Production host bridge instead of a libvirt network.") var bridge: String?
-        @Option(help: "Limit the copy into hot storage to this many MiB/s (default: no limit).") var bandwidth: UInt64?
+        @Option(help: "Limit the copy into hot storage to this many MiB/s, 0.5 say (default, or 0: no limit).") var bandwidth: Double?
         @Flag(help: "Wait for finalisation, showing progress.") var wait = false
         @OptionGroup var output: OutputOptions
 
         func validate() throws {
             if force && !planned { throw ValidationError("--force only goes with --planned") }
             if network != nil && bridge != nil { throw ValidationError("give --network or --bridge, not both") }
+            if let bandwidth, !(bandwidth.isFinite && bandwidth >= 0) { throw ValidationError("--bandwidth is in MiB/s: give 0 (no limit) or more") }
             if planned && point != "latest" { throw ValidationError("--planned fails over from the final backup it takes: leave out --point") }
             try PlanTarget.validate(name: name, plan: plan)
             if plan != nil && (point != "latest" || vcpus != nil || memory != nil || ip != nil || network != nil || bridge != nil || wait || force) {
@@ -54,7 +55,7 @@ extension Lifeboat {
             }
             let name = name!
             let options = FailoverOptions(point: point, planned: planned, force: force, vcpus: vcpus, memoryMiB: memory, ip: ip,
-                                          network: network, bridge: bridge, bandwidth: bandwidth.map { $0 << 20 })
+                                          network: network, bridge: bridge, bandwidth: bandwidth.flatMap { $0 > 0 ? max(1, UInt64($0 * 1048576)) : nil })
             let started = Date()
             let record = try recovery.failover(name, options) { line in
                 if Terminal.isInteractive && !output.json { Terminal.writeError("\(line)\n") }

@@ -279,8 +279,10 @@ struct ConsoleHTTPTests {
         // The right password still works, then the address is forgiven.
         let right = try client.send("POST", "/api/v1/login", json: ["user": "alice", "password": "alice-secret"])
         #expect(right.status == 200)
+        // Not forgiven, it would wait 8 s; forgiven, it costs what the first, unslowed answer cost
+        // (scrypt: over a second when the host is busy with other tests' VMs).
         let next = try lab.client().send("POST", "/api/v1/login", json: ["user": "vic", "password": "vic-secret"])
-        #expect(next.status == 200 && next.seconds < 1.0, "\(next.seconds)")
+        #expect(next.status == 200 && next.seconds < times[0] + 1.0, "\(next.seconds) against \(times[0]) unslowed")
     }
 
     @Test("the API's JSON is the CLI's --json for the same repository")
