@@ -146,15 +146,10 @@ final class LocalChunkStore: ChunkStore {
         }
     }
 
-    /// Opens a chunk for reading. Every read of a chunk asks for exactly what it needs (its
-    /// header, one frame, or all of it), so the kernel is told not to read ahead: its guess
-    /// doubled the bytes a random read of a cold mount took from the disk (measured in docs/MOUNT.md).
     func open(_ id: ChunkID) throws -> PosixFile {
         let path = path(id)
         do {
-            let file = try PosixFile(path: path, flags: O_RDONLY)
-            file.advise(sequential: false)
-            return file
+            return try PosixFile(path: path, flags: O_RDONLY)
         } catch {
             if (error as? Errno) == .noSuchFileOrDirectory {
                 throw LifeboatError(.damaged, "chunk \(id.hex) is missing from the repository (\(path))")
