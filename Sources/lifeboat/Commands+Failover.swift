@@ -31,7 +31,7 @@ extension Lifeboat {
         @Option(help: "Production libvirt network (default: the machine's, else lifeboat-prod made from the template).")
         var network: String?
         @Option(help: "Production host bridge instead of a libvirt network.") var bridge: String?
-        @Option(help: "Limit the copy into hot storage to this many MiB/s, 0.5 say (default, or 0: no limit).") var bandwidth: Double?
+        @Option(help: "Limit the copy into hot storage to this many MiB/s; fractions such as 0.5 too (default or 0: no limit).") var bandwidth: Double?
         @Flag(help: "Wait for finalisation, showing progress.") var wait = false
         @OptionGroup var output: OutputOptions
 
@@ -55,7 +55,7 @@ extension Lifeboat {
             }
             let name = name!
             let options = FailoverOptions(point: point, planned: planned, force: force, vcpus: vcpus, memoryMiB: memory, ip: ip,
-                                          network: network, bridge: bridge, bandwidth: bandwidth.flatMap { $0 > 0 ? max(1, UInt64($0 * 1048576)) : nil })
+                                          network: network, bridge: bridge, bandwidth: bandwidth.flatMap { $0 > 0 ? max(1, UInt64(min($0, 0x1p40) * 1048576)) : nil })
             let started = Date()
             let record = try recovery.failover(name, options) { line in
                 if Terminal.isInteractive && !output.json { Terminal.writeError("\(line)\n") }
