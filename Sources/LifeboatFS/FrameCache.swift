@@ -97,11 +97,14 @@ public final class FrameCache: Sendable {
     var layoutCount: Int { state.withLock { $0.layouts.count } }
 
     /// Reads the layouts of `chunks` not known yet, several at a time (on the caller's thread:
-    /// call it from a background one), up to what the layout cache holds. Layouts that another
-    /// warmer is reading are left to it: opening a disk starts a warmer, and `qemu-img create`
-    /// then QEMU open the same disk several times within a second (each reading every header
-    /// again tripled the reads that a cold random reader queued behind).
-    func warmLayouts(_ chunks: [ChunkID]) {
+    /// call it from a background one), up to what the layout cache holds. `stored` gives those
+    /// a point's DISK.layouts has (one read instead of one per chunk); it is called only when
+    /// some layout is missing. Layouts that another warmer is reading are left to it: opening a
+    /// disk starts a warmer, and `qemu-img create` then QEMU open the same disk several times
+    /// within a second (docs/MOUNT.md).
+    func warmLayouts(_ chunks: [ChunkID], stored: () -> [ChunkID: ChunkLayout] = { [:] }) {
+        guard state.withLock({ state in chunks.contains { state.layouts[$0] == nil } }) else { return }
+        adopt(stored())
         let wanted = state.withLock { state in
             let wanted = Array(chunks.filter { state.layouts[$0] == nil && !state.warming.contains($0) }
                 .prefix(max(0, maxLayouts - state.layouts.count - state.warming.count)))
@@ -110,8 +113,13 @@ public final class FrameCache: Sendable {
         }
         guard !wanted.isEmpty else { return }
         let layouts = repository.chunkLayouts(wanted)
+        state.withLock { $0.warming.subtract(wanted) }
+        adopt(layouts)
+    }
+
+    /// Keeps the layouts of chunks it has none of, up to what the layout cache holds.
+    private func adopt(_ layouts: [ChunkID: ChunkLayout]) {
         state.withLock { state in
-            state.warming.subtract(wanted)
             for (id, layout) in layouts where state.layouts[id] == nil && state.layouts.count < maxLayouts { state.layouts[id] = layout }
         }
     }

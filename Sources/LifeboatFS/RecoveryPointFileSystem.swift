@@ -153,15 +153,15 @@ public final class RecoveryPointFileSystem: FuseFileSystem {
         case .manifest(let name, let id):
             _ = try point(name, id)
             file = .bytes(try repository.pointManifest(name, id))
-        case .disk(let name, let id, let disk):
+        case .disk(let name, let id, let diskName):
             let point = try point(name, id)
-            guard point.disks.contains(where: { $0.name == disk }) else { throw Errno.noSuchFileOrDirectory }
+            guard point.disks.contains(where: { $0.name == diskName }) else { throw Errno.noSuchFileOrDirectory }
             do {
-                let disk = DiskFile(index: try repository.indexReader(point, disk: disk), label: "\(name)/\(id)/\(disk).raw")
+                let disk = DiskFile(index: try repository.indexReader(point, disk: diskName), label: "\(name)/\(id)/\(diskName).raw")
                 file = .disk(disk)
-                warmLayouts(of: disk)
+                warmLayouts(of: disk, point: point, name: diskName)
             } catch {
-                log("cannot open \(name)/\(id)/\(disk).raw: \(error)")
+                log("cannot open \(name)/\(id)/\(diskName).raw: \(error)")
                 throw Errno.ioError
             }
         case .root, .machine, .point: throw Errno.isDirectory
@@ -235,12 +235,13 @@ public final class RecoveryPointFileSystem: FuseFileSystem {
 
     /// Reads the layouts of an opened disk's chunks in the background: a recovery VM reads its
     /// disk at random, one request at a time, and each first read of a chunk would otherwise
-    /// wait for its header before its frame (measured in docs/MOUNT.md).
-    private func warmLayouts(of disk: DiskFile) {
-        let cache = self.cache
+    /// wait for its header before its frame (measured in docs/MOUNT.md). The point's
+    /// DISK.layouts gives most of them in one read; the rest are read from the chunks' headers.
+    private func warmLayouts(of disk: DiskFile, point: RecoveryPoint, name: String) {
+        let cache = self.cache, repository = self.repository
         let thread = Thread {
             guard let ids = try? disk.index.ids(limit: 1 << 16) else { return }
-            cache.warmLayouts(ids)
+            cache.warmLayouts(ids) { repository.storedLayouts(point, disk: name) }
         }
         thread.name = "lifeboat-layouts"
         thread.start()

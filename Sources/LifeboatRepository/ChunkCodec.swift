@@ -54,6 +54,8 @@ public struct ChunkLayout: Sendable {
     public func rawLength(ofFrame k: Int) -> Int { min(frameSize, rawLength - k * frameSize) }
     /// Bytes of the header and frame table.
     var tableEnd: Int { ChunkCodec.headerSize + frames.count * ChunkCodec.tableEntrySize }
+    /// Bytes of the stored chunk file it describes.
+    var storedSize: Int { frames.last?.range.upperBound ?? tableEnd }
 }
 
 /// Turns plaintext chunks into stored chunk files and back, and names them.

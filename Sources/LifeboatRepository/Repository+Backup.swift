@@ -65,7 +65,7 @@ extension Repository {
                 }
                 disks.append(disk)
                 bytesRead += read
-                try writeFile(index.encoded(), staging + "/" + disk.name + ".idx")
+                try writeDiskFiles(index, disk: disk.name, machine: name, previous: previous, into: staging)
             }
             return PointDraft(disks: disks, bytesRead: bytesRead, consistency: consistent ? "consistent" : "changed-during-backup")
         }
@@ -99,7 +99,7 @@ extension Repository {
                 Trace.mark("disk \(capture.name) read")
                 disks.append(disk)
                 bytesRead += read
-                try writeFile(index.encoded(), staging + "/" + disk.name + ".idx")
+                try writeDiskFiles(index, disk: disk.name, machine: name, previous: previous, into: staging)
             }
             try checkBeforeCommit()
             var draft = PointDraft(disks: disks, bytesRead: bytesRead, consistency: details.consistency)
@@ -162,6 +162,16 @@ extension Repository {
             FileSystem.removeTree(staging)
             throw error
         }
+    }
+
+    /// Writes a disk's index and its layouts file (entries for the chunks the parent's file
+    /// described are taken from it) into a point being assembled.
+    private func writeDiskFiles(_ index: DiskIndex, disk: String, machine: String, previous: RecoveryPoint?, into staging: String) throws {
+        try writeFile(index.encoded(), staging + "/" + disk + ".idx")
+        Trace.mark("disk \(disk): index written")
+        let carried = previous.map { storedTables(at: layoutsPath(machine, $0.id, disk: disk)) } ?? []
+        try writeLayouts(of: index.distinctIDs(limit: DiskLayouts.limit), carrying: carried, to: staging + "/" + disk + ".layouts")
+        Trace.mark("disk \(disk): layouts written (\(carried.count) carried from the parent point)")
     }
 
     private func writeFile(_ bytes: [UInt8], _ path: String) throws {

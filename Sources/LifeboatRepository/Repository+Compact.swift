@@ -133,6 +133,7 @@ extension Repository {
             batches[batches.count - 1].append(id)
             batchBytes += rawLengths[id] ?? 0
         }
+        var rewritten = Set<ChunkID>()
         for batch in batches where !batch.isEmpty {
             if options.shouldStop() {
                 tally.withLock { $0.stopped = true }
@@ -205,6 +206,7 @@ extension Repository {
             if !records.isEmpty { try appendReferenceCatalogue(records) }   // durable before any referring chunk is in place
             try store.sync()
             for chunk in ready { try store.replace(chunk.id, with: chunk.path) }
+            rewritten.formUnion(ready.map(\.id))
             staged.withLock { $0.removeAll() }
         }
         if options.shouldStop() { tally.withLock { $0.stopped = true } }
@@ -212,6 +214,7 @@ extension Repository {
         try table.withLock { try $0.save(self) }
         let runRecords = try loadReferenceCatalogue()
         if runRecords.count > catalogue.count { try rewriteReferenceCatalogue(runRecords) }   // one file, not one per batch
+        refreshLayouts(rewritten: rewritten)
         Trace.mark("compact: done")
         withExtendedLifetime((compactLock, repoLock)) {}
         result = tally.withLock { $0 }

@@ -313,23 +313,33 @@ public final class Repository: Sendable {
     public func readFrame(_ k: Int, of id: ChunkID, layout known: ChunkLayout?, into buffer: UnsafeMutableRawBufferPointer,
                           deep: Bool = false, references: ReferenceReader?) throws -> (layout: ChunkLayout, length: Int) {
         let file = try openForParts(id)
-        let layout: ChunkLayout
-        if let known, known.inode != 0, let st = try? file.stat(), UInt64(st.st_ino) == known.inode {
-            layout = known
-        } else {
-            layout = try chunkLayout(id, file)
+        if var known, let st = try? file.stat(), Int(st.st_size) == known.storedSize,
+           known.inode == 0 || known.inode == UInt64(st.st_ino) {
+            // A layout from DISK.layouts (no inode) matches the file's size but may still be of
+            // a file `compact` replaced: when its frame does not decode, the header is read.
+            known.inode = UInt64(st.st_ino)
+            if let length = try? readFrame(k, of: known, from: file, into: buffer, deep: deep, references: references) {
+                return (known, length)
+            }
         }
-        guard k < layout.frameCount else { throw LifeboatError(.damaged, "chunk \(id.hex) is damaged: it has no frame \(k)") }
+        let layout = try chunkLayout(id, file)
+        return (layout, try readFrame(k, of: layout, from: file, into: buffer, deep: deep, references: references))
+    }
+
+    private func readFrame(_ k: Int, of layout: ChunkLayout, from file: PosixFile, into buffer: UnsafeMutableRawBufferPointer,
+                           deep: Bool, references: ReferenceReader?) throws -> Int {
+        guard k < layout.frameCount else { throw LifeboatError(.damaged, "chunk \(layout.id.hex) is damaged: it has no frame \(k)") }
         let range = layout.storedRange(ofFrame: k)
         let stored: [UInt8]
         do { stored = try [UInt8](filling: range.count) { try file.read(into: $0, at: range.lowerBound) } } catch {
             throw LifeboatError.io(error, "cannot read chunk", file.path)
         }
-        guard stored.count == range.count else { throw LifeboatError(.damaged, "chunk \(id.hex) is damaged: shorter than its frame table says") }
-        let length = try stored.withUnsafeBytes {
+        guard stored.count == range.count else {
+            throw LifeboatError(.damaged, "chunk \(layout.id.hex) is damaged: shorter than its frame table says")
+        }
+        return try stored.withUnsafeBytes {
             try codec.decodeFrame(k, of: layout, stored: $0, into: buffer, deep: deep, references: references)
         }
-        return (layout, length)
     }
 
     /// The layout of a stored chunk (its header and frame table, checked).
@@ -337,7 +347,7 @@ public final class Repository: Sendable {
 
     /// Opens a chunk to read its header or one frame. The kernel is told not to read ahead: its
     /// guess doubled the bytes a random read of a cold mount took from the disk (docs/MOUNT.md).
-    /// Whole-chunk reads keep read-ahead (sequential reads of a mount were 11% slower without it).
+    /// Whole-chunk reads keep read-ahead (cold sequential reads of a mount were about 10% slower without it).
     private func openForParts(_ id: ChunkID) throws -> PosixFile {
         let file = try store.open(id)
         file.advise(sequential: false)
@@ -348,20 +358,39 @@ public final class Repository: Sendable {
     /// are left out: reading them later says why). What a mount reads when a disk is opened, so
     /// that a random read of a cold disk costs one read of the frame, not a header read first.
     public func chunkLayouts(_ ids: [ChunkID]) -> [ChunkID: ChunkLayout] {
-        let layouts = Mutex<[ChunkID: ChunkLayout]>([:])
+        chunkTables(ids).compactMapValues { try? layout(of: $0) }
+    }
+
+    /// The headers and frame tables of many chunks, as their files hold them, read with several
+    /// reads in flight (chunks that cannot be read are left out).
+    func chunkTables(_ ids: [ChunkID]) -> [ChunkID: ChunkTable] {
+        let tables = Mutex<[ChunkID: ChunkTable]>([:])
         let work = ParallelWork(count: ids.count, threads: Self.directReadWorkers)
         try? work.run { work in
             while let i = work.take() {
-                if let layout = try? self.chunkLayout(ids[i]) { layouts.withLock { $0[ids[i]] = layout } }
+                if let table = try? self.chunkTable(ids[i], self.openForParts(ids[i])) { tables.withLock { $0[ids[i]] = table } }
             }
         }
-        return layouts.withLock { $0 }
+        return tables.withLock { $0 }
     }
 
     /// Reads and checks a chunk's header and frame table from its open file.
     private func chunkLayout(_ id: ChunkID, _ file: PosixFile) throws -> ChunkLayout {
-        let size: Int
-        do { size = try file.size() } catch { throw LifeboatError.io(error, "cannot read chunk", file.path) }
+        try layout(of: try chunkTable(id, file))
+    }
+
+    /// The layout a chunk table describes, checked against its id.
+    func layout(of table: ChunkTable) throws -> ChunkLayout {
+        var layout = try table.bytes.withUnsafeBytes { try codec.layout($0, id: table.id, storedSize: table.storedSize) }
+        layout.inode = table.inode
+        return layout
+    }
+
+    /// Reads a chunk's header and frame table from its open file (not checked yet).
+    private func chunkTable(_ id: ChunkID, _ file: PosixFile) throws -> ChunkTable {
+        let st: Glibc.stat
+        do { st = try file.stat() } catch { throw LifeboatError.io(error, "cannot read chunk", file.path) }
+        let size = Int(st.st_size)
         func readHead(_ count: Int) throws -> [UInt8] {
             var head = [UInt8](repeating: 0, count: min(size, count))
             do { _ = try head.withUnsafeMutableBytes { try file.read(into: $0, at: 0) } } catch {
@@ -374,10 +403,9 @@ public final class Repository: Sendable {
             let frames = Int(UInt32(littleEndian: head.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 12, as: UInt32.self) }))
             let tableSize = ChunkCodec.headerSize + frames * ChunkCodec.tableEntrySize
             if tableSize > head.count && tableSize <= size { head = try readHead(tableSize) }
+            if tableSize < head.count { head.removeLast(head.count - tableSize) }
         }
-        var layout = try head.withUnsafeBytes { try codec.layout($0, id: id, storedSize: size) }
-        if let st = try? file.stat() { layout.inode = UInt64(st.st_ino) }
-        return layout
+        return ChunkTable(id: id, storedSize: size, bytes: head, inode: UInt64(st.st_ino))
     }
 
     /// Reads a whole chunk with one read and returns its layout and every frame's plaintext.

@@ -144,6 +144,49 @@ struct CompactTests {
         }
     }
 
+    @Test("each point's DISK.layouts describes its chunks as their files are; the next point carries it; compact rewrites it and writes a missing one",
+          arguments: [false, true])
+    func diskLayouts(encrypted: Bool) throws {
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        try Disk.make(disk, size: 12 << 20, writes: [(0, markedText(3 << 20, seed: 2)), (5 << 20, Bytes.random(1 << 20, seed: 3)),
+                                                     (8 << 20, Array(markedText(2 << 20, seed: 2)))])
+        let repo = try Repository.create(at: scratch.file("repo"), password: encrypted ? "pw" : nil)
+        try repo.protect(Machine(name: "app", disks: Repository.diskNames(for: [disk])))
+        /// The point's layouts, which must be those of its chunk files now.
+        @discardableResult
+        func expectCurrent(_ point: RecoveryPoint, _ what: String) throws -> [ChunkID: ChunkLayout] {
+            let stored = repo.storedLayouts(point, disk: "disk")
+            let ids = try repo.index(point, disk: "disk").distinctIDs(limit: DiskLayouts.limit)
+            #expect(ids.count >= 4 && Set(stored.keys) == Set(ids), "\(what): one entry per distinct chunk")
+            for id in ids {
+                let file = try repo.chunkLayout(id)
+                let entry = try #require(stored[id])
+                #expect(entry.storedSize == file.storedSize && entry.compacted == file.compacted
+                        && (0..<file.frameCount).allSatisfy { entry.storedRange(ofFrame: $0) == file.storedRange(ofFrame: $0) },
+                        "\(what): chunk \(id.hex) as its file is")
+            }
+            return stored
+        }
+        let first = try repo.backup("app")
+        try expectCurrent(first, "first point")
+        Disk.patch(disk, writes: [(2 << 20, Bytes.random(300_000, seed: 4))])
+        let second = try repo.backup("app")
+        let before = try expectCurrent(second, "second point")
+
+        unlink(repo.layoutsPath("app", first.id, disk: "disk"))   // as a point taken by an older lifeboat
+        let result = try repo.compact(CompactOptions(level: 9))
+        #expect(result.compacted == result.chunks)
+        #expect(FileSystem.exists(repo.layoutsPath("app", first.id, disk: "disk")), "compact writes the missing file")
+        try expectCurrent(first, "first point after compact")
+        let after = try expectCurrent(second, "second point after compact")
+        #expect(after.contains { before[$0.key]?.storedSize != $0.value.storedSize }, "compact moved frames: the file was rewritten")
+
+        // The next point after compact carries the rewritten entries.
+        Disk.patch(disk, writes: [(10 << 20, Bytes.random(70_000, seed: 5))])
+        try expectCurrent(try repo.backup("app"), "third point")
+    }
+
     @Test("gc keeps a chunk that compacted frames refer to after the points that used it are gone")
     func gcKeepsReferencedChunks() throws {
         let scratch = Scratch()
