@@ -63,9 +63,12 @@ enum DiskLayouts {
 
 extension DiskIndex {
     /// The distinct ids of the first `limit` chunks that are not holes, in index order.
-    func distinctIDs(limit: Int) -> [ChunkID] {
+    func distinctIDs(limit: Int) -> [ChunkID] { Self.distinct(ids.prefix(limit)) }
+
+    /// The distinct ids of `ids` that are not holes, in their order.
+    static func distinct(_ ids: some Sequence<ChunkID>) -> [ChunkID] {
         var seen = Set<ChunkID>()
-        return ids.prefix(limit).filter { !$0.isZero && seen.insert($0).inserted }
+        return ids.filter { !$0.isZero && seen.insert($0).inserted }
     }
 }
 
@@ -89,13 +92,13 @@ extension Repository {
         return DiskLayouts.decode(bytes)
     }
 
-    /// Writes the layouts file of a disk whose first distinct chunks are `ids`: entries from
+    /// Writes the layouts file of a disk whose first distinct chunks are `ids` (at most
+    /// `DiskLayouts.limit`: `DiskIndex.distinctIDs(limit:)`): entries from
     /// `carried` (the parent point's file, not checked again: readers check), the rest read
     /// from the chunk files (those a backup has just written are in the page cache).
     func writeLayouts(of ids: [ChunkID], carrying carried: [ChunkTable], to path: String) throws {
         var known: [ChunkID: ChunkTable] = [:]
         for table in carried { known[table.id] = table }
-        let ids = Array(ids.prefix(DiskLayouts.limit))
         for (id, table) in chunkTables(ids.filter { known[$0] == nil }) { known[id] = table }
         try FileSystem.writeAtomically(DiskLayouts.encode(ids.compactMap { known[$0] }), to: path, syncDirectory: false)
     }

@@ -46,13 +46,9 @@ public final class IndexReader: Sendable {
             throw LifeboatError(.damaged, "index \(file.path) cannot be read (\(error))")
         }
         guard bytes.count == n * 32 else { throw LifeboatError(.damaged, "index \(file.path) is damaged (short read)") }
-        var seen = Set<ChunkID>()
-        return bytes.withUnsafeBytes { raw in
-            (0..<n).compactMap { i in
-                let id = ChunkID(bytes: UnsafeRawBufferPointer(rebasing: raw[(i * 32)..<(i * 32 + 32)]))
-                return !id.isZero && seen.insert(id).inserted ? id : nil
-            }
-        }
+        return DiskIndex.distinct(bytes.withUnsafeBytes { raw in
+            (0..<n).map { ChunkID(bytes: UnsafeRawBufferPointer(rebasing: raw[($0 * 32)..<($0 * 32 + 32)])) }
+        })
     }
 
     /// The id of chunk `i` (zero for a hole).

@@ -313,13 +313,17 @@ public final class Repository: Sendable {
     public func readFrame(_ k: Int, of id: ChunkID, layout known: ChunkLayout?, into buffer: UnsafeMutableRawBufferPointer,
                           deep: Bool = false, references: ReferenceReader?) throws -> (layout: ChunkLayout, length: Int) {
         let file = try openForParts(id)
-        if var known, let st = try? file.stat(), Int(st.st_size) == known.storedSize,
-           known.inode == 0 || known.inode == UInt64(st.st_ino) {
+        if var known, let st = try? file.stat(), Int(st.st_size) == known.storedSize {
+            if known.inode == UInt64(st.st_ino) {
+                return (known, try readFrame(k, of: known, from: file, into: buffer, deep: deep, references: references))
+            }
             // A layout from DISK.layouts (no inode) matches the file's size but may still be of
             // a file `compact` replaced: when its frame does not decode, the header is read.
-            known.inode = UInt64(st.st_ino)
-            if let length = try? readFrame(k, of: known, from: file, into: buffer, deep: deep, references: references) {
-                return (known, length)
+            if known.inode == 0 {
+                known.inode = UInt64(st.st_ino)
+                if let length = try? readFrame(k, of: known, from: file, into: buffer, deep: deep, references: references) {
+                    return (known, length)
+                }
             }
         }
         let layout = try chunkLayout(id, file)
