@@ -217,16 +217,21 @@ public final class RecoveryPointFileSystem: FuseFileSystem {
             if id.isZero {
                 out.initializeMemory(as: UInt8.self, repeating: 0)   // a hole: no I/O
             } else {
-                let bytes: [UInt8]
-                do { bytes = try cache.frame(frame, of: id) } catch {
+                let copied: Bool
+                do {
+                    copied = try cache.withFrame(frame, of: id) { bytes in
+                        guard inFrame + out.count <= bytes.count else { return false }
+                        out.copyMemory(from: UnsafeRawBufferPointer(rebasing: bytes[inFrame..<(inFrame + out.count)]))
+                        return true
+                    }
+                } catch {
                     log("read error in \(disk.label) at offset \(position): \(error)")
                     throw Errno.ioError
                 }
-                guard inFrame + out.count <= bytes.count else {
+                guard copied else {
                     log("read error in \(disk.label) at offset \(position): chunk \(id.hex) is shorter than the index says")
                     throw Errno.ioError
                 }
-                bytes.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[inFrame..<(inFrame + out.count)])) }
             }
             position = frameEnd
         }

@@ -412,9 +412,12 @@ public final class Repository: Sendable {
         return ChunkTable(id: id, storedSize: size, bytes: head, inode: UInt64(st.st_ino))
     }
 
-    /// Reads a whole chunk with one read and returns its layout and every frame's plaintext.
+    /// Reads a whole chunk with one read and decodes the frames `output(k, length)` gives a
+    /// buffer for (at least `length` bytes; nil: not wanted) into those buffers. Returns the
+    /// chunk's layout; the frames it decoded are the ones it was given buffers for.
     /// - Parameter references: reads the frames the chunk's frames refer to (a cache's reader, say).
-    public func readFrames(_ id: ChunkID, references: ReferenceReader? = nil) throws -> (layout: ChunkLayout, frames: [[UInt8]]) {
+    public func readFrames(_ id: ChunkID, references: ReferenceReader? = nil,
+                           into output: (_ frame: Int, _ length: Int) -> UnsafeMutableRawBufferPointer?) throws -> ChunkLayout {
         let file = try store.open(id)
         let stored: [UInt8]
         do { stored = try file.readAll() } catch { throw LifeboatError.io(error, "cannot read chunk", file.path) }
@@ -422,13 +425,12 @@ public final class Repository: Sendable {
         return try stored.withUnsafeBytes { raw in
             var layout = try codec.layout(raw, id: id, storedSize: raw.count)
             layout.inode = inode
-            let frames = try (0..<layout.frameCount).map { k in
-                try [UInt8](filling: layout.rawLength(ofFrame: k)) {
-                    try codec.decodeFrame(k, of: layout, stored: UnsafeRawBufferPointer(rebasing: raw[layout.storedRange(ofFrame: k)]), into: $0,
-                                          references: references ?? self.references)
-                }
+            for k in 0..<layout.frameCount {
+                guard let buffer = output(k, layout.rawLength(ofFrame: k)) else { continue }
+                _ = try codec.decodeFrame(k, of: layout, stored: UnsafeRawBufferPointer(rebasing: raw[layout.storedRange(ofFrame: k)]),
+                                          into: buffer, references: references ?? self.references)
             }
-            return (layout, frames)
+            return layout
         }
     }
 

@@ -3,6 +3,7 @@ import Foundation
 @testable import LifeboatFS
 import LifeboatRepository
 import LifeboatTestSupport
+import Synchronization
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -155,6 +156,43 @@ struct MountTests {
         #expect(failures.value == 0, "\(failures.value) of \(reads.value) reads differed or failed")
         #expect(try sha256(path) == sha256(original), "the same open disk, every chunk now compacted")
         #expect(try sha256("\(mnt)/demo/\(demo.points[0].id)/demo.raw") == sha256(demo.contents[demo.points[0].id]!))
+    }
+
+    @Test("eight threads reading frames and reading ahead through a cache of four slots all get each frame's bytes")
+    func frameSlots() throws {
+        let demo = try DemoRepository(password: "pw")
+        let point = demo.points[1]
+        let index = try demo.repo.indexReader(point, disk: "demo")
+        let disk = demo.contents[point.id]!
+        let frameSize = demo.repo.config.frameSize
+        var found: [(id: ChunkID, start: Int, length: Int)] = []
+        for chunk in 0..<index.count {
+            let id = try index.id(at: chunk)
+            let end = min(index.diskSize, (chunk + 1) * index.chunkSize)
+            guard !id.isZero else { continue }
+            for start in stride(from: chunk * index.chunkSize, to: end, by: frameSize) {
+                found.append((id, start, min(frameSize, end - start)))
+            }
+        }
+        let frames = found
+        #expect(frames.count > 8)
+        let cache = FrameCache(repository: demo.repo, capacity: 4 * frameSize)
+        let wrong = Mutex(0), reads = Mutex(0)
+        DispatchQueue.concurrentPerform(iterations: 8) { thread in
+            for i in 0..<300 {
+                let f = frames[(i * 7919 + thread * 104_729) % frames.count]
+                let frame = (f.start % index.chunkSize) / frameSize
+                if i % 40 == thread { cache.prefetch(f.id, frames: index.chunkSize / frameSize) }
+                let right = try? cache.withFrame(frame, of: f.id) { bytes in
+                    bytes.count == f.length && bytes.elementsEqual(disk[f.start..<(f.start + f.length)])
+                }
+                reads.withLock { $0 += 1 }
+                if right != true { wrong.withLock { $0 += 1 } }
+            }
+        }
+        #expect(reads.withLock { $0 } == 2400)
+        #expect(wrong.withLock { $0 } == 0, "frames read wrong or not at all")
+        #expect(cache.capacity == 4 * frameSize && cache.size <= cache.capacity && cache.size > 0)
     }
 
     @Test("a disk's warmer takes layouts from DISK.layouts; with frames moved in it, or garbage, the served bytes stay right")
