@@ -23,6 +23,10 @@ extension Lifeboat {
         var threads = 8
 
         func run() throws {
+            // The frame cache maps this much address space at once (docs/MOUNT.md).
+            guard (1 << 20)...(1 << 40) ~= cacheSize else {
+                throw LifeboatError(.invalidArgument, "--cache-size \(cacheSize) is out of range: give bytes from 1 MiB (1048576) to 1 TiB")
+            }
             let path = Mounts.canonical(mountpoint)
             try Mounts.checkMountpoint(path)
             if repository.passwordStdin || foreground {

@@ -379,6 +379,8 @@ struct MountTests {
             (["mount", mnt, "--repo", demo.repo.root], "is already a mount point"),
             (["mount", demo.scratch.path, "--repo", demo.scratch.file("no-repo")], "no repository at"),
             (["unmount", demo.scratch.path], "is not a lifeboat mount"),
+            (["mount", demo.scratch.path, "--repo", demo.repo.root, "--cache-size", "4096"], "--cache-size 4096 is out of range"),
+            (["mount", demo.scratch.path, "--repo", demo.repo.root, "--cache-size", "\(1 << 50)"], "give bytes from 1 MiB"),
         ]
         for (arguments, message) in cases {
             let result = try CLI.run(arguments)
