@@ -54,10 +54,11 @@ public final class FrameCache: Sendable {
     public var capacity: Int { slots.count * slots.size }
     private let maxLayouts = 65536
 
-    public init(repository: Repository, capacity: Int) {
+    /// - Throws: `.noSpace` when `capacity` bytes of address space cannot be mapped.
+    public init(repository: Repository, capacity: Int) throws {
         self.repository = repository
         let frameSize = repository.config.frameSize
-        slots = FrameSlots(size: frameSize, count: max(2, capacity / frameSize))
+        slots = try FrameSlots(size: frameSize, count: max(2, capacity / frameSize))
         slots.prepare(upTo: 0)
     }
 
@@ -255,13 +256,13 @@ final class FrameSlots: @unchecked Sendable {
     static let ahead = 64
     private static let populateWrite: Int32 = 23   // MADV_POPULATE_WRITE, <linux/mman.h>
 
-    init(size: Int, count: Int) {
+    init(size: Int, count: Int) throws {
         self.size = size
         self.count = count
         // MAP_NORESERVE: memory is taken as frames fill the slots, not for the whole capacity.
         guard let mapping = mmap(nil, size * count, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
               mapping != MAP_FAILED else {
-            fatalError("cannot map \(size * count) bytes for the frame cache: \(String(cString: strerror(errno))); give a smaller --cache-size")
+            throw LifeboatError(.noSpace, "cannot map \(size * count) bytes for the frame cache: \(String(cString: strerror(errno))); give a smaller --cache-size")
         }
         base = mapping
     }

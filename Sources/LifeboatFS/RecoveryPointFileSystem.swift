@@ -38,9 +38,9 @@ public final class RecoveryPointFileSystem: FuseFileSystem {
     /// - Parameters:
     ///   - cacheSize: bytes of decoded frames to keep in memory.
     ///   - log: where read errors are reported (one line each).
-    public init(repository: Repository, cacheSize: Int, access: Access, log: @escaping @Sendable (String) -> Void) {
+    public init(repository: Repository, cacheSize: Int, access: Access, log: @escaping @Sendable (String) -> Void) throws {
         self.repository = repository
-        self.cache = FrameCache(repository: repository, capacity: cacheSize)
+        self.cache = try FrameCache(repository: repository, capacity: cacheSize)
         self.access = access
         self.log = log
     }

@@ -101,7 +101,7 @@ enum MountService {
     /// Serves in this process until unmounted or signalled.
     static func serve(_ repo: Repository, at path: String, cacheSize: Int, allowOther: Bool, threads: Int) throws {
         let access = RecoveryPointFileSystem.Access(uid: 0, gid: allowOther ? QemuAccess.gid() : 0)
-        let fs = RecoveryPointFileSystem(repository: repo, cacheSize: cacheSize, access: access) { line in
+        let fs = try RecoveryPointFileSystem(repository: repo, cacheSize: cacheSize, access: access) { line in
             Terminal.writeError("\(Format.time(Date())) \(line)\n")
         }
         var options = ["default_permissions"]

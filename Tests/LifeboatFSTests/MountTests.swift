@@ -158,7 +158,7 @@ struct MountTests {
         #expect(try sha256("\(mnt)/demo/\(demo.points[0].id)/demo.raw") == sha256(demo.contents[demo.points[0].id]!))
     }
 
-    @Test("eight threads reading frames and reading ahead through a cache of four slots all get each frame's bytes")
+    @Test("eight threads reading frames and reading ahead through a cache of four slots all get each frame's bytes; a cache of more address space than there is is refused with an error")
     func frameSlots() throws {
         let demo = try DemoRepository(password: "pw")
         let point = demo.points[1]
@@ -176,7 +176,7 @@ struct MountTests {
         }
         let frames = found
         #expect(frames.count > 8)
-        let cache = FrameCache(repository: demo.repo, capacity: 4 * frameSize)
+        let cache = try FrameCache(repository: demo.repo, capacity: 4 * frameSize)
         let wrong = Mutex(0), reads = Mutex(0)
         DispatchQueue.concurrentPerform(iterations: 8) { thread in
             for i in 0..<300 {
@@ -193,6 +193,9 @@ struct MountTests {
         #expect(reads.withLock { $0 } == 2400)
         #expect(wrong.withLock { $0 } == 0, "frames read wrong or not at all")
         #expect(cache.capacity == 4 * frameSize && cache.size <= cache.capacity && cache.size > 0)
+        // More address space than the machine has: an error naming the option, not a crash.
+        let error = #expect(throws: LifeboatError.self) { try FrameCache(repository: demo.repo, capacity: 1 << 60) }
+        #expect(error?.message.contains("give a smaller --cache-size") == true, "\(String(describing: error))")
     }
 
     @Test("a disk's warmer takes layouts from DISK.layouts; with frames moved in it, or garbage, the served bytes stay right")
@@ -202,9 +205,9 @@ struct MountTests {
         // With the chunk files out of reach, only DISK.layouts can give the layouts.
         let chunks = demo.repo.root + "/chunks"
         #expect(rename(chunks, chunks + ".away") == 0)
-        let fromFile = FrameCache(repository: demo.repo, capacity: 1 << 20)
+        let fromFile = try FrameCache(repository: demo.repo, capacity: 1 << 20)
         fromFile.warmLayouts(ids) { demo.repo.storedLayouts(demo.points[1], disk: "demo") }
-        let fromHeaders = FrameCache(repository: demo.repo, capacity: 1 << 20)
+        let fromHeaders = try FrameCache(repository: demo.repo, capacity: 1 << 20)
         fromHeaders.warmLayouts(ids)
         #expect(rename(chunks + ".away", chunks) == 0)
         #expect(ids.count > 3 && fromFile.layoutCount == ids.count)
