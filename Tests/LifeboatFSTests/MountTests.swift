@@ -158,7 +158,7 @@ struct MountTests {
         #expect(try sha256("\(mnt)/demo/\(demo.points[0].id)/demo.raw") == sha256(demo.contents[demo.points[0].id]!))
     }
 
-    @Test("eight threads reading frames and reading ahead through a cache of four slots all get each frame's bytes; a cache of more address space than there is is refused with an error")
+    @Test("eight threads reading frames and reading ahead through a cache of four slots all get each frame's bytes; a cache larger than the address space gets an error naming --cache-size")
     func frameSlots() throws {
         let demo = try DemoRepository(password: "pw")
         let point = demo.points[1]
