@@ -123,7 +123,7 @@ let package = Package(
         ),
         .testTarget(
             name: "LifeboatFSTests",
-            dependencies: ["LifeboatFS", "LifeboatRepository", "LifeboatTestSupport"]
+            dependencies: ["LifeboatFS", "LifeboatRepository", "LifeboatTestSupport", .product(name: "SystemPackage", package: "swift-system")]
         ),
         .testTarget(
             name: "LifeboatVirtTests",

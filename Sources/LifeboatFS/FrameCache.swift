@@ -91,10 +91,12 @@ public final class FrameCache: Sendable {
                 defer { unpin(key) }
                 return try body(slots.bytes(entry.slot, entry.length))
             case .wait(let pending):
+                RequestLoop.willBlock()
                 pending.done.wait()
                 if let error = pending.error { throw error }
                 continue   // loaded: a hit now (or evicted already: loaded again)
             case .load(let pending, nil):
+                RequestLoop.willBlock()
                 // Every slot is being read from: decoded for this reader alone.
                 let bytes: [UInt8]
                 do { bytes = try [UInt8](filling: repository.config.frameSize) { try load(key, into: $0, asReference: asReference) } } catch {
@@ -104,6 +106,7 @@ public final class FrameCache: Sendable {
                 finish(key, pending, slot: nil, error: nil)
                 return try bytes.withUnsafeBytes(body)
             case .load(let pending, let slot?):
+                RequestLoop.willBlock()
                 let length: Int
                 do { length = try load(key, into: slots.buffer(slot), asReference: asReference) } catch {
                     finish(key, pending, slot: slot, error: error)

@@ -2,6 +2,7 @@ internal import CFuse
 import Foundation
 import LifeboatRepository
 import SystemPackage
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -42,23 +43,20 @@ public final class FuseSession {
         }
     }
 
-    /// Serves requests on up to `threads` threads until the file system is unmounted, or until
+    /// Serves requests on `threads` threads until the file system is unmounted, or until
     /// SIGINT, SIGTERM or SIGHUP (then it unmounts itself).
-    public func run(threads: Int) throws {
+    /// - Parameter busyPoll: the longest the thread that waits for the next request spins on
+    ///   `/dev/fuse` after a reply before it sleeps (`RequestLoop`); zero never spins.
+    public func run(threads: Int, busyPoll: Duration = .zero) throws {
         guard let fuse else { return }
         // Frames come and go by the thousand: freed heap memory is kept for the next ones rather
         // than given back and faulted in again (page faults were 7% of a random-read run's samples).
         _ = c_mallopt(-1, 256 << 20)   // M_TRIM_THRESHOLD (<malloc.h>, which Glibc's module leaves out)
         _ = c_mallopt(-3, 4 << 20)     // M_MMAP_THRESHOLD
-        let session = fuse_get_session(fuse)
+        let session = fuse_get_session(fuse)!
         guard fuse_set_signal_handlers(session) == 0 else { throw LifeboatError(.io, "cannot set FUSE signal handlers") }
         defer { fuse_remove_signal_handlers(session) }
-        let config = fuse_loop_cfg_create()
-        defer { fuse_loop_cfg_destroy(config) }
-        fuse_loop_cfg_set_max_threads(config, UInt32(threads))
-        fuse_loop_cfg_set_idle_threads(config, UInt32(threads))
-        let result = lifeboat_fuse_loop_mt(fuse, config)
-        if result < 0 { throw LifeboatError(.io, "the FUSE loop failed: \(Errno(rawValue: -result).description)") }
+        try RequestLoop(session: session, busyPoll: busyPoll).run(threads: max(1, threads))
     }
 
     /// Unmounts (if still mounted) and frees everything. Idempotent.
@@ -75,17 +73,195 @@ public final class FuseSession {
     deinit { close() }
 }
 
-/// Holds the file system for the C side (`private_data` must be a class pointer).
+/// Serves a session's requests on several threads, with as few threads waiting on `/dev/fuse`
+/// as keeps up with the requests. libfuse's own loop keeps every idle thread blocked in `read`,
+/// and each request wakes one of them: on a VM whose idle vCPUs halt, a woken thread takes
+/// 25-35 µs to run (`perf sched`, docs/MOUNT.md), a fifth of a cold 4 KiB read at queue depth 1.
+///
+/// Here a thread that has served a request reads the next one itself when one is queued, or
+/// when no other thread is reading; otherwise it waits on a condition, away from the device. At
+/// queue depth 1 one thread then serves every request, and between them it spins (polls the
+/// device without sleeping) before it sleeps in `poll`, as QEMU's event loop polls
+/// (`poll-max-ns`). The spin adapts: it doubles (from 4 µs, up to `busyPoll`) when a request
+/// came soon after the thread fell asleep, and halves when the device stayed quiet for longer
+/// than `busyPoll`, so that an idle mount, or one read now and then, does not spin.
+///
+/// Requests in flight together are seen queued when one is taken; for the next 10 ms the loop
+/// then keeps a thread reading while the others serve (waking a waiting one when the last
+/// reader takes a request), as libfuse does, and does not spin. A request that is about to wait
+/// for the disk or a decode (`willBlock()`) or that is not a read also keeps a thread reading.
+final class RequestLoop: @unchecked Sendable {
+    // @unchecked: `reading`, `finished`, `failure` and `concurrentUntil` are only touched under `state`.
+    private let session: OpaquePointer
+    private let maxSpin: Int64                // nanoseconds
+    private let window = Atomic<Int64>(0)     // nanoseconds a reader spins now
+    private let state = NSCondition()
+    private var reading = 0                   // threads in `receive`
+    private var finished = false              // unmounted, exited or failed
+    private var failure: Int32 = 0            // -errno of a failed read of the device
+    private var concurrentUntil: Int64 = 0    // monotonic nanoseconds
+    private let lastReply = Atomic<Int64>(0)  // monotonic nanoseconds
+    private let done = DispatchGroup()
+    private static let concurrency: Int64 = 10_000_000
+    /// The loop whose request the calling thread serves, else nil.
+    private static let serving: pthread_key_t = {
+        var key = pthread_key_t()
+        precondition(pthread_key_create(&key, nil) == 0, "no thread-specific key left")
+        return key
+    }()
+
+    init(session: OpaquePointer, busyPoll: Duration) {
+        self.session = session
+        let (seconds, attoseconds) = busyPoll.components
+        maxSpin = max(0, seconds * 1_000_000_000 + attoseconds / 1_000_000_000)
+    }
+
+    /// Called by a read's handler before it waits for the disk, a decode or another thread's
+    /// load: makes sure a thread reads the device meanwhile (wakes a waiting one if none does),
+    /// so that another client's request is not held up behind this one. Costs a thread-specific
+    /// lookup when called again in the same request, or outside one.
+    static func willBlock() {
+        guard let opaque = pthread_getspecific(serving) else { return }
+        pthread_setspecific(serving, nil)
+        Unmanaged<RequestLoop>.fromOpaque(opaque).takeUnretainedValue().keepReading(always: true)
+    }
+
+    /// Serves on `threads` threads until the session is unmounted or exits (a signal).
+    func run(threads: Int) throws {
+        let fd = fuse_session_fd(session)
+        guard fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) == 0 else {
+            throw LifeboatError(.io, "cannot make /dev/fuse non-blocking: \(Errno(rawValue: errno).description)")
+        }
+        for _ in 0..<threads {
+            done.enter()
+            let thread = Thread { [self] in serve(); done.leave() }
+            thread.stackSize = 8 << 20   // what libfuse's threads get (the default pthread stack)
+            thread.name = "lifeboat-fuse"
+            thread.start()
+        }
+        done.wait()
+        if failure < 0 { throw LifeboatError(.io, "the FUSE loop failed: \(Errno(rawValue: -failure).description)") }
+    }
+
+    /// One thread: reads a request (or waits while another thread reads), serves it.
+    private func serve() {
+        var buffer = fuse_buf()
+        defer { free(buffer.mem) }
+        var more = false   // a request was queued after the last one served
+        while true {
+            state.lock()
+            if !finished && reading > 0 && !more { state.wait() }
+            if finished { state.unlock(); return }
+            reading += 1
+            let spin = Self.now() >= concurrentUntil
+            state.unlock()
+            let result = receive(into: &buffer, spin: spin)
+            state.lock()
+            reading -= 1
+            guard result > 0 else {
+                finished = true
+                if result < 0 { failure = result }
+                state.broadcast()
+                state.unlock()
+                return
+            }
+            state.unlock()
+            if Self.isRead(buffer) {
+                keepReading(always: false)
+                pthread_setspecific(Self.serving, Unmanaged.passUnretained(self).toOpaque())
+                fuse_session_process_buf(session, &buffer)
+                pthread_setspecific(Self.serving, nil)
+            } else {
+                keepReading(always: true)
+                fuse_session_process_buf(session, &buffer)
+            }
+            lastReply.store(Self.now(), ordering: .relaxed)
+            more = queued()
+        }
+    }
+
+    /// Wakes a waiting thread to read the device if none reads it and requests come together (a
+    /// request queued now, or some in the last 10 ms), or `always`.
+    private func keepReading(always: Bool) {
+        let now = Self.now()
+        let queued = queued()
+        state.lock()
+        if queued { concurrentUntil = now + Self.concurrency }
+        if reading == 0 && (always || queued || now < concurrentUntil) { state.signal() }
+        state.unlock()
+    }
+
+    /// True when a request waits on the device.
+    private func queued() -> Bool {
+        var ready = pollfd(fd: fuse_session_fd(session), events: Int16(POLLIN), revents: 0)
+        return poll(&ready, 1, 0) > 0
+    }
+
+    /// FUSE_READ (15): a request starts with its length and its opcode (two UInt32, fuse_in_header).
+    private static func isRead(_ buffer: fuse_buf) -> Bool {
+        guard buffer.flags.rawValue & FUSE_BUF_IS_FD.rawValue == 0, buffer.size >= 8, let mem = buffer.mem else { return false }
+        return mem.loadUnaligned(fromByteOffset: 4, as: UInt32.self) == 15
+    }
+
+    /// Reads the next request: its size, 0 once unmounted or exited, or -errno. Spins first
+    /// (polls the device without sleeping) while within `window` of the last reply.
+    private func receive(into buffer: inout fuse_buf, spin: Bool) -> Int32 {
+        guard spin && maxSpin > 0 else { return read(into: &buffer) }
+        let since = lastReply.load(ordering: .relaxed)
+        let window = window.load(ordering: .relaxed)
+        while !queued() && Self.now() - since < window && fuse_session_exited(session) == 0 { sched_yield() }
+        if queued() { return read(into: &buffer) }
+        // Sleeps: how soon the request came after the last reply sizes the next spins.
+        let result = read(into: &buffer)
+        if result > 0 { adapt(gap: Self.now() - lastReply.load(ordering: .relaxed)) }
+        return result
+    }
+
+    /// Reads the (non-blocking) device, sleeping in `poll` while it has nothing; libfuse's signal
+    /// handler only sets the session's exit flag, which a sleeper sees within the poll's timeout.
+    private func read(into buffer: inout fuse_buf) -> Int32 {
+        while fuse_session_exited(session) == 0 {
+            let result = fuse_session_receive_buf(session, &buffer)
+            if result != -EAGAIN && result != -EINTR { return result }
+            if result == -EAGAIN {
+                var ready = pollfd(fd: fuse_session_fd(session), events: Int16(POLLIN), revents: 0)
+                _ = poll(&ready, 1, 500)
+            }
+        }
+        return 0
+    }
+
+    /// After a sleep: a request that came within `maxSpin` of the last reply would have been
+    /// caught by spinning longer; a longer quiet spell means spinning was wasted.
+    private func adapt(gap: Int64) {
+        let now = window.load(ordering: .relaxed)
+        window.store(gap <= maxSpin ? min(maxSpin, max(4_000, now * 2)) : (now < 8_000 ? 0 : now / 2), ordering: .relaxed)
+    }
+
+    private static func now() -> Int64 {
+        var t = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &t)
+        return Int64(t.tv_sec) * 1_000_000_000 + Int64(t.tv_nsec)
+    }
+}
+
+/// Holds the file system for the C side (`private_data` must be a class pointer), and the path
+/// of each open file and directory: with `nullpath_ok` libfuse does not work out the path of a
+/// request on an open handle (a read, most of all), and passes none.
 final class FileSystemBox {
     let fs: any FuseFileSystem
+    let files = Mutex<[UInt64: String]>([:])
+    let directories = Mutex<(next: UInt64, paths: [UInt64: String])>((1, [:]))
     init(_ fs: any FuseFileSystem) { self.fs = fs }
 }
 
 /// libfuse's callbacks: non-capturing functions that find the file system through
 /// `fuse_get_context()` and turn every Swift error into `-errno` at the boundary.
-private func fs() -> any FuseFileSystem {
-    Unmanaged<FileSystemBox>.fromOpaque(fuse_get_context()!.pointee.private_data).takeUnretainedValue().fs
+private func box() -> FileSystemBox {
+    Unmanaged<FileSystemBox>.fromOpaque(fuse_get_context()!.pointee.private_data).takeUnretainedValue()
 }
+
+private func fs() -> any FuseFileSystem { box().fs }
 
 private func negativeErrno(_ error: any Error) -> Int32 {
     if let e = error as? Errno { return -e.rawValue }
@@ -102,15 +278,22 @@ private enum Trampolines {
                 cfg.pointee.attr_timeout = 1
                 cfg.pointee.negative_timeout = 0
                 cfg.pointee.kernel_cache = 1       // served files never change: keep their pages
+                cfg.pointee.nullpath_ok = 1        // no path lookup per read (FileSystemBox keeps them)
             }
             if let conn {
                 conn.pointee.max_readahead = 1 << 20
             }
             return fuse_get_context()!.pointee.private_data
         }
-        ops.getattr = { p, st, _ in
+        ops.getattr = { p, st, fi in
             do {
-                let a = try fs().attributes(of: path(p))
+                let a: FileAttributes
+                if p == nil, let fi {   // fstat of an open file
+                    guard let openPath = box().files.withLock({ $0[fi.pointee.fh] }) else { return -EBADF }
+                    a = try fs().attributes(of: openPath)
+                } else {
+                    a = try fs().attributes(of: path(p))
+                }
                 var s = stat()
                 switch a.kind {
                 case .directory: s.st_mode = S_IFDIR | a.permissions; s.st_nlink = 2
@@ -140,9 +323,25 @@ private enum Trampolines {
                 return 0
             } catch { return negativeErrno(error) }
         }
-        ops.readdir = { p, buf, filler, _, _, _ in
+        ops.opendir = { p, fi in
+            guard let fi else { return -EIO }
+            let path = path(p)
+            fi.pointee.fh = box().directories.withLock { directories in
+                defer { directories.next += 1 }
+                directories.paths[directories.next] = path
+                return directories.next
+            }
+            return 0
+        }
+        ops.releasedir = { _, fi in
+            if let fi { _ = box().directories.withLock { $0.paths.removeValue(forKey: fi.pointee.fh) } }
+            return 0
+        }
+        ops.readdir = { p, buf, filler, _, fi, _ in
             do {
-                let names = try fs().list(path(p))
+                let directory = p.map { String(cString: $0) } ?? fi.flatMap { fi in box().directories.withLock { $0.paths[fi.pointee.fh] } }
+                guard let directory else { return -EBADF }
+                let names = try fs().list(directory)
                 guard let filler else { return -EIO }
                 for name in [".", ".."] + names {
                     if filler(buf, name, nil, 0, fuse_fill_dir_flags(0)) != 0 { break }
@@ -154,8 +353,10 @@ private enum Trampolines {
             guard let fi else { return -EIO }
             if fi.pointee.flags & O_ACCMODE != O_RDONLY { return -EROFS }
             do {
-                let opened = try fs().open(path(p))
+                let path = path(p)
+                let opened = try fs().open(path)
                 fi.pointee.fh = opened.handle
+                box().files.withLock { $0[opened.handle] = path }
                 if opened.directIO { fi.pointee.direct_io = 1 } else { fi.pointee.keep_cache = 1 }
                 return 0
             } catch { return negativeErrno(error) }
@@ -171,7 +372,10 @@ private enum Trampolines {
             do { return off_t(try fs().seek(fi.pointee.fh, to: Int(offset), whence: whence)) } catch { return off_t(negativeErrno(error)) }
         }
         ops.release = { _, fi in
-            if let fi { fs().close(fi.pointee.fh) }
+            if let fi {
+                fs().close(fi.pointee.fh)
+                _ = box().files.withLock { $0.removeValue(forKey: fi.pointee.fh) }
+            }
             return 0
         }
         ops.statfs = { _, st in

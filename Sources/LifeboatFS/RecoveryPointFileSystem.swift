@@ -307,6 +307,8 @@ final class DiskFile: Sendable {
     }
 
     func id(_ chunk: Int) throws -> ChunkID {
+        if let id = index.cachedID(at: chunk) { return id }
+        RequestLoop.willBlock()   // a read of the index
         do { return try index.id(at: chunk) } catch { throw Errno.ioError }
     }
 

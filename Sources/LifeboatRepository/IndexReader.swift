@@ -51,11 +51,16 @@ public final class IndexReader: Sendable {
         })
     }
 
+    /// The id of chunk `i` if its page of the index is in memory (no read), else nil.
+    public func cachedID(at i: Int) -> ChunkID? {
+        precondition(i >= 0 && i < count)
+        return pages.withLock { $0[i / Self.idsPerPage] }.map { $0[i % Self.idsPerPage] }
+    }
+
     /// The id of chunk `i` (zero for a hole).
     public func id(at i: Int) throws -> ChunkID {
-        precondition(i >= 0 && i < count)
+        if let id = cachedID(at: i) { return id }
         let page = i / Self.idsPerPage
-        if let ids = pages.withLock({ $0[page] }) { return ids[i % Self.idsPerPage] }
         let first = page * Self.idsPerPage
         let n = min(Self.idsPerPage, count - first)
         var bytes = [UInt8](repeating: 0, count: n * 32)

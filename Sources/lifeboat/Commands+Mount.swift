@@ -21,21 +21,28 @@ extension Lifeboat {
         var allowOther = false
         @Option(help: "Threads serving requests.")
         var threads = 8
+        @Option(help: ArgumentHelp("Longest spin, in microseconds, of the thread waiting for the next request before it sleeps (0: never spin).",
+                                   valueName: "microseconds"))
+        var busyPoll = 300
 
         func run() throws {
             // The frame cache maps this much address space at once (docs/MOUNT.md).
             guard (1 << 20)...(1 << 40) ~= cacheSize else {
                 throw LifeboatError(.invalidArgument, "--cache-size \(cacheSize) is out of range: give bytes from 1 MiB (1048576) to 1 TiB")
             }
+            guard 0...100_000 ~= busyPoll else {
+                throw LifeboatError(.invalidArgument, "--busy-poll \(busyPoll) is out of range: give microseconds from 0 (never spin) to 100000")
+            }
             let path = Mounts.canonical(mountpoint)
             try Mounts.checkMountpoint(path)
             if repository.passwordStdin || foreground {
                 let repo = try repository.open()
-                try MountService.serve(repo, at: path, cacheSize: cacheSize, allowOther: allowOther, threads: threads)
+                try MountService.serve(repo, at: path, cacheSize: cacheSize, allowOther: allowOther, threads: threads,
+                                       busyPoll: busyPoll)
             } else {
                 let (repo, password) = try repository.openKeepingPassword()
-                let started = try MountService.start(repo, at: path, password: password,
-                                                     cacheSize: cacheSize, allowOther: allowOther, threads: threads)
+                let started = try MountService.start(repo, at: path, password: password, cacheSize: cacheSize,
+                                                     allowOther: allowOther, threads: threads, busyPoll: busyPoll)
                 print("mounted \(repo.root) at \(path) (pid \(started.pid), log \(started.log))")
             }
         }
@@ -99,7 +106,8 @@ extension Lifeboat {
 /// Starting and running the FUSE server.
 enum MountService {
     /// Serves in this process until unmounted or signalled.
-    static func serve(_ repo: Repository, at path: String, cacheSize: Int, allowOther: Bool, threads: Int) throws {
+    static func serve(_ repo: Repository, at path: String, cacheSize: Int, allowOther: Bool, threads: Int,
+                      busyPoll: Int = 300) throws {
         let access = RecoveryPointFileSystem.Access(uid: 0, gid: allowOther ? QemuAccess.gid() : 0)
         let fs = try RecoveryPointFileSystem(repository: repo, cacheSize: cacheSize, access: access) { line in
             Terminal.writeError("\(Format.time(Date())) \(line)\n")
@@ -109,17 +117,18 @@ enum MountService {
         let session = try FuseSession(fileSystem: fs, mountpoint: path, fsname: Mounts.fsname(for: repo.root), options: options)
         Terminal.writeError("\(Format.time(Date())) serving \(repo.root) at \(path)\n")
         defer { session.close() }
-        try session.run(threads: threads)
+        try session.run(threads: threads, busyPoll: .microseconds(busyPoll))
         Terminal.writeError("\(Format.time(Date())) unmounted \(path)\n")
     }
 
     /// Starts `lifeboat mount --foreground` as a daemon and returns once the mount is there.
     static func start(_ repo: Repository, at path: String, password: String?, cacheSize: Int, allowOther: Bool,
-                      threads: Int) throws -> (pid: pid_t, log: String) {
+                      threads: Int, busyPoll: Int = 300) throws -> (pid: pid_t, log: String) {
         try Mounts.checkMountpoint(path)
         let log = Mounts.daemonLogPath(for: path)
         try? FileManager.default.createDirectory(atPath: (log as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
-        var arguments = ["mount", path, "--foreground", "--repo", repo.root, "--cache-size", "\(cacheSize)", "--threads", "\(threads)"]
+        var arguments = ["mount", path, "--foreground", "--repo", repo.root, "--cache-size", "\(cacheSize)", "--threads", "\(threads)",
+                         "--busy-poll", "\(busyPoll)"]
         if allowOther { arguments.append("--allow-other") }
         if password != nil { arguments.append("--password-stdin") }
         let input = password.map { Array(($0 + "\n").utf8) } ?? []

@@ -4,6 +4,7 @@ import Foundation
 import LifeboatRepository
 import LifeboatTestSupport
 import Synchronization
+import SystemPackage
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -384,6 +385,7 @@ struct MountTests {
             (["unmount", demo.scratch.path], "is not a lifeboat mount"),
             (["mount", demo.scratch.path, "--repo", demo.repo.root, "--cache-size", "4096"], "--cache-size 4096 is out of range"),
             (["mount", demo.scratch.path, "--repo", demo.repo.root, "--cache-size", "\(1 << 50)"], "give bytes from 1 MiB"),
+            (["mount", demo.scratch.path, "--repo", demo.repo.root, "--busy-poll", "200000"], "--busy-poll 200000 is out of range"),
         ]
         for (arguments, message) in cases {
             let result = try CLI.run(arguments)
@@ -450,5 +452,98 @@ struct AccessTests {
         let (bytes, again) = readAt(fd, 8 << 20, 4096)
         #expect(again == 0, "the mount is still serving")
         #expect(bytes[...] == demo.contents[point.id]![(8 << 20)..<((8 << 20) + 4096)])
+    }
+}
+
+/// Two 4 KiB files: a read of /slow at offset 0 waits (as a read that misses the frame cache
+/// waits for the disk, after `RequestLoop.willBlock()`) until /fast has been read, or 10 s.
+final class WaitingFileSystem: FuseFileSystem {
+    let slowWaiting = DispatchSemaphore(value: 0)
+    let fastRead = DispatchSemaphore(value: 0)
+    private let waiting = Mutex(false)
+
+    func attributes(of path: String) throws -> FileAttributes {
+        let kind: FileAttributes.Kind
+        switch path {
+        case "/": kind = .directory
+        case "/slow", "/fast": kind = .file
+        default: throw Errno.noSuchFileOrDirectory
+        }
+        return FileAttributes(kind: kind, size: kind == .file ? 4096 : 0, permissions: 0o555, uid: 0, gid: 0,
+                              modified: Date(timeIntervalSince1970: 0))
+    }
+    func list(_ path: String) throws -> [String] {
+        guard path == "/" else { throw Errno.notDirectory }
+        return ["fast", "slow"]
+    }
+    func link(_ path: String) throws -> String { throw Errno.invalidArgument }
+    func open(_ path: String) throws -> OpenedFile { OpenedFile(handle: path == "/slow" ? 1 : 2, directIO: true) }
+    func read(_ handle: UInt64, into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws -> Int {
+        let n = max(0, min(buffer.count, 4096 - offset))
+        if handle == 1 && offset == 0 {
+            RequestLoop.willBlock()
+            waiting.withLock { $0 = true }
+            slowWaiting.signal()
+            guard fastRead.wait(timeout: .now() + 10) == .success else { throw Errno.timedOut }
+        }
+        UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n]).initializeMemory(as: UInt8.self, repeating: handle == 1 ? 0x73 : 0x66)
+        if handle == 2 && waiting.withLock({ $0 }) { fastRead.signal() }
+        return n
+    }
+    func seek(_ handle: UInt64, to offset: Int, whence: Int32) throws -> Int { throw Errno.invalidArgument }
+    func close(_ handle: UInt64) {}
+}
+
+/// Lets a test hand the session to the thread that serves it.
+final class SessionBox: @unchecked Sendable {
+    let session: FuseSession
+    init(_ session: FuseSession) { self.session = session }
+}
+
+@Suite("FUSE request loop", .serialized)
+struct RequestLoopTests {
+    @Test("a read that waits lets another client's read through at once; fstat and listings of open handles answer")
+    func waitingRead() throws {
+        let scratch = Scratch()
+        let mountpoint = scratch.file("mnt")
+        try FileManager.default.createDirectory(atPath: mountpoint, withIntermediateDirectories: false)
+        let fs = WaitingFileSystem()
+        let box = SessionBox(try FuseSession(fileSystem: fs, mountpoint: mountpoint, fsname: "lifeboat-test", options: []))
+        let stopped = DispatchSemaphore(value: 0)
+        Thread { try? box.session.run(threads: 4, busyPoll: .microseconds(300)); stopped.signal() }.start()
+        defer {
+            _ = try? sh(["fusermount3", "-u", mountpoint])
+            #expect(stopped.wait(timeout: .now() + 10) == .success, "the loop ends when unmounted")
+            box.session.close()
+        }
+        // Both files open first, and reads one at a time: then one thread serves them, and the
+        // others wait away from the device (opening wakes one to read, in case it waits).
+        let fd = open(mountpoint + "/fast", O_RDONLY)
+        let slowFD = open(mountpoint + "/slow", O_RDONLY)
+        #expect(fd >= 0 && slowFD >= 0)
+        defer { close(fd); close(slowFD) }
+        for _ in 0..<20 {
+            #expect(readAt(fd, 0, 4096).0 == [UInt8](repeating: 0x66, count: 4096))
+            #expect(readAt(slowFD, 1, 4095).0 == [UInt8](repeating: 0x73, count: 4095))
+        }
+        // One client's read waits in the file system; a second client's read must not wait for it.
+        let slow = Mutex<([UInt8], Int32)>(([], -1))
+        let slowDone = DispatchSemaphore(value: 0)
+        Thread {
+            slow.withLock { $0 = readAt(slowFD, 0, 4096) }
+            slowDone.signal()
+        }.start()
+        #expect(fs.slowWaiting.wait(timeout: .now() + 10) == .success, "the slow read reached the file system")
+        let started = ContinuousClock.now
+        let (fast, error) = readAt(fd, 0, 4096)
+        #expect(error == 0 && fast == [UInt8](repeating: 0x66, count: 4096))
+        #expect(started.duration(to: .now) < .seconds(5), "the fast read did not wait for the slow one")
+        #expect(slowDone.wait(timeout: .now() + 15) == .success)
+        let (bytes, slowError) = slow.withLock { $0 }
+        #expect(slowError == 0 && bytes == [UInt8](repeating: 0x73, count: 4096))
+        // Requests on open handles carry no path (nullpath_ok): libfuse's box keeps them.
+        var st = stat()
+        #expect(fstat(fd, &st) == 0 && st.st_size == 4096)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: mountpoint).sorted() == ["fast", "slow"])
     }
 }
