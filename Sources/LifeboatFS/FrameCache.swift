@@ -96,8 +96,8 @@ public final class FrameCache: Sendable {
                 if let error = pending.error { throw error }
                 continue   // loaded: a hit now (or evicted already: loaded again)
             case .load(let pending, nil):
-                RequestLoop.willBlock()
                 // Every slot is being read from: decoded for this reader alone.
+                RequestLoop.willBlock()
                 let bytes: [UInt8]
                 do { bytes = try [UInt8](filling: repository.config.frameSize) { try load(key, into: $0, asReference: asReference) } } catch {
                     finish(key, pending, slot: nil, error: error)

@@ -23,7 +23,7 @@ extension Lifeboat {
         var threads = 8
         @Option(help: ArgumentHelp("Longest spin, in microseconds, of the thread waiting for the next request before it sleeps (0: never spin).",
                                    valueName: "microseconds"))
-        var busyPoll = 300
+        var busyPoll = MountService.defaultBusyPoll
 
         func run() throws {
             // The frame cache maps this much address space at once (docs/MOUNT.md).
@@ -105,9 +105,12 @@ extension Lifeboat {
 
 /// Starting and running the FUSE server.
 enum MountService {
+    /// Microseconds a mount's request loop may spin between requests (docs/MOUNT.md, "The request loop").
+    static let defaultBusyPoll = 300
+
     /// Serves in this process until unmounted or signalled.
     static func serve(_ repo: Repository, at path: String, cacheSize: Int, allowOther: Bool, threads: Int,
-                      busyPoll: Int = 300) throws {
+                      busyPoll: Int = defaultBusyPoll) throws {
         let access = RecoveryPointFileSystem.Access(uid: 0, gid: allowOther ? QemuAccess.gid() : 0)
         let fs = try RecoveryPointFileSystem(repository: repo, cacheSize: cacheSize, access: access) { line in
             Terminal.writeError("\(Format.time(Date())) \(line)\n")
@@ -123,7 +126,7 @@ enum MountService {
 
     /// Starts `lifeboat mount --foreground` as a daemon and returns once the mount is there.
     static func start(_ repo: Repository, at path: String, password: String?, cacheSize: Int, allowOther: Bool,
-                      threads: Int, busyPoll: Int = 300) throws -> (pid: pid_t, log: String) {
+                      threads: Int, busyPoll: Int = defaultBusyPoll) throws -> (pid: pid_t, log: String) {
         try Mounts.checkMountpoint(path)
         let log = Mounts.daemonLogPath(for: path)
         try? FileManager.default.createDirectory(atPath: (log as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
