@@ -3,8 +3,10 @@
 // libfuse 3.14 from Debian 12; 3.12 is the API level with lseek.
 #define FUSE_USE_VERSION 312
 #include <fuse.h>
-// The session's receive and process calls, for the request loop (FuseSession.swift).
+// The session's receive and process calls, for the request loop (FuseSession.swift), and the
+// epoll its threads sleep in (Glibc's Swift module leaves <sys/epoll.h> out).
 #include <fuse_lowlevel.h>
+#include <sys/epoll.h>
 
 // fuse_new is a function-like macro (symbol versioning), which Swift cannot call: this wrapper
 // lets the C compiler pick the versioned symbol.

@@ -81,17 +81,19 @@ public final class FuseSession {
 /// Here a thread that has served a request reads the next one itself when one is queued, or
 /// when no other thread is reading; otherwise it waits on a condition, away from the device. At
 /// queue depth 1 one thread then serves every request, and between them it spins (polls the
-/// device without sleeping) before it sleeps in `poll`, as QEMU's event loop polls
+/// device without sleeping) before it sleeps in `epoll_wait`, as QEMU's event loop polls
 /// (`poll-max-ns`). The spin adapts: it doubles (from 4 µs, up to `busyPoll`) when a request
 /// came soon after the thread fell asleep, and halves when the device stayed quiet for longer
 /// than `busyPoll`, so that an idle mount, or one read now and then, does not spin.
 ///
-/// Requests in flight together are seen queued when one is taken; for the next 10 ms the loop
-/// then keeps a thread reading while the others serve (waking a waiting one when the last
-/// reader takes a request), as libfuse does, and does not spin. A request that is about to wait
-/// for the disk or a decode (`willBlock()`) or that is not a read also keeps a thread reading.
+/// Requests in flight together are seen when one is taken while another is being served and a
+/// third is queued; for the next 10 ms every idle thread then sleeps on the device (each in its
+/// own epoll with EPOLLEXCLUSIVE, so that a request wakes one of them, as libfuse's blocked
+/// `read`s do) and nobody spins. A request that is about to wait for the disk or a decode
+/// (`willBlock()`), or that is not a read, wakes a waiting thread to read meanwhile.
 final class RequestLoop: @unchecked Sendable {
-    // @unchecked: `reading`, `finished`, `failure` and `concurrentUntil` are only touched under `state`.
+    // @unchecked: `reading`, `inService`, `finished`, `failure` and `concurrentUntil` are only
+    // touched under `state`.
     private let session: OpaquePointer
     private let maxSpin: Int64                // nanoseconds
     private let window = Atomic<Int64>(0)     // nanoseconds a reader spins now
@@ -100,6 +102,7 @@ final class RequestLoop: @unchecked Sendable {
     private var finished = false              // unmounted, exited or failed
     private var failure: Int32 = 0            // -errno of a failed read of the device
     private var concurrentUntil: Int64 = 0    // monotonic nanoseconds
+    private var inService = 0                 // requests taken and not yet answered
     private let lastReply = Atomic<Int64>(0)  // monotonic nanoseconds
     private let done = DispatchGroup()
     private static let concurrency: Int64 = 10_000_000
@@ -123,7 +126,7 @@ final class RequestLoop: @unchecked Sendable {
     static func willBlock() {
         guard let opaque = pthread_getspecific(serving) else { return }
         pthread_setspecific(serving, nil)
-        Unmanaged<RequestLoop>.fromOpaque(opaque).takeUnretainedValue().keepReading(always: true)
+        Unmanaged<RequestLoop>.fromOpaque(opaque).takeUnretainedValue().keepReading()
     }
 
     /// Serves on `threads` threads until the session is unmounted or exits (a signal).
@@ -147,17 +150,30 @@ final class RequestLoop: @unchecked Sendable {
     private func serve() {
         var buffer = fuse_buf()
         defer { free(buffer.mem) }
-        var more = false   // a request was queued after the last one served
+        // This thread's sleep on the device: with EPOLLEXCLUSIVE a request wakes one sleeper, not all.
+        let sleeper = epoll_create1(Int32(EPOLL_CLOEXEC))
+        defer { if sleeper >= 0 { Glibc.close(sleeper) } }
+        if sleeper >= 0 {
+            var event = epoll_event(events: EPOLLIN.rawValue | EPOLLEXCLUSIVE.rawValue, data: epoll_data(fd: fuse_session_fd(session)))
+            _ = epoll_ctl(sleeper, EPOLL_CTL_ADD, fuse_session_fd(session), &event)
+        }
+        var served = false
+        state.lock()
         while true {
-            state.lock()
-            if !finished && reading > 0 && !more { state.wait() }
+            if served { inService -= 1 }
+            // Requests coming together: every idle thread sleeps on the device (one is woken per
+            // request, as in libfuse's loop); one at a time: one reads, the others wait here
+            // unless a request is queued already.
+            if !finished && reading > 0 && Self.now() >= concurrentUntil && !queued() { state.wait() }
             if finished { state.unlock(); return }
             reading += 1
             let spin = Self.now() >= concurrentUntil
             state.unlock()
-            let result = receive(into: &buffer, spin: spin)
+            let result = receive(into: &buffer, spin: spin, sleeper: sleeper)
             state.lock()
             reading -= 1
+            served = false
+            if result == -EAGAIN { continue }
             guard result > 0 else {
                 finished = true
                 if result < 0 { failure = result }
@@ -165,29 +181,34 @@ final class RequestLoop: @unchecked Sendable {
                 state.unlock()
                 return
             }
+            // Another request being served as this one is taken, and a third queued: they come
+            // together. (Served alone does not say it: the thread that answered the last one may
+            // not have counted it out yet, when the client's next request is taken.)
+            let now = Self.now()
+            if inService > 0 && queued() { concurrentUntil = now + Self.concurrency }
+            inService += 1
+            served = true
+            let read = Self.isRead(buffer)
+            // Someone reads next while this one is served: when requests come together, and
+            // before a request other than a read (it may wait; a read says so, `willBlock()`).
+            if reading == 0 && (!read || now < concurrentUntil) { state.signal() }
             state.unlock()
-            if Self.isRead(buffer) {
-                keepReading(always: false)
+            if read {
                 pthread_setspecific(Self.serving, Unmanaged.passUnretained(self).toOpaque())
                 fuse_session_process_buf(session, &buffer)
                 pthread_setspecific(Self.serving, nil)
             } else {
-                keepReading(always: true)
                 fuse_session_process_buf(session, &buffer)
             }
             lastReply.store(Self.now(), ordering: .relaxed)
-            more = queued()
+            state.lock()
         }
     }
 
-    /// Wakes a waiting thread to read the device if none reads it and requests come together (a
-    /// request queued now, or some in the last 10 ms), or `always`.
-    private func keepReading(always: Bool) {
-        let now = Self.now()
-        let queued = queued()
+    /// Wakes a waiting thread to read the device if none reads it.
+    private func keepReading() {
         state.lock()
-        if queued { concurrentUntil = now + Self.concurrency }
-        if reading == 0 && (always || queued || now < concurrentUntil) { state.signal() }
+        if reading == 0 { state.signal() }
         state.unlock()
     }
 
@@ -205,27 +226,37 @@ final class RequestLoop: @unchecked Sendable {
 
     /// Reads the next request: its size, 0 once unmounted or exited, or -errno. Spins first
     /// (polls the device without sleeping) while within `window` of the last reply.
-    private func receive(into buffer: inout fuse_buf, spin: Bool) -> Int32 {
-        guard spin && maxSpin > 0 else { return read(into: &buffer) }
+    private func receive(into buffer: inout fuse_buf, spin: Bool, sleeper: Int32) -> Int32 {
+        guard spin && maxSpin > 0 else { return read(into: &buffer, sleeper: sleeper) }
         let since = lastReply.load(ordering: .relaxed)
         let window = window.load(ordering: .relaxed)
         while !queued() && Self.now() - since < window && fuse_session_exited(session) == 0 { sched_yield() }
-        if queued() { return read(into: &buffer) }
+        if queued() { return read(into: &buffer, sleeper: sleeper) }
         // Sleeps: how soon the request came after the last reply sizes the next spins.
-        let result = read(into: &buffer)
+        let result = read(into: &buffer, sleeper: sleeper)
         if result > 0 { adapt(gap: Self.now() - lastReply.load(ordering: .relaxed)) }
         return result
     }
 
-    /// Reads the (non-blocking) device, sleeping in `poll` while it has nothing; libfuse's signal
-    /// handler only sets the session's exit flag, which a sleeper sees within the poll's timeout.
-    private func read(into buffer: inout fuse_buf) -> Int32 {
+    /// Reads the (non-blocking) device, sleeping in `epoll_wait` while it has nothing; libfuse's
+    /// signal handler only sets the session's exit flag, which a sleeper sees within the timeout.
+    /// Gives -EAGAIN when it woke for a request another thread took while requests no longer
+    /// come together and another thread reads: the caller then waits away from the device.
+    private func read(into buffer: inout fuse_buf, sleeper: Int32) -> Int32 {
+        var woke = false
         while fuse_session_exited(session) == 0 {
             let result = fuse_session_receive_buf(session, &buffer)
             if result != -EAGAIN && result != -EINTR { return result }
             if result == -EAGAIN {
-                var ready = pollfd(fd: fuse_session_fd(session), events: Int16(POLLIN), revents: 0)
-                _ = poll(&ready, 1, 500)
+                if woke && state.withLock({ reading > 1 && Self.now() >= concurrentUntil }) { return -EAGAIN }
+                woke = true
+                if sleeper >= 0 {
+                    var event = epoll_event()
+                    _ = epoll_wait(sleeper, &event, 1, 500)
+                } else {
+                    var ready = pollfd(fd: fuse_session_fd(session), events: Int16(POLLIN), revents: 0)
+                    _ = poll(&ready, 1, 500)
+                }
             }
         }
         return 0
