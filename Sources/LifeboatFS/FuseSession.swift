@@ -231,10 +231,10 @@ final class RequestLoop: @unchecked Sendable {
         let since = lastReply.load(ordering: .relaxed)
         let window = window.load(ordering: .relaxed)
         while !queued() && Self.now() - since < window && fuse_session_exited(session) == 0 { sched_yield() }
-        if queued() { return read(into: &buffer, sleeper: sleeper) }
-        // Sleeps: how soon the request came after the last reply sizes the next spins.
+        // Caught spinning, or asleep: then how soon the request came sizes the next spins.
+        let sleeps = !queued()
         let result = read(into: &buffer, sleeper: sleeper)
-        if result > 0 { adapt(gap: Self.now() - lastReply.load(ordering: .relaxed)) }
+        if sleeps && result > 0 { adapt(gap: Self.now() - lastReply.load(ordering: .relaxed)) }
         return result
     }
 
@@ -269,11 +269,8 @@ final class RequestLoop: @unchecked Sendable {
         window.store(gap <= maxSpin ? min(maxSpin, max(4_000, now * 2)) : (now < 8_000 ? 0 : now / 2), ordering: .relaxed)
     }
 
-    private static func now() -> Int64 {
-        var t = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &t)
-        return Int64(t.tv_sec) * 1_000_000_000 + Int64(t.tv_nsec)
-    }
+    /// Monotonic nanoseconds (as Progress times its work).
+    private static func now() -> Int64 { Int64(DispatchTime.now().uptimeNanoseconds) }
 }
 
 /// Holds the file system for the C side (`private_data` must be a class pointer), and the path
