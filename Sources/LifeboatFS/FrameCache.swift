@@ -203,10 +203,13 @@ public final class FrameCache: Sendable {
     /// a point's DISK.layouts has (one read instead of one per chunk); it is called only when
     /// some layout is missing. Layouts that another warmer is reading are left to it: opening a
     /// disk starts a warmer, and `qemu-img create` then QEMU open the same disk several times
-    /// within a second (docs/MOUNT.md).
+    /// within a second (docs/MOUNT.md). The files of chunks whose layouts came from `stored` are
+    /// looked up, so that the first read of each does not wait for its inode (`lookUpChunkFiles`).
     func warmLayouts(_ chunks: [ChunkID], stored: () -> [ChunkID: ChunkLayout] = { [:] }) {
         guard state.withLock({ state in chunks.contains { state.layouts[$0] == nil } }) else { return }
-        adopt(stored())
+        let known = stored()
+        adopt(known)
+        repository.lookUpChunkFiles(chunks.filter { known[$0] != nil })
         let wanted = state.withLock { state in
             let wanted = Array(chunks.filter { state.layouts[$0] == nil && !state.warming.contains($0) }
                 .prefix(max(0, maxLayouts - state.layouts.count - state.warming.count)))

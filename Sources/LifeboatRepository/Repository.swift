@@ -365,6 +365,18 @@ public final class Repository: Sendable {
         chunkTables(ids).compactMapValues { try? layout(of: $0) }
     }
 
+    /// Looks up the files of many chunks, several lookups in flight, so that their directory
+    /// entries and inodes are in the kernel's caches when reads open them: on a cold host a
+    /// chunk's first open otherwise reads its directory block and inode from the disk first
+    /// (about a tenth of a cold random read's time through a mount, docs/MOUNT.md). What a mount
+    /// does after taking the layouts of an opened disk from its DISK.layouts.
+    public func lookUpChunkFiles(_ ids: [ChunkID]) {
+        let work = ParallelWork(count: ids.count, threads: Self.directReadWorkers)
+        try? work.run { work in
+            while let i = work.take() { _ = self.store.contains(ids[i]) }
+        }
+    }
+
     /// The headers and frame tables of many chunks, as their files hold them, read with several
     /// reads in flight (chunks that cannot be read are left out).
     func chunkTables(_ ids: [ChunkID]) -> [ChunkID: ChunkTable] {
