@@ -203,13 +203,12 @@ public final class FrameCache: Sendable {
     /// a point's DISK.layouts has (one read instead of one per chunk); it is called only when
     /// some layout is missing. Layouts that another warmer is reading are left to it: opening a
     /// disk starts a warmer, and `qemu-img create` then QEMU open the same disk several times
-    /// within a second (docs/MOUNT.md). The files of chunks whose layouts came from `stored` are
-    /// looked up, so that the first read of each does not wait for its inode (`lookUpChunkFiles`).
+    /// within a second (docs/MOUNT.md). The files of the chunks whose layouts this call took
+    /// from `stored` are looked up, so that the first read of each does not wait for its inode
+    /// (`lookUpChunkFiles`); a warmer that took none (another had them) looks nothing up.
     func warmLayouts(_ chunks: [ChunkID], stored: () -> [ChunkID: ChunkLayout] = { [:] }) {
         guard state.withLock({ state in chunks.contains { state.layouts[$0] == nil } }) else { return }
-        let known = stored()
-        adopt(known)
-        repository.lookUpChunkFiles(chunks.filter { known[$0] != nil })
+        repository.lookUpChunkFiles(adopt(stored()))
         let wanted = state.withLock { state in
             let wanted = Array(chunks.filter { state.layouts[$0] == nil && !state.warming.contains($0) }
                 .prefix(max(0, maxLayouts - state.layouts.count - state.warming.count)))
@@ -222,10 +221,17 @@ public final class FrameCache: Sendable {
         adopt(layouts)
     }
 
-    /// Keeps the layouts of chunks it has none of, up to what the layout cache holds.
-    private func adopt(_ layouts: [ChunkID: ChunkLayout]) {
+    /// Keeps the layouts of chunks it has none of, up to what the layout cache holds; returns
+    /// the chunks whose layouts it kept.
+    @discardableResult
+    private func adopt(_ layouts: [ChunkID: ChunkLayout]) -> [ChunkID] {
         state.withLock { state in
-            for (id, layout) in layouts where state.layouts[id] == nil && state.layouts.count < maxLayouts { state.layouts[id] = layout }
+            var kept: [ChunkID] = []
+            for (id, layout) in layouts where state.layouts[id] == nil && state.layouts.count < maxLayouts {
+                state.layouts[id] = layout
+                kept.append(id)
+            }
+            return kept
         }
     }
 
