@@ -131,7 +131,7 @@ let package = Package(
         ),
         .testTarget(
             name: "LifeboatRecoveryTests",
-            dependencies: ["LifeboatRecovery", "LifeboatVirt", "LifeboatFS", "LifeboatRepository", "LifeboatTestSupport"]
+            dependencies: ["LifeboatRecovery", "LifeboatVirt", "LifeboatFS", "LifeboatRepository", "LifeboatConsole", "LifeboatTestSupport"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -25,6 +25,9 @@ public final class Console: Sendable {
     public let users: UserStore
     public let jobs = JobBoard()
     let throttle = LoginThrottle()
+    let passwordChecks = PasswordChecks()
+    let book = SessionBook()
+    public let logins: LoginLog
     let pages: Pages
     private let queue = DispatchQueue(label: "lifeboat.console.reads")
     private let cached = Mutex<Snapshot?>(nil)
@@ -44,6 +47,7 @@ public final class Console: Sendable {
         self.replication = replication
         self.startFinaliser = startFinaliser
         self.users = UserStore(hotDirectory: recovery.settings.hotDirectory)
+        self.logins = LoginLog(hotDirectory: recovery.settings.hotDirectory)
         self.pages = try await Pages(directory: recovery.settings.templates.directory + "/console")
     }
 

@@ -28,23 +28,48 @@ struct NewUser: Codable, Sendable {
 extension Console {
     // MARK: - Shared by the API and the pages
 
-    /// Checks the password (slowed per address after failures) and opens a session.
+    /// Checks the password and opens a session, replacing the user's earlier one. The try is
+    /// counted as a failure per address and per user name before the check and waits for its
+    /// slot (`LoginThrottle`); the check runs on the bounded password queue (`PasswordChecks`).
+    /// Every outcome is logged and kept in HOT/.console/logins.jsonl.
     func login(user name: String, password: String, context: ConsoleContext) async throws -> SessionInfo {
-        let wait = throttle.delay(for: context.address)
+        let name = String(name.prefix(64))
+        let address = context.address
+        func note(_ event: String) {
+            logins.record(LoginRecord(time: Date(), event: event, user: name, address: address))
+            context.logger.notice("console \(event): user \(name) from \(address)")
+        }
+        let (wait, retryAfter) = throttle.admit(address: address, user: name)
+        guard let wait else {
+            note("login-refused")
+            throw ConsoleError(.tooManyRequests, "too many failed logins for \(name) or from your address: try again in \(Int(retryAfter.rounded(.up)) + 1) s")
+        }
         if wait > 0 { try await Task.sleep(for: .milliseconds(Int(wait * 1000))) }
         let users = self.users
-        // scrypt takes a tenth of a second of a core: off the event loop.
-        let user = try await withCheckedThrowingContinuation { continuation in
-            DispatchQueue.global().async { continuation.resume(with: Result { try users.verify(name, password: password) }) }
+        guard let checked = try await passwordChecks.run({ try users.verify(name, password: password) }) else {
+            throttle.failed(address: address, user: name)
+            note("login-refused")
+            throw ConsoleError(.tooManyRequests, "too many logins at once: try again in a few seconds")
         }
-        guard let user else {
-            throttle.failed(context.address)
-            throw ConsoleError(.unauthorized, "wrong user name or password: check them (after failures, answers from your address come slower)")
+        guard let user = checked else {
+            throttle.failed(address: address, user: name)
+            note("login-failed")
+            throw ConsoleError(.unauthorized, "wrong user name or password: check them (after failures, answers for that name and from your address come slower)")
         }
-        throttle.succeeded(context.address)
-        let session = ConsoleSession(user: user.name, csrf: Answer.newToken())
+        throttle.succeeded(address: address, user: name)
+        note("login")
+        let session = ConsoleSession(user: user.name, csrf: Answer.newToken(), epoch: user.password.salt, login: book.open(user.name))
         context.sessions.createSession(session)
         return SessionInfo(user: user.name, role: user.role, csrf: session.csrf)
+    }
+
+    /// Ends every session of the context's user.
+    func logout(_ context: ConsoleContext) {
+        if let user = context.user {
+            book.close(user.name)
+            logins.record(LoginRecord(time: Date(), event: "logout", user: user.name, address: context.address))
+        }
+        context.sessions.clearSession()
     }
 
     func machineInfo(_ name: String) async throws -> MachineInfo {
@@ -63,6 +88,7 @@ extension Console {
     func removeUser(_ name: String, by user: ConsoleUser) throws {
         guard name != user.name else { throw ConsoleError(.conflict, "\(name) cannot remove themselves: log in as another admin to do it") }
         try users.remove(name)
+        book.close(name)
     }
 
     static func action(_ text: String) throws -> ConsoleAction {
@@ -82,7 +108,7 @@ extension Console {
             return try Answer.json(try await self.login(user: body.user, password: body.password, context: context))
         }
         api.post("logout") { _, context -> Response in
-            context.sessions.clearSession()
+            self.logout(context)
             return Response(status: .noContent)
         }
         api.get("session") { _, context -> Response in
@@ -139,6 +165,10 @@ extension Console {
             _ = try context.require(.admin, to: "see users")
             return try Answer.json(try self.users.users().map(\.listing))
         }
+        api.get("logins") { _, context -> Response in
+            _ = try context.require(.admin, to: "see logins")
+            return try Answer.json(self.logins.records())
+        }
         api.post("users") { request, context -> Response in
             _ = try context.require(.admin, to: "manage users")
             return try Answer.json(try await self.addUser(try await request.json(NewUser.self, context)), status: .created)
@@ -170,12 +200,12 @@ extension Console {
     /// The token is kept while the cookie lives: a second GET /login (a browser following a
     /// redirect for its favicon) must not change it under an open form.
     func loginPage(_ request: Request, error: String?, user: String, secure: Bool, status: HTTPResponse.Status = .ok) throws -> Response {
-        let kept = request.cookies["lifeboat_login"]?.value
+        let kept = request.cookies[Self.loginCookie(secure: secure)]?.value
         let token = kept.flatMap { $0.count == 43 && $0.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "_") } ? $0 : nil }
             ?? Answer.newToken()
         var response = Answer.html(try pages.render("login", LoginPage(error: error, user: user, csrf: token)), status: status)
-        response.setCookie(Cookie(name: "lifeboat_login", value: token, maxAge: 3600, path: "/login", secure: secure, httpOnly: true,
-                                  sameSite: .strict))
+        response.setCookie(Cookie(name: Self.loginCookie(secure: secure), value: token, maxAge: 3600, path: secure ? "/" : "/login",
+                                  secure: secure, httpOnly: true, sameSite: .strict))
         return response
     }
 
@@ -186,26 +216,27 @@ extension Console {
         }
         router.post("login") { request, context -> Response in
             let form = try await request.form(context, checkCSRF: false)
-            guard let cookie = request.cookies["lifeboat_login"]?.value, Answer.same(cookie, form["csrf"] ?? "") else {
+            guard let cookie = request.cookies[Self.loginCookie(secure: secure)]?.value, Answer.same(cookie, form["csrf"] ?? "") else {
                 return try self.loginPage(request, error: "the login form expired or came from another site: log in again", user: form["user"] ?? "",
                                           secure: secure, status: .forbidden)
             }
             do {
                 _ = try await self.login(user: form["user"] ?? "", password: form["password"] ?? "", context: context)
                 return Answer.redirect("/")
-            } catch let error as ConsoleError where error.status == .unauthorized {
-                return try self.loginPage(request, error: error.message, user: form["user"] ?? "", secure: secure, status: .unauthorized)
+            } catch let error as ConsoleError where error.status == .unauthorized || error.status == .tooManyRequests {
+                return try self.loginPage(request, error: error.message, user: form["user"] ?? "", secure: secure, status: error.status)
             }
         }
         router.post("logout") { request, context -> Response in
             _ = try await request.form(context)
-            context.sessions.clearSession()
+            self.logout(context)
             return Answer.redirect("/login")
         }
         router.get("static/:file") { _, context -> Response in
             let file = try context.parameters.require("file")
             guard let bytes = self.pages.asset(file) else { throw ConsoleError(.notFound, "no file \(file)") }
-            return Answer.bytes(bytes, type: file.hasSuffix(".css") ? "text/css; charset=utf-8" : "text/javascript; charset=utf-8")
+            return Answer.bytes(bytes, type: file.hasSuffix(".css") ? "text/css; charset=utf-8" : "text/javascript; charset=utf-8",
+                                cache: "private, max-age=300")
         }
         router.get("/") { _, context -> Response in
             let main = try self.dashboard(try await self.snapshot())
@@ -258,7 +289,7 @@ extension Console {
             guard let bytes else { throw ConsoleError(.notFound, "report \(id) has no HTML page (yet)") }
             var response = Answer.bytes(bytes, type: "text/html; charset=utf-8")
             // The report is self-contained: its own styles, screenshots as data: URLs, no scripts.
-            response.headers[.contentSecurityPolicy] = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+            response.headers[.contentSecurityPolicy] = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'"
             return response
         }
         router.get("users") { _, context -> Response in

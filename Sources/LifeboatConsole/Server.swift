@@ -12,10 +12,15 @@ import NIOCore
 import NIOSSL
 import ServiceLifecycle
 
-/// What a session holds: who logged in, and the token every form and API change must carry.
+/// What a session holds: who logged in, the token every form and API change must carry, the
+/// user's password epoch when they logged in (the salt of their password hash: a new password or
+/// a removed and re-added user ends the session) and which login of the user it is (a later
+/// login or a logout ends it: `SessionBook`).
 struct ConsoleSession: Codable, Sendable {
     var user: String
     var csrf: String
+    var epoch: String
+    var login: String
 }
 
 /// A request's context: its session, the user it belongs to (checked against the user file on
@@ -85,12 +90,48 @@ public struct ConsoleListen: Sendable {
     /// PEM files; nil: plain HTTP on a loopback address, else a self-signed certificate.
     public var certificate: String?
     public var key: String?
+    /// More names the console answers to (Host header), beside its address, localhost and the host name.
+    public var serverNames: [String]
+    /// Every address `host` resolves to is a loopback address (decided once, from the resolved
+    /// addresses: a name that merely starts with "127." is not loopback).
+    public let isLoopback: Bool
 
-    public init(host: String = "127.0.0.1", port: Int = 8470, certificate: String? = nil, key: String? = nil) {
+    public init(host: String = "127.0.0.1", port: Int = 8470, certificate: String? = nil, key: String? = nil, serverNames: [String] = []) {
         self.host = host
         self.port = port
         self.certificate = certificate
         self.key = key
+        self.serverNames = serverNames
+        self.isLoopback = Self.resolvesToLoopback(host)
+    }
+
+    /// True when `host` resolves, and only to 127.0.0.0/8 or ::1.
+    static func resolvesToLoopback(_ host: String) -> Bool {
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var list: UnsafeMutablePointer<addrinfo>?
+        guard getaddrinfo(host, nil, &hints, &list) == 0, let first = list else { return false }
+        defer { freeaddrinfo(list) }
+        var entry: UnsafeMutablePointer<addrinfo>? = first
+        var any = false
+        while let current = entry {
+            guard let address = current.pointee.ai_addr else { return false }
+            switch Int32(address.pointee.sa_family) {
+            case AF_INET:
+                let ip = address.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { UInt32(bigEndian: $0.pointee.sin_addr.s_addr) }
+                guard ip >> 24 == 127 else { return false }
+            case AF_INET6:
+                let loopback = address.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { pointer -> Bool in
+                    withUnsafeBytes(of: pointer.pointee.sin6_addr) { bytes in bytes.prefix(15).allSatisfy { $0 == 0 } && bytes[15] == 1 }
+                }
+                guard loopback else { return false }
+            default:
+                return false
+            }
+            any = true
+            entry = current.pointee.ai_next
+        }
+        return any
     }
 
     /// ADDR:PORT, [ADDR]:PORT for IPv6.
@@ -101,13 +142,44 @@ public struct ConsoleListen: Sendable {
         return host.isEmpty ? nil : (host, port)
     }
 
-    public var isLoopback: Bool { host == "127.0.0.1" || host == "localhost" || host == "::1" || host.hasPrefix("127.") }
     /// TLS is used with a given certificate, and always off loopback.
     public var usesTLS: Bool { certificate != nil || !isLoopback }
 }
 
 extension Console {
     static let csrfHeader = HTTPField.Name("X-CSRF-Token")!
+
+    /// The session cookie's name: with the __Host- prefix under TLS (the browser then takes it
+    /// only over TLS, for this host, path /: a sibling host name cannot set or shadow it).
+    static func sessionCookie(secure: Bool) -> String { secure ? "__Host-lifeboat_session" : "lifeboat_session" }
+    /// The login form's cookie (see `loginPage`).
+    static func loginCookie(secure: Bool) -> String { secure ? "__Host-lifeboat_login" : "lifeboat_login" }
+
+    /// The console's router: middleware and every route. `routes` lists them (tests enumerate
+    /// the changing ones from it).
+    func router(_ listen: ConsoleListen, persist: MemoryPersistDriver<ContinuousClock>) -> Router<ConsoleContext> {
+        let router = Router(context: ConsoleContext.self)
+        router.add(middleware: HeadersMiddleware(tls: listen.usesTLS))
+        router.add(middleware: ErrorMiddleware(pages: pages))
+        router.add(middleware: RequestShapeMiddleware(names: ConsoleNames(listen: listen, extra: listen.serverNames)))
+        let cookie = SessionCookieParameters(name: Self.sessionCookie(secure: listen.usesTLS), path: "/", secure: listen.usesTLS,
+                                             sameSite: .strict)
+        router.add(middleware: SessionMiddleware(storage: persist, configuration: .init(sessionCookieParameters: cookie,
+                                                                                       defaultSessionExpiration: .seconds(8 * 3600))))
+        router.add(middleware: AuthMiddleware(users: users, book: book))
+        addAPIRoutes(router)
+        addPageRoutes(router, secure: listen.usesTLS)
+        return router
+    }
+
+    /// Every route as "METHOD /path" (parameters as :name).
+    public func routes(_ listen: ConsoleListen = ConsoleListen()) -> [String] {
+        router(listen, persist: MemoryPersistDriver()).routes.map { route in
+            let path = "/\(route.path)".replacingOccurrences(of: "//", with: "/")
+                .replacing(/\{([^}]+)\}/) { ":" + $0.1 }
+            return "\(route.method) \(path)"
+        }
+    }
 
     /// The console's Hummingbird application: pages, /api/v1, sessions; TLS when `listen` asks
     /// for it (a self-signed certificate in HOT/.console/tls when none is given, whose
@@ -117,17 +189,14 @@ extension Console {
                             onCertificate: @Sendable (ConsoleCertificate) -> Void = { _ in },
                             onRunning: @escaping @Sendable (String) -> Void = { _ in }) throws -> some Service {
         let persist = MemoryPersistDriver()
-        let router = Router(context: ConsoleContext.self)
-        router.add(middleware: HeadersMiddleware())
-        router.add(middleware: ErrorMiddleware(pages: pages))
-        let cookie = SessionCookieParameters(name: "lifeboat_session", path: "/", secure: listen.usesTLS, sameSite: .strict)
-        router.add(middleware: SessionMiddleware(storage: persist, configuration: .init(sessionCookieParameters: cookie,
-                                                                                       defaultSessionExpiration: .seconds(8 * 3600))))
-        router.add(middleware: AuthMiddleware(users: users))
-        addAPIRoutes(router)
-        addPageRoutes(router, secure: listen.usesTLS)
-
-        var server: HTTPServerBuilder = .http1()
+        let router = self.router(listen, persist: persist)
+        // The server's own limits: a connection without a complete request head for idleSeconds
+        // (from its start, its TLS handshake included, or since its last answer) is closed; at
+        // most `connections` at once, and `connectionsPerAddress` from one address off loopback.
+        let perAddress = ConnectionsPerAddress()
+        let http = HTTP1Channel.Configuration(additionalChannelHandlers: [perAddress.handler()],
+                                              idleTimeout: .seconds(ConsoleLimits.idleSeconds))
+        var server: HTTPServerBuilder = .http1(configuration: http)
         if listen.usesTLS {
             let files: ConsoleCertificate
             if let certificate = listen.certificate, let key = listen.key {
@@ -137,12 +206,14 @@ extension Console {
             }
             onCertificate(files)
             let chain = try NIOSSLCertificate.fromPEMFile(files.certificate).map { NIOSSLCertificateSource.certificate($0) }
-            let tls = TLSConfiguration.makeServerConfiguration(certificateChain: chain,
+            var tls = TLSConfiguration.makeServerConfiguration(certificateChain: chain,
                                                                privateKey: .privateKey(try NIOSSLPrivateKey(file: files.key, format: .pem)))
-            server = try .tls(.http1(), tlsConfiguration: tls)
+            tls.minimumTLSVersion = .tlsv12
+            server = try .tls(.http1(configuration: http), tlsConfiguration: tls)
         }
         return Application(router: router, server: server,
-                           configuration: .init(address: .hostname(listen.host, port: listen.port), serverName: "lifeboat"),
+                           configuration: .init(address: .hostname(listen.host, port: listen.port), serverName: "lifeboat",
+                                                availableConnectionsDelegate: MaximumAvailableConnections(ConsoleLimits.connections)),
                            services: [persist],
                            onServerRunning: { channel in
                                let host = listen.host.contains(":") ? "[\(listen.host)]" : listen.host
@@ -179,16 +250,21 @@ struct ErrorMiddleware: RouterMiddleware {
 }
 
 /// Headers on every answer: no framing, no sniffing, no referrer, scripts and styles from here
-/// only; and Server-Timing with the milliseconds the answer took at the server (bench-console reads it).
+/// only, no <base>; HSTS under TLS; and Server-Timing with the milliseconds the answer took at
+/// the server (bench-console reads it).
 struct HeadersMiddleware: RouterMiddleware {
     typealias Context = ConsoleContext
+    let tls: Bool
+    static let policy = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+
     func handle(_ request: Request, context: ConsoleContext, next: (Request, ConsoleContext) async throws -> Response) async throws -> Response {
         let started = ContinuousClock.now
         var response = try await next(request, context)
         let elapsed = ContinuousClock.now - started
         let milliseconds = Double(elapsed.components.seconds) * 1000 + Double(elapsed.components.attoseconds) / 1e15
         response.headers[HTTPField.Name("Server-Timing")!] = String(format: "app;dur=%.2f", milliseconds)
-        if response.headers[.contentSecurityPolicy] == nil { response.headers[.contentSecurityPolicy] = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'; form-action 'self'" }
+        if response.headers[.contentSecurityPolicy] == nil { response.headers[.contentSecurityPolicy] = Self.policy }
+        if tls { response.headers[HTTPField.Name("Strict-Transport-Security")!] = "max-age=31536000" }
         response.headers[.xContentTypeOptions] = "nosniff"
         response.headers[HTTPField.Name("X-Frame-Options")!] = "DENY"
         response.headers[HTTPField.Name("Referrer-Policy")!] = "no-referrer"
@@ -197,18 +273,29 @@ struct HeadersMiddleware: RouterMiddleware {
     }
 }
 
-/// Finds the session's user; answers 401 (API) or sends to /login (pages) without one; checks
-/// the CSRF token of every API change (header X-CSRF-Token; forms check their field).
+/// Finds the session's user (a session whose user is gone, whose password changed since, or
+/// that a later login or a logout replaced is no session); answers 401 (API) or sends to /login
+/// (pages) without one; and checks CSRF on every change, whatever its path: any method but GET
+/// and HEAD needs the session's token, under /api/ as the X-CSRF-Token header with a JSON
+/// Content-Type (even with an empty body), elsewhere as the form field csrf. Paths reach it in
+/// normal form (`RequestShapeMiddleware`), so the /api/ prefix is the router's too.
 struct AuthMiddleware: RouterMiddleware {
     typealias Context = ConsoleContext
     let users: UserStore
+    let book: SessionBook
+    /// Served without a session; the two logins defend themselves (JSON only; the login form's cookie token).
     static let open: Set<String> = ["/login", "/api/v1/login", "/static/console.css", "/static/console.js"]
 
     func handle(_ request: Request, context: ConsoleContext, next: (Request, ConsoleContext) async throws -> Response) async throws -> Response {
         var context = context
-        if let session = context.sessions.session, let user = try users.user(session.user) {
-            context.user = user
-            context.csrf = session.csrf
+        var request = request
+        if let session = context.sessions.session {
+            if let user = try users.user(session.user), user.password.salt == session.epoch, book.isCurrent(session) {
+                context.user = user
+                context.csrf = session.csrf
+            } else {
+                context.sessions.clearSession()
+            }
         }
         let path = request.uri.path
         if Self.open.contains(path) { return try await next(request, context) }
@@ -216,9 +303,22 @@ struct AuthMiddleware: RouterMiddleware {
             if path.hasPrefix("/api/") { throw ConsoleError(.unauthorized, "not logged in: POST /api/v1/login with {\"user\": ..., \"password\": ...} first") }
             return Answer.redirect("/login")
         }
-        if path.hasPrefix("/api/"), request.method != .get, request.method != .head {
-            guard let token = request.headers[Console.csrfHeader], Answer.same(token, context.csrf) else {
-                throw ConsoleError(.forbidden, "the X-CSRF-Token header is missing or does not match your session: take csrf from the login answer or GET /api/v1/session")
+        if request.method != .get && request.method != .head {
+            if path.hasPrefix("/api/") {
+                guard let token = request.headers[Console.csrfHeader], Answer.same(token, context.csrf) else {
+                    throw ConsoleError(.forbidden, "the X-CSRF-Token header is missing or does not match your session: take csrf from the login answer or GET /api/v1/session")
+                }
+                guard request.isJSON else {
+                    throw ConsoleError(.unsupportedMediaType, "changes through the API need Content-Type: application/json, even with an empty body")
+                }
+            } else {
+                guard request.headers[.contentType]?.lowercased().hasPrefix("application/x-www-form-urlencoded") == true else {
+                    throw ConsoleError(.forbidden, "a change from a page must be the page's own form: reload the page and try again")
+                }
+                let fields = Request.fields(of: try await request.collectBodyLimited(ConsoleLimits.body))
+                guard Answer.same(fields["csrf"] ?? "", context.csrf) else {
+                    throw ConsoleError(.forbidden, "this form's CSRF token does not match your session (an old page, or a page from elsewhere): reload the page and try again")
+                }
             }
         }
         return try await next(request, context)
@@ -248,8 +348,10 @@ enum Answer {
         Response(status: .seeOther, headers: [.location: path])
     }
 
-    static func bytes(_ bytes: [UInt8], type: String) -> Response {
-        Response(status: .ok, headers: [.contentType: type, .cacheControl: "private, max-age=300"],
+    /// `cache`: the console's own scripts and styles may be kept a while; machines' data (reports,
+    /// screenshots) never outlives the session in a browser's cache (the default).
+    static func bytes(_ bytes: [UInt8], type: String, cache: String = "no-store") -> Response {
+        Response(status: .ok, headers: [.contentType: type, .cacheControl: cache],
                  body: .init(byteBuffer: ByteBuffer(bytes: bytes)))
     }
 
@@ -265,21 +367,57 @@ enum Answer {
 }
 
 extension Request {
-    /// The body, at most 1 MiB.
-    func text(_ context: ConsoleContext) async throws -> String {
-        let buffer = try await body.collect(upTo: 1 << 20)
-        return String(buffer: buffer)
+    var isJSON: Bool { headers[.contentType]?.lowercased().hasPrefix("application/json") == true }
+
+    /// The body, at most `limit` bytes, arriving within `ConsoleLimits.bodySeconds`; kept in
+    /// the request, so a handler can read it again.
+    mutating func collectBodyLimited(_ limit: Int) async throws -> ByteBuffer {
+        let original = self
+        let (request, buffer) = try await withThrowingTaskGroup(of: (Request, ByteBuffer).self) { group in
+            group.addTask {
+                var request = original
+                let buffer = try await request.collectBody(upTo: limit)
+                return (request, buffer)
+            }
+            group.addTask {
+                try await Task.sleep(for: .seconds(ConsoleLimits.bodySeconds))
+                throw ConsoleError(.requestTimeout, "the request body did not arrive within \(Int(ConsoleLimits.bodySeconds)) s")
+            }
+            defer { group.cancelAll() }
+            return try await group.next()!
+        }
+        self = request
+        return buffer
     }
 
-    /// The form fields of a POST from a page, whose csrf field must match the session's.
-    func form(_ context: ConsoleContext, checkCSRF: Bool = true) async throws -> [String: String] {
+    /// The body: at most 1 MiB with a session, 4 KiB without one (a login).
+    func text(_ context: ConsoleContext) async throws -> String {
+        var request = self
+        do {
+            return String(buffer: try await request.collectBodyLimited(context.user == nil ? ConsoleLimits.anonymousBody : ConsoleLimits.body))
+        } catch let error as HTTPError where error.status == .contentTooLarge {
+            throw ConsoleError(.contentTooLarge, "the request body is too large")
+        }
+    }
+
+    /// The fields of an application/x-www-form-urlencoded body.
+    static func fields(of buffer: ByteBuffer) -> [String: String] {
         var fields: [String: String] = [:]
-        for pair in try await text(context).split(separator: "&") {
+        for pair in String(buffer: buffer).split(separator: "&") {
             let parts = pair.split(separator: "=", maxSplits: 1).map {
                 String($0).replacingOccurrences(of: "+", with: " ").removingPercentEncoding ?? ""
             }
             if let key = parts.first, !key.isEmpty { fields[key] = parts.count > 1 ? parts[1] : "" }
         }
+        return fields
+    }
+
+    /// The form fields of a POST from a page, whose csrf field must match the session's
+    /// (AuthMiddleware checked it already; checked again here, where the form is used).
+    func form(_ context: ConsoleContext, checkCSRF: Bool = true) async throws -> [String: String] {
+        var fields: [String: String] = [:]
+        let text = try await text(context)
+        fields = Request.fields(of: ByteBuffer(string: text))
         if checkCSRF {
             guard Answer.same(fields["csrf"] ?? "", context.csrf) else {
                 throw ConsoleError(.forbidden, "this form's CSRF token does not match your session (an old page, or a page from elsewhere): reload the page and try again")
@@ -291,11 +429,11 @@ extension Request {
     /// A JSON body as `T`; an empty body as `empty`. A body must say it is JSON (Content-Type:
     /// application/json), which a form on another site cannot send without asking first.
     func json<T: Decodable>(_ type: T.Type, _ context: ConsoleContext, empty: T? = nil) async throws -> T {
-        let text = try await text(context)
-        if text.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty, let empty { return empty }
-        guard headers[.contentType]?.lowercased().hasPrefix("application/json") == true else {
+        guard isJSON else {
             throw ConsoleError(.unsupportedMediaType, "the request body must be JSON with Content-Type: application/json")
         }
+        let text = try await text(context)
+        if text.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty, let empty { return empty }
         do {
             return try JSONDecoder.lifeboat.decode(T.self, from: Data(text.utf8))
         } catch {

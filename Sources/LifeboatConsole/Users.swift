@@ -146,37 +146,3 @@ public struct UserStore: Sendable {
         try FileSystem.writeAtomically(Array(data), to: path)   // mode 0600
     }
 }
-
-/// Slows failed logins per address: after the n-th failure in a row, the answer to the next
-/// attempt from that address waits 2^(n-1) s (at most 30 s). Forgotten 15 minutes after the last failure.
-public final class LoginThrottle: Sendable {
-    private struct Entry { var failures: Int; var last: Date }
-    private let entries = Mutex<[String: Entry]>([:])
-    static let forget: TimeInterval = 900
-    static let longest: Double = 30
-
-    public init() {}
-
-    /// How long to wait before answering a login from `address`.
-    public func delay(for address: String, now: Date = Date()) -> Double {
-        entries.withLock { entries in
-            guard let entry = entries[address], now.timeIntervalSince(entry.last) < Self.forget, entry.failures > 0 else { return 0 }
-            return min(Self.longest, pow(2, Double(entry.failures - 1)))
-        }
-    }
-
-    public func failed(_ address: String, now: Date = Date()) {
-        entries.withLock { entries in
-            if entries.count > 10_000 { entries = entries.filter { now.timeIntervalSince($0.value.last) < Self.forget } }
-            var entry = entries[address] ?? Entry(failures: 0, last: now)
-            if now.timeIntervalSince(entry.last) >= Self.forget { entry.failures = 0 }
-            entry.failures += 1
-            entry.last = now
-            entries[address] = entry
-        }
-    }
-
-    public func succeeded(_ address: String) {
-        _ = entries.withLock { $0.removeValue(forKey: address) }
-    }
-}

@@ -14,6 +14,9 @@ struct ConsoleTLSOptions: ParsableArguments {
     @Option(help: "TLS certificate (PEM) for the console (default: a self-signed one in HOT/.console/tls off loopback).")
     var tlsCert: String?
     @Option(help: "TLS private key (PEM) that goes with --tls-cert.") var tlsKey: String?
+    @Option(name: .customLong("server-name"),
+            help: "A host name the console answers to (Host header), beside its address, localhost and this host's name; repeatable.")
+    var serverNames: [String] = []
 
     func validate() throws {
         if (tlsCert == nil) != (tlsKey == nil) { throw ValidationError("give --tls-cert and --tls-key together") }
@@ -23,7 +26,7 @@ struct ConsoleTLSOptions: ParsableArguments {
         guard let (host, port) = ConsoleListen.parse(address) else {
             throw ValidationError("\(option) \(address) is not ADDR:PORT like 127.0.0.1:8470")
         }
-        return ConsoleListen(host: host, port: port, certificate: tlsCert, key: tlsKey)
+        return ConsoleListen(host: host, port: port, certificate: tlsCert, key: tlsKey, serverNames: serverNames)
     }
 }
 
@@ -68,14 +71,23 @@ extension Lifeboat {
         @OptionGroup var recovery: RecoveryOptions
         @Option(help: "ADDR:PORT to listen on.") var listen = "127.0.0.1:8470"
         @OptionGroup var tls: ConsoleTLSOptions
+        @Flag(help: "Print every route the console serves (METHOD /path) and exit.") var routes = false
+        @OptionGroup var output: OutputOptions
 
         func validate() throws { _ = try tls.listen(listen, option: "--listen") }
 
         func run() async throws {
             let (recovery, password) = try self.recovery.recoveryKeepingPassword(repository)
+            if routes {
+                let console = try await Console(recovery: recovery, replication: ReplicationOptions.replication(
+                    recovery.repository, hot: self.recovery.hot, connect: self.recovery.connect)) { _, _ in }
+                let list = console.routes(try tls.listen(listen, option: "--listen"))
+                if output.json { return try JSON.print(list) }
+                return list.forEach { print($0) }
+            }
             LoggingSystem.bootstrap(StreamLogHandler.standardError)
             var logger = Logger(label: "lifeboat.console")
-            logger.logLevel = .warning
+            logger.logLevel = .notice   // logins, failed logins and refusals (user and address)
             let service = try await ConsoleServer.make(recovery, self.recovery, password: password,
                                                        listen: try tls.listen(listen, option: "--listen"), logger: logger)
             let group = ServiceGroup(configuration: .init(services: [.init(service: service)],
@@ -98,7 +110,7 @@ extension Lifeboat {
         struct Add: ParsableCommand {
             static let configuration = CommandConfiguration(
                 abstract: "Add a console user, or set an existing one's role and password.",
-                discussion: "The password comes from $LIFEBOAT_PASSWORD, else a prompt. It is kept as a salted scrypt hash in HOT/.console/users.json (mode 0600).")
+                discussion: "The password comes from $LIFEBOAT_CONSOLE_PASSWORD, else a prompt (never from $LIFEBOAT_PASSWORD, the repository's). It is kept as a salted scrypt hash in HOT/.console/users.json (mode 0600). Setting it again ends the user's sessions.")
             @OptionGroup var location: Location
             @Argument(help: "User name.") var name: String
             @Option(help: "viewer (sees everything, changes nothing), operator (also acts), admin (also manages users).")
@@ -109,11 +121,11 @@ extension Lifeboat {
                     throw LifeboatError(.invalidArgument, "--role \(role) is not a role: use viewer, operator or admin")
                 }
                 let password: String
-                if let given = ProcessInfo.processInfo.environment["LIFEBOAT_PASSWORD"] {
+                if let given = ProcessInfo.processInfo.environment["LIFEBOAT_CONSOLE_PASSWORD"] {
                     password = given
                 } else {
                     guard isatty(0) != 0 else {
-                        throw LifeboatError(.invalidArgument, "no password for \(name): set $LIFEBOAT_PASSWORD or run this on a terminal")
+                        throw LifeboatError(.invalidArgument, "no password for console user \(name): set $LIFEBOAT_CONSOLE_PASSWORD or run this on a terminal ($LIFEBOAT_PASSWORD is the repository's and is not used)")
                     }
                     password = String(cString: getpass("Password for \(name): "))
                     guard String(cString: getpass("Repeat it: ")) == password else {
@@ -121,7 +133,7 @@ extension Lifeboat {
                     }
                 }
                 let user = try location.store.add(name, role: role, password: password)
-                print("console user \(user.name) is \(user.role == .admin ? "an" : "a") \(user.role.rawValue)")
+                print("console user \(user.name) is \(user.role == .viewer ? "a" : "an") \(user.role.rawValue)")
             }
         }
 
