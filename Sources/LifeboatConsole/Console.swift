@@ -212,14 +212,13 @@ extension Console {
         let replication = replication
         let startFinaliser = startFinaliser
         return try jobs.start(action.rawValue, machine: machine, user: user) { job in
-            // A Recovery of its own per job: a libvirt connection not shared with other threads,
+            // A Recovery of its own per job: a libvirt connection of its own (no queueing behind the reads),
             // and history events that carry the user's name.
             let recovery = base.acting(for: user)
             let point = request.point.flatMap { $0 == "latest" ? nil : $0 }
             switch action {
             case .backup:
-                let outcome = recovery.replicate(machine, using: replication, progress: job.meter)
-                guard let made = outcome.point else { throw LifeboatError(.io, outcome.error ?? "the point failed") }
+                let (made, _) = try recovery.takePoint(machine, using: replication, progress: job.meter)
                 job.made(point: made.id)
                 return "point \(made.id) of \(machine): \(Units.bytes(made.bytesRead)) read, \(Units.bytes(made.storedBytes)) stored, \(made.consistency)"
             case .testFailover:

@@ -149,7 +149,8 @@ extension Recovery {
             book.update { $0.groups[index].started = Date(); $0.groups[index].result = .running }
             report("group \(number): \(group.machines.joined(separator: ", "))")
             Parallel.each(group.machines) { [repository, settings] machine in
-                // A Recovery per thread: each has its own libvirt connection.
+                // A Recovery per machine (safe to share, but each machine's libvirt calls then
+                // go over a connection of their own).
                 let own = Recovery(repository: repository, settings: settings)
                 own.runMachine(machine, plan: plan, group: group, number: number, kind: kind, book: book, options, report: report)
             }

@@ -74,15 +74,17 @@ extension Recovery {
     }
 
     /// Takes one point of `name` (a domain through `replication`, disk files directly), applies
-    /// the machine's retention, and records the outcome in history and the replication state.
-    public func replicate(_ name: String, using replication: Replication, progress: ProgressMeter = ProgressMeter(),
-                          cancelled: @escaping @Sendable () -> Bool = { false }) -> ReplicationOutcome {
+    /// the machine's retention, and records the outcome in history and the replication state:
+    /// the one way a point is taken, whoever asks (`lifeboat backup`, the console, the service).
+    /// - Throws: the point's own error, after recording it (an unknown machine records nothing).
+    public func takePoint(_ name: String, using replication: Replication, progress: ProgressMeter = ProgressMeter(),
+                          cancelled: @escaping @Sendable () -> Bool = { false }) throws -> (point: RecoveryPoint, pruned: [String]) {
+        let machine = try repository.machine(name)
         var state = hot.replicationState(name) ?? ReplicationState()
         let started = Date()
         state.lastAttempt = started
         let serverState = (try? hot.record(name))?.state ?? .standby
         do {
-            let machine = try repository.machine(name)
             let point = machine.domain != nil
                 ? try replication.takePoint(name, progress: progress, cancelled: cancelled)
                 : try repository.backup(name, progress: progress)
@@ -105,17 +107,27 @@ extension Recovery {
             if let note = point.note { detail += "; \(note)" }
             if !pruned.isEmpty { detail += "; retention removed \(pruned.joined(separator: ", "))" }
             hot.record(name, HistoryEvent(event: "backup", state: serverState, point: point.id, detail: detail))
-            return ReplicationOutcome(machine: name, point: point, pruned: pruned, state: state)
+            return (point, pruned)
         } catch {
-            let interval = (try? repository.machine(name))?.interval ?? 3600
             state.failures += 1
             state.lastError = "\(error)"
-            let wait = cancelled() ? 0 : Self.backoff(failures: state.failures, interval: interval)
+            let wait = cancelled() ? 0 : Self.backoff(failures: state.failures, interval: machine.interval)
             state.nextAttempt = Date().addingTimeInterval(wait)
             hot.save(state, of: name)
             hot.record(name, HistoryEvent(event: "backup-failed", state: serverState, detail: "\(error)"
                 + (cancelled() ? "" : String(format: "; attempt %d, next in %.0f s", state.failures, wait))))
-            return ReplicationOutcome(machine: name, error: "\(error)", state: state)
+            throw error
+        }
+    }
+
+    /// `takePoint`, its outcome as a value (the service and the console's jobs).
+    public func replicate(_ name: String, using replication: Replication, progress: ProgressMeter = ProgressMeter(),
+                          cancelled: @escaping @Sendable () -> Bool = { false }) -> ReplicationOutcome {
+        do {
+            let (point, pruned) = try takePoint(name, using: replication, progress: progress, cancelled: cancelled)
+            return ReplicationOutcome(machine: name, point: point, pruned: pruned, state: hot.replicationState(name) ?? ReplicationState())
+        } catch {
+            return ReplicationOutcome(machine: name, error: "\(error)", state: hot.replicationState(name) ?? ReplicationState())
         }
     }
 
@@ -138,12 +150,25 @@ public struct RPOStatus: Codable, Sendable {
     public var compliant: Bool
 }
 
+/// The one RPO rule (status, `status --check`, the metrics and the console all use it): a
+/// machine with an RPO is compliant while its newest point is no older than the RPO; one with no
+/// point is not; a machine without an RPO (or an RPO of 0) has nothing to comply with.
+public enum RPORule {
+    /// The newest point's age over the RPO (nil without an RPO or a point) and compliance (nil without an RPO).
+    public static func evaluate(rpoSeconds: Int?, lastPointTime: Date?, now: Date) -> (ratio: Double?, compliant: Bool?) {
+        guard let rpo = rpoSeconds, rpo > 0 else { return (nil, nil) }
+        guard let last = lastPointTime else { return (nil, false) }
+        let ratio = now.timeIntervalSince(last) / Double(rpo)
+        return (ratio, ratio <= 1)
+    }
+}
+
 extension Recovery {
-    /// Every machine's newest point against its RPO.
+    /// Every machine's newest point against its RPO (`RPORule`).
     public func replicationStatus(now: Date = Date()) throws -> [RPOStatus] {
         try repository.machines().map { machine in
             let last = (try? repository.points(machine.name))?.last
-            let compliant = machine.rpoSeconds.map { rpo in last.map { now.timeIntervalSince($0.time) <= Double(rpo) } ?? false } ?? true
+            let compliant = RPORule.evaluate(rpoSeconds: machine.rpoSeconds, lastPointTime: last?.time, now: now).compliant ?? true
             return RPOStatus(machine: machine.name, lastPoint: last?.id, lastPointTime: last?.time, rpoSeconds: machine.rpoSeconds,
                              compliant: compliant)
         }

@@ -106,11 +106,7 @@ extension Recovery {
             status.problems.append("replication of \(machine.name) is failing (\(replication.failures) attempt(s)): "
                 + (replication.lastError ?? "?") + (replication.nextAttempt.map { "; next attempt at \(Timestamp.format($0))" } ?? ""))
         }
-        if let rpo = machine.rpoSeconds, rpo > 0 {
-            let ratio = (status.lastPointAge ?? .infinity) / Double(rpo)
-            status.rpoRatio = ratio.isFinite ? ratio : nil
-            status.rpoCompliant = ratio <= 1
-        }
+        (status.rpoRatio, status.rpoCompliant) = RPORule.evaluate(rpoSeconds: machine.rpoSeconds, lastPointTime: last?.time, now: now)
         if let libvirtProblem {
             status.vmState = status.vm == nil ? nil : "unknown"
             if status.state != .standby { status.problems.append(libvirtProblem) }

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import LifeboatFS
 import LifeboatRepository
 import LifeboatVirt
@@ -67,13 +68,15 @@ public struct RecoverySettings: Sendable {
 }
 
 /// Recovery servers of one repository on this host: test failover, failover, failback, status.
-public final class Recovery: @unchecked Sendable {
+public final class Recovery: Sendable {
     public static let testNetworkName = "lifeboat-test"
 
     public let repository: Repository
     public let settings: RecoverySettings
     public let hot: HotStorage
-    private var cachedConnection: Connection?
+    /// Opened on first use and shared by every thread using this Recovery (libvirt connections
+    /// are thread-safe); the lock guards only opening it again when it died.
+    private let cachedConnection = Mutex<Connection?>(nil)
 
     public init(repository: Repository, settings: RecoverySettings) {
         self.repository = repository
@@ -101,11 +104,13 @@ public final class Recovery: @unchecked Sendable {
 
     /// The libvirt connection, opened on first use.
     public func connection() throws -> Connection {
-        if let cachedConnection, cachedConnection.isAlive { return cachedConnection }
         do {
-            let connection = try Connection(uri: settings.connectURI)
-            cachedConnection = connection
-            return connection
+            return try cachedConnection.withLock { cached in
+                if let cached, cached.isAlive { return cached }
+                let connection = try Connection(uri: settings.connectURI)
+                cached = connection
+                return connection
+            }
         } catch let error as LibvirtError {
             throw LifeboatError(.unsupported,
                 "libvirt is not reachable at \(settings.connectURI) (\(error.message)): start it with 'virtlogd -d && libvirtd -d' (or 'systemctl start libvirtd'), or give --connect URI",

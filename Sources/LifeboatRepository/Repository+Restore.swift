@@ -51,8 +51,15 @@ extension Repository {
             return RestoreResult(disk: disk, path: path, size: index.diskSize, bytesWritten: written, inPlace: true)
         }
         let dir = FileSystem.parent(of: path)
-        guard FileSystem.isDirectory(dir) else {
-            throw LifeboatError(.notFound, "restore folder \(dir) does not exist: create it first")
+        if !FileSystem.isDirectory(dir) {
+            // Made with its parents, as restic makes its target; a path that exists and is not a
+            // folder is refused.
+            if FileSystem.exists(dir) {
+                throw LifeboatError(.invalidArgument, "restore target \(dir) exists and is not a folder: give a folder, or a new path")
+            }
+            do { try FileSystem.makeDirectories(dir) } catch {
+                throw LifeboatError(.io, "cannot create the restore folder \(dir) (\(error)): check the path and its permissions")
+            }
         }
         let tmp = dir + "/" + FileSystem.temporaryName()
         do {

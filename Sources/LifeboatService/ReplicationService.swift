@@ -144,7 +144,8 @@ public final class ReplicationService: Service, Sendable {
         logger.info("scheduled drill started", metadata: ["plan": "\(plan)"])
         let thread = Thread { [self] in
             let logger = self.logger
-            // A Recovery of its own: its libvirt connection is not shared with the points' threads.
+            // A Recovery of its own (Recovery is safe to share; its own connection keeps a drill's
+            // libvirt calls from queueing behind the points').
             let own = Recovery(repository: recovery.repository, settings: recovery.settings)
             let (report, skipped) = own.scheduledDrill(plan) { line in logger.debug("\(line)", metadata: ["plan": "\(plan)"]) }
             if let report {

@@ -8,19 +8,18 @@ extension Lifeboat {
         static let configuration = CommandConfiguration(abstract: "Take a recovery point of all of a machine's disks.")
         @OptionGroup var repository: RepositoryOptions
         @Argument var name: String
-        @Option(help: "Hot storage folder (scratch files while a running domain is read; default: $LIFEBOAT_HOT, else /var/lib/lifeboat/hot).")
-        var hot: String?
+        @OptionGroup var recovery: RecoveryOptions
         @OptionGroup var output: OutputOptions
 
         func run() throws {
-            let repo = try repository.open()
+            let recovery = try self.recovery.recovery(repository)
             let progress = ProgressMeter()
-            let machine = try repo.machine(name)
-            let point = try Terminal.withProgress("backup \(name)", progress) {
-                if machine.domain != nil {
-                    return try ReplicationOptions.replication(repo, hot: hot).takePoint(name, progress: progress)
-                }
-                return try repo.backup(name, progress: progress)
+            _ = try recovery.repository.machine(name)
+            // The same call as the console's "Back up now" and the replication service: the
+            // point, the machine's retention, history and the replication record.
+            let replication = ReplicationOptions.replication(recovery.repository, hot: self.recovery.hot, connect: self.recovery.connect)
+            let (point, pruned) = try Terminal.withProgress("backup \(name)", progress) {
+                try recovery.takePoint(name, using: replication, progress: progress)
             }
             if output.json { return try JSON.print(point) }
             for disk in point.disks {
@@ -34,6 +33,7 @@ extension Lifeboat {
                 + String(format: "%.1f s", point.seconds) + " (\(Format.rate(rate))), \(point.consistency)"
                 + (point.readMode.map { ", \($0)" } ?? ""))
             if let note = point.note { print("  \(note)") }
+            if !pruned.isEmpty { print("  retention removed \(pruned.joined(separator: ", "))") }
         }
     }
 
