@@ -28,6 +28,7 @@ public final class Console: Sendable {
     let passwordChecks = PasswordChecks()
     let book = SessionBook()
     public let logins: LoginLog
+    let devices: DeviceCookies
     let pages: Pages
     private let queue = DispatchQueue(label: "lifeboat.console.reads")
     private let cached = Mutex<Snapshot?>(nil)
@@ -48,6 +49,7 @@ public final class Console: Sendable {
         self.startFinaliser = startFinaliser
         self.users = UserStore(hotDirectory: recovery.settings.hotDirectory)
         self.logins = LoginLog(hotDirectory: recovery.settings.hotDirectory)
+        self.devices = DeviceCookies(hotDirectory: recovery.settings.hotDirectory)
         self.pages = try await Pages(directory: recovery.settings.templates.directory + "/console")
     }
 

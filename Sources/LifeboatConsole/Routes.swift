@@ -30,37 +30,50 @@ extension Console {
 
     /// Checks the password and opens a session, replacing the user's earlier one. The try is
     /// counted as a failure per address and per user name before the check and waits for its
-    /// slot (`LoginThrottle`); the check runs on the bounded password queue (`PasswordChecks`).
-    /// Every outcome is logged and kept in HOT/.console/logins.jsonl.
-    func login(user name: String, password: String, context: ConsoleContext) async throws -> SessionInfo {
-        let name = String(name.prefix(64))
+    /// slot (`LoginThrottle`; a browser with the user's device cookie is not held by the name's
+    /// count); the check runs on the bounded password queue (`PasswordChecks`). Every outcome is
+    /// logged and kept in HOT/.console/logins.jsonl.
+    /// - Returns: the session, and the device cookie's value to set.
+    func login(user given: String, password: String, device: String?, context: ConsoleContext) async throws -> (SessionInfo, device: String) {
+        let valid = UserStore.validName(given)
+        let name = valid ? given : "(not a user name)"
         let address = context.address
         func note(_ event: String) {
+            if event == "login-refused" && !logins.shouldRecordRefusal(from: address) { return }
             logins.record(LoginRecord(time: Date(), event: event, user: name, address: address))
             context.logger.notice("console \(event): user \(name) from \(address)")
         }
-        let (wait, retryAfter) = throttle.admit(address: address, user: name)
+        // Only names of users have a count of their own (a flood of made-up names fills nothing).
+        let known = valid && (try? users.user(given)) != nil
+        let counted = known && !devices.vouches(device, for: given) ? given : nil
+        let (wait, retryAfter) = throttle.admit(address: address, user: counted)
         guard let wait else {
             note("login-refused")
             throw ConsoleError(.tooManyRequests, "too many failed logins for \(name) or from your address: try again in \(Int(retryAfter.rounded(.up)) + 1) s")
         }
         if wait > 0 { try await Task.sleep(for: .milliseconds(Int(wait * 1000))) }
         let users = self.users
-        guard let checked = try await passwordChecks.run({ try users.verify(name, password: password) }) else {
-            throttle.failed(address: address, user: name)
+        guard let checked = try await passwordChecks.run({ try users.verify(valid ? given : "", password: password) }) else {
+            throttle.failed(address: address, user: counted)
             note("login-refused")
             throw ConsoleError(.tooManyRequests, "too many logins at once: try again in a few seconds")
         }
         guard let user = checked else {
-            throttle.failed(address: address, user: name)
+            throttle.failed(address: address, user: counted)
             note("login-failed")
             throw ConsoleError(.unauthorized, "wrong user name or password: check them (after failures, answers for that name and from your address come slower)")
         }
-        throttle.succeeded(address: address, user: name)
+        throttle.succeeded(address: address, user: user.name)
         note("login")
         let session = ConsoleSession(user: user.name, csrf: Answer.newToken(), epoch: user.password.salt, login: book.open(user.name))
         context.sessions.createSession(session)
-        return SessionInfo(user: user.name, role: user.role, csrf: session.csrf)
+        return (SessionInfo(user: user.name, role: user.role, csrf: session.csrf), devices.value(for: user.name))
+    }
+
+    /// The device cookie (`DeviceCookies`) on a login's answer.
+    static func setDevice(_ value: String, on response: inout Response, secure: Bool) {
+        response.setCookie(Cookie(name: DeviceCookies.name(secure: secure), value: value, maxAge: Int(DeviceCookies.lifetime), path: "/",
+                                  secure: secure, httpOnly: true, sameSite: .strict))
     }
 
     /// Ends every session of the context's user.
@@ -100,12 +113,16 @@ extension Console {
 
     // MARK: - /api/v1
 
-    func addAPIRoutes(_ router: Router<ConsoleContext>) {
+    func addAPIRoutes(_ router: Router<ConsoleContext>, secure: Bool) {
         let api = router.group("api/v1")
         api.post("login") { request, context -> Response in
             struct Login: Decodable { var user: String; var password: String }
             let body = try await request.json(Login.self, context)
-            return try Answer.json(try await self.login(user: body.user, password: body.password, context: context))
+            let (info, device) = try await self.login(user: body.user, password: body.password,
+                                                      device: request.cookies[DeviceCookies.name(secure: secure)]?.value, context: context)
+            var response = try Answer.json(info)
+            Self.setDevice(device, on: &response, secure: secure)
+            return response
         }
         api.post("logout") { _, context -> Response in
             self.logout(context)
@@ -221,8 +238,11 @@ extension Console {
                                           secure: secure, status: .forbidden)
             }
             do {
-                _ = try await self.login(user: form["user"] ?? "", password: form["password"] ?? "", context: context)
-                return Answer.redirect("/")
+                let (_, device) = try await self.login(user: form["user"] ?? "", password: form["password"] ?? "",
+                                                       device: request.cookies[DeviceCookies.name(secure: secure)]?.value, context: context)
+                var response = Answer.redirect("/")
+                Self.setDevice(device, on: &response, secure: secure)
+                return response
             } catch let error as ConsoleError where error.status == .unauthorized || error.status == .tooManyRequests {
                 return try self.loginPage(request, error: error.message, user: form["user"] ?? "", secure: secure, status: error.status)
             }

@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import Hummingbird
 import HTTPTypes
@@ -96,6 +97,12 @@ public struct ConsoleNames: Sendable {
         return (String(parts[0]), port)
     }
 
+    /// True for an IPv4 or IPv6 address (not a name).
+    static func isAddress(_ host: String) -> Bool {
+        var v4 = in_addr(), v6 = in6_addr()
+        return inet_pton(AF_INET, host, &v4) == 1 || inet_pton(AF_INET6, host, &v6) == 1
+    }
+
     /// True when the Host header names this console.
     func accepts(host authority: String?) -> Bool {
         guard let authority, let (host, _) = Self.split(authority) else { return false }
@@ -170,14 +177,17 @@ struct RequestShapeMiddleware: RouterMiddleware {
     static let fetchSite = HTTPField.Name("Sec-Fetch-Site")!
 }
 
-/// Slows password guessing, counted per address and per user name. Each try is counted as a
-/// failure before its password is checked and is given its own time slot: after n failures on a
-/// key, the next try on it starts 2^(n-1) s (at most 30 s) after the previous try's start or
-/// answer, whichever is later, so parallel tries wait one after another, not side by side. A try
-/// whose slot is further away than `refuseBeyond` is answered 429 at once, without a check. A
-/// success takes back its own count; it forgives the user name it proved, never the address
-/// (another user's success does not open the way to guess an admin's password). Keys are forgotten
-/// 15 minutes after their last failure.
+/// Slows password guessing, counted per address (IPv6 by its /64) and per existing user name
+/// (exactly as written). Each try is counted as a failure before its password is checked and is
+/// given its own time slot: after n failures on a key, the next try on it starts 2^(n-1) s (at
+/// most 30 s) after the previous try's start or answer, whichever is later, so parallel tries wait
+/// one after another, not side by side. A try whose slot is further away than `refuseBeyond` is
+/// answered 429 at once, without a check. A success takes back its own count; it forgives the user
+/// name it proved, never the address (another user's success does not open the way to guess an
+/// admin's password). A try from a browser that logged in as that user before (a device cookie,
+/// `DeviceCookies`) is not held by the name's count, so guessing at a name from elsewhere cannot
+/// lock its owner out. Keys are forgotten 15 minutes after their last failure; when the table is
+/// full, addresses are dropped, never names (there are only as many as users).
 public final class LoginThrottle: Sendable {
     struct Entry {
         var failures: Int
@@ -186,6 +196,7 @@ public final class LoginThrottle: Sendable {
         var last: Date
     }
     private let entries = Mutex<[String: Entry]>([:])
+    private let lastTidy = Mutex(Date.distantPast)
     static let forget: TimeInterval = 900
     static let longest: Double = 30
     /// Tries further than this in the future are refused (429), not queued.
@@ -196,17 +207,34 @@ public final class LoginThrottle: Sendable {
     /// The wait before the n-th failure's successor may start.
     static func delay(afterFailures n: Int) -> Double { n <= 0 ? 0 : min(longest, pow(2, Double(n - 1))) }
 
-    static func keys(address: String, user: String) -> [String] { ["address " + address, "user " + user.lowercased()] }
+    /// The address's key: IPv6 by its /64 (one host has a whole /64 to try from).
+    static func addressKey(_ address: String) -> String {
+        var parsed = in6_addr()
+        guard address.contains(":"), inet_pton(AF_INET6, address, &parsed) == 1 else { return "address " + address }
+        let bytes = withUnsafeBytes(of: parsed) { Array($0) }
+        if bytes.prefix(10).allSatisfy({ $0 == 0 }) && bytes[10] == 0xff && bytes[11] == 0xff {
+            return "address " + bytes.suffix(4).map(String.init).joined(separator: ".")   // IPv4-mapped
+        }
+        return "address " + bytes.prefix(8).map { String(format: "%02x", $0) }.joined() + "/64"
+    }
 
-    /// Counts a try of `user` from `address` as a failure and gives it a slot. Returns the seconds
-    /// to wait before checking its password, or nil when the try must be refused: its slot is
-    /// more than `refuseBeyond` away (the second value: seconds until a try could start).
-    public func admit(address: String, user: String, now: Date = Date()) -> (wait: Double?, retryAfter: Double) {
+    /// The keys of a try: its address, and the user name when it names a user (`user` nil: none).
+    static func keys(address: String, user: String?) -> [String] { [addressKey(address)] + (user.map { ["user " + $0] } ?? []) }
+
+    /// Counts a try from `address` at the user `user` (nil: no user's count, for an unknown name
+    /// or a device that logged in as that user before) as a failure and gives it a slot. Returns
+    /// the seconds to wait before checking its password, or nil when the try must be refused: its
+    /// slot is more than `refuseBeyond` away (the second value: seconds until a try could start).
+    public func admit(address: String, user: String?, now: Date = Date()) -> (wait: Double?, retryAfter: Double) {
         entries.withLock { entries in
-            if entries.count > 10_000 { entries = entries.filter { now.timeIntervalSince($0.value.last) < Self.forget } }
-            if entries.count > 50_000 {
-                let oldest = entries.sorted { $0.value.last < $1.value.last }.prefix(entries.count - 40_000).map(\.key)
-                oldest.forEach { entries.removeValue(forKey: $0) }
+            if entries.count > 10_000, lastTidy.withLock({ now.timeIntervalSince($0) > 10 }) {
+                lastTidy.withLock { $0 = now }
+                entries = entries.filter { now.timeIntervalSince($0.value.last) < Self.forget }
+                if entries.count > 50_000 {
+                    let oldest = entries.filter { $0.key.hasPrefix("address ") }.sorted { $0.value.last < $1.value.last }
+                        .prefix(entries.count - 40_000).map(\.key)
+                    oldest.forEach { entries.removeValue(forKey: $0) }
+                }
             }
             let keys = Self.keys(address: address, user: user)
             var current = keys.map { key -> Entry in
@@ -227,7 +255,7 @@ public final class LoginThrottle: Sendable {
     }
 
     /// The try failed: its count stays, and the next try on its keys waits from now too.
-    public func failed(address: String, user: String, now: Date = Date()) {
+    public func failed(address: String, user: String?, now: Date = Date()) {
         entries.withLock { entries in
             for key in Self.keys(address: address, user: user) {
                 guard var entry = entries[key] else { continue }
@@ -304,8 +332,53 @@ public final class SessionBook: Sendable {
     }
 }
 
+/// Browsers that logged in as a user before: a long-lived cookie, signed with a key of the
+/// console's own (`HOT/.console/device.key`, made once, mode 0600), that names the user. A try
+/// that carries one for the name it tries is not held by that name's failure count (see
+/// `LoginThrottle`): whoever guesses at a name from elsewhere cannot lock its owner out.
+public final class DeviceCookies: Sendable {
+    private let key: SymmetricKey
+    static let lifetime: TimeInterval = 30 * 86_400
+
+    public init(hotDirectory: String) {
+        let path = hotDirectory + "/.console/device.key"
+        if let bytes = FileSystem.contents(path), bytes.count == 32 {
+            key = SymmetricKey(data: bytes)
+            return
+        }
+        let bytes = secureRandomBytes(32)
+        let folder = (path as NSString).deletingLastPathComponent
+        try? FileSystem.makeDirectories(FileSystem.parent(of: folder))
+        try? FileSystem.makeDirectory(folder, mode: 0o700)
+        try? FileSystem.writeAtomically(bytes, to: path)   // mode 0600
+        key = SymmetricKey(data: FileSystem.contents(path).flatMap { $0.count == 32 ? $0 : nil } ?? bytes)
+    }
+
+    static func name(secure: Bool) -> String { secure ? "__Host-lifeboat_device" : "lifeboat_device" }
+
+    /// A cookie value for `user`, good for `lifetime`.
+    public func value(for user: String, now: Date = Date()) -> String {
+        let body = "\(user):\(Int(now.addingTimeInterval(Self.lifetime).timeIntervalSince1970))"
+        return body + ":" + mac(body)
+    }
+
+    /// True when `value` was made here for `user` and has not expired.
+    public func vouches(_ value: String?, for user: String, now: Date = Date()) -> Bool {
+        guard let value else { return false }
+        let parts = value.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 3, parts[0] == user, let expiry = Int(parts[1]), Double(expiry) > now.timeIntervalSince1970 else { return false }
+        return Answer.same(String(parts[2]), mac("\(parts[0]):\(parts[1])"))
+    }
+
+    private func mac(_ text: String) -> String {
+        Data(HMAC<SHA256>.authenticationCode(for: Data(text.utf8), using: key)).base64EncodedString()
+            .replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_").replacingOccurrences(of: "=", with: "")
+    }
+}
+
 /// Logins and logouts, kept in `HOT/.console/logins.jsonl` (one JSON object a line; the file is
-/// started anew beside a `.1` copy past 1 MiB) and logged. Never a password.
+/// started anew beside a `.1` copy past 1 MiB) and logged. Never a password. Refused tries are
+/// written at most once a minute per address, so a flood cannot push the record of logins out.
 public struct LoginRecord: Codable, Sendable {
     public var time: Date
     /// login, login-failed, login-refused (throttled or too many at once), logout.
@@ -317,8 +390,19 @@ public struct LoginRecord: Codable, Sendable {
 public final class LoginLog: Sendable {
     public let path: String
     private let lock = Mutex(())
+    private let refusalsWritten = Mutex<[String: Date]>([:])
 
     public init(hotDirectory: String) { path = hotDirectory + "/.console/logins.jsonl" }
+
+    /// Whether a refused try from `address` is written now (at most once a minute per address).
+    func shouldRecordRefusal(from address: String, now: Date = Date()) -> Bool {
+        refusalsWritten.withLock { written in
+            if written.count > 10_000 { written = written.filter { now.timeIntervalSince($0.value) < 60 } }
+            if let last = written[address], now.timeIntervalSince(last) < 60 { return false }
+            written[address] = now
+            return true
+        }
+    }
 
     func record(_ record: LoginRecord) {
         guard var line = try? JSONEncoder.lifeboat.encode(record) else { return }

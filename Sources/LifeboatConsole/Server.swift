@@ -85,7 +85,8 @@ struct ConsoleError: Error {
 
 /// Where and how the console listens.
 public struct ConsoleListen: Sendable {
-    public var host: String
+    /// Fixed at init: `isLoopback` is decided from it.
+    public let host: String
     public var port: Int
     /// PEM files; nil: plain HTTP on a loopback address, else a self-signed certificate.
     public var certificate: String?
@@ -167,7 +168,7 @@ extension Console {
         router.add(middleware: SessionMiddleware(storage: persist, configuration: .init(sessionCookieParameters: cookie,
                                                                                        defaultSessionExpiration: .seconds(8 * 3600))))
         router.add(middleware: AuthMiddleware(users: users, book: book))
-        addAPIRoutes(router)
+        addAPIRoutes(router, secure: listen.usesTLS)
         addPageRoutes(router, secure: listen.usesTLS)
         return router
     }
@@ -264,7 +265,10 @@ struct HeadersMiddleware: RouterMiddleware {
         let milliseconds = Double(elapsed.components.seconds) * 1000 + Double(elapsed.components.attoseconds) / 1e15
         response.headers[HTTPField.Name("Server-Timing")!] = String(format: "app;dur=%.2f", milliseconds)
         if response.headers[.contentSecurityPolicy] == nil { response.headers[.contentSecurityPolicy] = Self.policy }
-        if tls { response.headers[HTTPField.Name("Strict-Transport-Security")!] = "max-age=31536000" }
+        // Not for localhost or an address: HSTS there would hold every port of it (an SSH tunnel's end) to TLS for a year.
+        if tls, let (host, _) = ConsoleNames.split(request.head.authority ?? ""), host != "localhost", !ConsoleNames.isAddress(host) {
+            response.headers[HTTPField.Name("Strict-Transport-Security")!] = "max-age=31536000"
+        }
         response.headers[.xContentTypeOptions] = "nosniff"
         response.headers[HTTPField.Name("X-Frame-Options")!] = "DENY"
         response.headers[HTTPField.Name("Referrer-Policy")!] = "no-referrer"
@@ -296,6 +300,13 @@ struct AuthMiddleware: RouterMiddleware {
             } else {
                 context.sessions.clearSession()
             }
+        }
+        // Every body is read here, bounded in size and time, before anything answers (a body
+        // left unread is drained by the server after the answer, with no deadline).
+        do {
+            _ = try await request.collectBodyLimited(context.user == nil ? ConsoleLimits.anonymousBody : ConsoleLimits.body)
+        } catch let error as HTTPError where error.status == .contentTooLarge {
+            throw ConsoleError(.contentTooLarge, "the request body is too large")
         }
         let path = request.uri.path
         if Self.open.contains(path) { return try await next(request, context) }

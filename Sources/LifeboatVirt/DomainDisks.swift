@@ -44,4 +44,33 @@ public struct DomainDisk: Sendable, Equatable {
             return DomainDisk(target: target, type: type, source: path, format: format)
         }
     }
+
+    /// The image the disk with guest device `target` is on, in a domain XML.
+    public static func source(of target: String, inDomainXML xml: String) -> String? {
+        (try? disks(inDomainXML: xml))?.first { $0.target == target }?.source
+    }
+
+    /// The `<disk>` of a qcow2 image over a raw backing file, with the chain spelled out (libvirt
+    /// 9.0 wants it for a raw backing file): a block copy's destination.
+    public static func qcow2OverRawXML(image: String, backing: String) -> String {
+        let disk = XMLElement(name: "disk")
+        disk.addAttribute(XMLNode.attribute(withName: "type", stringValue: "file") as! XMLNode)
+        let driver = XMLElement(name: "driver")
+        driver.addAttribute(XMLNode.attribute(withName: "type", stringValue: "qcow2") as! XMLNode)
+        disk.addChild(driver)
+        let source = XMLElement(name: "source")
+        source.addAttribute(XMLNode.attribute(withName: "file", stringValue: image) as! XMLNode)
+        disk.addChild(source)
+        let backingStore = XMLElement(name: "backingStore")
+        backingStore.addAttribute(XMLNode.attribute(withName: "type", stringValue: "file") as! XMLNode)
+        let format = XMLElement(name: "format")
+        format.addAttribute(XMLNode.attribute(withName: "type", stringValue: "raw") as! XMLNode)
+        backingStore.addChild(format)
+        let backingSource = XMLElement(name: "source")
+        backingSource.addAttribute(XMLNode.attribute(withName: "file", stringValue: backing) as! XMLNode)
+        backingStore.addChild(backingSource)
+        backingStore.addChild(XMLElement(name: "backingStore"))
+        disk.addChild(backingStore)
+        return disk.xmlString
+    }
 }

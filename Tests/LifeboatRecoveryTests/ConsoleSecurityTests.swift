@@ -207,6 +207,18 @@ struct ConsoleSecurityTests {
         #expect(added.contains("otto is an operator"), "\(added)")
     }
 
+    @Test("a device cookie vouches for its user only, unaltered and unexpired, and survives a restart of the console")
+    func deviceCookies() {
+        let scratch = Scratch()
+        let devices = DeviceCookies(hotDirectory: scratch.file("hot"))
+        let cookie = devices.value(for: "alice")
+        #expect(devices.vouches(cookie, for: "alice"))
+        #expect(!devices.vouches(cookie, for: "bob") && !devices.vouches(nil, for: "alice"))
+        #expect(!devices.vouches(cookie.replacingOccurrences(of: "alice:", with: "bob:"), for: "bob"))
+        #expect(!devices.vouches(cookie, for: "alice", now: Date().addingTimeInterval(31 * 86_400)))
+        #expect(DeviceCookies(hotDirectory: scratch.file("hot")).vouches(cookie, for: "alice"), "the key is kept in hot storage")
+    }
+
     @Test("loopback is decided from the resolved address, not the text")
     func loopbackFromAddress() {
         #expect(ConsoleListen(host: "127.0.0.1").isLoopback && ConsoleListen(host: "127.0.0.2").isLoopback)
@@ -227,6 +239,12 @@ struct ConsoleSecurityTests {
         #expect(throttle.admit(address: "10.0.0.1", user: "vic", now: now).wait == nil, "the address's slots are taken")
         // alice from a new address still waits for her name's slot.
         #expect(throttle.admit(address: "10.0.0.3", user: "alice", now: now).wait == nil)
+        // alice's own browser (her device cookie: no count of her name) from another address is not held.
+        #expect(throttle.admit(address: "10.0.0.4", user: nil, now: now).wait == 0)
+        // An IPv6 host counts as its /64.
+        _ = throttle.admit(address: "2001:db8::1", user: nil, now: now)
+        #expect(throttle.admit(address: "2001:db8::2", user: nil, now: now).wait == 1)
+        #expect(throttle.admit(address: "2001:db9::1", user: nil, now: now).wait == 0)
         // Forgotten after 15 minutes.
         #expect(throttle.admit(address: "10.0.0.1", user: "alice", now: now.addingTimeInterval(3600)).wait == 0)
     }
