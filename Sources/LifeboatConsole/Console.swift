@@ -21,7 +21,6 @@ public final class Console: Sendable {
     /// For reads only, and only on `queue` (it holds one libvirt connection).
     let reader: Recovery
     let replication: Replication
-    let startFinaliser: @Sendable (Recovery, String) throws -> Void
     public let users: UserStore
     public let jobs = JobBoard()
     let throttle = LoginThrottle()
@@ -39,14 +38,11 @@ public final class Console: Sendable {
     /// How long an older snapshot is served while a new one is taken.
     static let servedStaleFor: TimeInterval = 30
 
-    /// - Parameters:
-    ///   - startFinaliser: starts the background copy into hot storage after a failover or
-    ///     change-point (the CLI starts `lifeboat finalise`, which outlives the console).
-    public init(recovery: Recovery, replication: Replication,
-                startFinaliser: @escaping @Sendable (Recovery, String) throws -> Void) async throws {
+    /// After a failover or change-point a console job starts `lifeboat finalise` (it outlives
+    /// the console) through `recovery`'s launcher.
+    public init(recovery: Recovery, replication: Replication) async throws {
         self.reader = recovery.acting(for: nil)
         self.replication = replication
-        self.startFinaliser = startFinaliser
         self.users = UserStore(hotDirectory: recovery.settings.hotDirectory)
         self.logins = LoginLog(hotDirectory: recovery.settings.hotDirectory)
         self.devices = DeviceCookies(hotDirectory: recovery.settings.hotDirectory)
@@ -212,7 +208,6 @@ extension Console {
         }
         let base = reader
         let replication = replication
-        let startFinaliser = startFinaliser
         return try jobs.start(action.rawValue, machine: machine, user: user) { job in
             // A Recovery of its own per job: a libvirt connection of its own (no queueing behind the reads),
             // and history events that carry the user's name.
@@ -241,12 +236,12 @@ extension Console {
                                               memoryMiB: request.memory, ip: request.ip)
                 let record = try recovery.failover(machine, options) { job.say($0) }
                 job.made(point: record.point)
-                try startFinaliser(recovery, machine)
+                try recovery.startFinaliser(machine)
                 return "\(machine) failed over from point \(record.point ?? "?"): VM running at \(record.ip ?? "its address"); finalising into hot storage"
             case .changePoint:
                 let record = try recovery.changePoint(machine, to: request.point ?? "latest") { job.say($0) }
                 job.made(point: record.point)
-                try startFinaliser(recovery, machine)
+                try recovery.startFinaliser(machine)
                 return "\(machine) restarted from point \(record.point ?? "?"); finalising again"
             case .commit:
                 let committed = try recovery.commit(machine)

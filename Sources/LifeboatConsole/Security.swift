@@ -67,7 +67,7 @@ public struct ConsoleNames: Sendable {
         if !wildcard { names.insert(host) }
         var buffer = [CChar](repeating: 0, count: 256)
         if gethostname(&buffer, buffer.count - 1) == 0 {
-            let name = String(cString: buffer).lowercased()
+            let name = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self).lowercased()
             if !name.isEmpty {
                 names.insert(name)
                 if let short = name.split(separator: ".").first { names.insert(String(short)) }
@@ -137,7 +137,8 @@ public struct ConsoleNames: Sendable {
                     let length = socklen_t(family == AF_INET ? MemoryLayout<sockaddr_in>.size : MemoryLayout<sockaddr_in6>.size)
                     if getnameinfo(address, length, &host, socklen_t(host.count), nil, 0, NI_NUMERICHOST) == 0 {
                         // fe80::1%eth0: the zone is not part of what a browser sends.
-                        found.insert(String(String(cString: host).split(separator: "%").first ?? "").lowercased())
+                        let text = String(decoding: host.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                        found.insert(String(text.split(separator: "%").first ?? "").lowercased())
                     }
                 }
             }

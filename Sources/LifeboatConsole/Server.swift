@@ -135,13 +135,8 @@ public struct ConsoleListen: Sendable {
         return any
     }
 
-    /// ADDR:PORT, [ADDR]:PORT for IPv6.
-    public static func parse(_ text: String) -> (host: String, port: Int)? {
-        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port) else { return nil }
-        var host = String(text[..<colon])
-        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
-        return host.isEmpty ? nil : (host, port)
-    }
+    /// ADDR:PORT, [ADDR]:PORT for IPv6 (`ListenAddress`).
+    public static func parse(_ text: String) -> (host: String, port: Int)? { ListenAddress.parse(text) }
 
     /// TLS is used with a given certificate, and always off loopback.
     public var usesTLS: Bool { certificate != nil || !isLoopback }
@@ -271,7 +266,9 @@ struct HeadersMiddleware: RouterMiddleware {
         }
         response.headers[.xContentTypeOptions] = "nosniff"
         response.headers[HTTPField.Name("X-Frame-Options")!] = "DENY"
-        response.headers[HTTPField.Name("Referrer-Policy")!] = "no-referrer"
+        // same-origin, not no-referrer: under no-referrer a browser sends "Origin: null" with the
+        // console's own forms, and the Origin check must tell its pages from other sites'.
+        response.headers[HTTPField.Name("Referrer-Policy")!] = "same-origin"
         response.headers[.cacheControl] = response.headers[.cacheControl] ?? "no-store"
         return response
     }

@@ -37,7 +37,7 @@ public enum Browser {
     ///   - fuseMount: the FUSE mount to read the disks from; `startFuse` makes one when nil.
     /// - Returns: every volume found, mounted or with the reason it is not.
     public static func browse(_ point: RecoveryPoint, dir: String, fuseMount existing: String?,
-                              startFuse: (String) throws -> Void) throws -> [BrowsedVolume] {
+                              repository: Repository, launcher: SelfLauncher) throws -> [BrowsedVolume] {
         guard FileManager.default.fileExists(atPath: dir) else {
             throw LifeboatError(.notFound, "browse folder \(dir) does not exist: create it first")
         }
@@ -49,7 +49,9 @@ public enum Browser {
         if existing == nil {
             try FileSystemPaths.makeDirectory(state.fuseMount)
             try save(state, dir)
-            do { try startFuse(state.fuseMount) } catch {
+            do {
+                _ = try Mounts.start(repository, at: state.fuseMount, launcher: launcher, cacheSize: 256 << 20, allowOther: false, threads: 8)
+            } catch {
                 try? unbrowse(dir)
                 throw error
             }

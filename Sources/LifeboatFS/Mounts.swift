@@ -115,9 +115,24 @@ public enum Mounts {
     /// and stderr to `log`), then waits until `mountpoint` is mounted.
     /// - Returns: the daemon's pid.
     /// - Throws: with the daemon's last log line when it exits first or the mount never appears.
-    public static func startDaemon(_ executable: String, _ arguments: [String], input: [UInt8], log: String,
-                                   mountpoint: String, timeout: TimeInterval = 30) throws -> pid_t {
-        let daemon = try ChildProcess.startDetached(executable, arguments, input: input, log: log)
+    /// Microseconds a mount's request loop may spin between requests (docs/MOUNT.md, "The request loop").
+    public static let defaultBusyPoll = 300
+
+    /// Starts `lifeboat mount --foreground` as a daemon and returns once the mount is there.
+    public static func start(_ repo: Repository, at path: String, launcher: SelfLauncher, cacheSize: Int, allowOther: Bool,
+                             threads: Int, busyPoll: Int = defaultBusyPoll) throws -> (pid: pid_t, log: String) {
+        try checkMountpoint(path)
+        let log = daemonLogPath(for: path)
+        try? FileManager.default.createDirectory(atPath: (log as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        var arguments = ["mount", path, "--foreground", "--repo", repo.root, "--cache-size", "\(cacheSize)", "--threads", "\(threads)",
+                         "--busy-poll", "\(busyPoll)"]
+        if allowOther { arguments.append("--allow-other") }
+        let daemon = try launcher.start(arguments, log: log)
+        return (try waitForDaemon(daemon, log: log, mountpoint: path), log)
+    }
+
+    /// Waits until `daemon` mounted at `mountpoint`; its last log line when it exited first.
+    static func waitForDaemon(_ daemon: ChildProcess.Detached, log: String, mountpoint: String, timeout: TimeInterval = 30) throws -> pid_t {
         let deadline = Date().addingTimeInterval(timeout)
         while Date() < deadline {
             if isMounted(mountpoint) { return daemon.pid }

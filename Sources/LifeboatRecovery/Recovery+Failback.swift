@@ -25,14 +25,9 @@ extension Recovery {
     /// written) onto the original paths or `targets` (disk name -> path), then Standby.
     public func failback(_ name: String, targets: [String: String] = [:], shutdownTimeout: TimeInterval = 120,
                          report: (String) -> Void = { _ in }) throws -> FailbackReport {
-        let lock = try hot.lock(name)
+        let (lock, opened) = try beginTransition(.failback, name)
         defer { withExtendedLifetime(lock) {} }
-        _ = try? advance(name)
-        guard var record = try hot.record(name) else {
-            _ = try StateMachine.check(.failback, machine: name, state: .standby)
-            throw LifeboatError(.invalidState, "\(name) is in Standby")
-        }
-        _ = try StateMachine.check(.failback, machine: name, state: record.state)
+        var record = opened
         var machine = try repository.machine(name)
         let originals = record.sourceDisks ?? Dictionary(uniqueKeysWithValues: machine.disks.map { ($0.name, $0.path) })
         for key in targets.keys where originals[key] == nil {
@@ -79,14 +74,11 @@ extension Recovery {
         }
         try repository.save(machine)
         try tearDown(name, record: record)
-        var standby = ServerRecord(machine: name, state: .standby, repository: repository.root)
-        standby.since = Date()
-        try hot.save(standby)
         let result = FailbackReport(machine: name, points: points, restores: restores)
-        hot.record(name, HistoryEvent(event: "failed-back", state: .standby, point: last.id, detail: String(
+        try backToStandby(name, event: "failed-back", point: last.id, detail: String(
             format: "restored onto %@: %lld bytes written of %lld (%.2f%%); the source is live again",
             restores.map(\.path).joined(separator: ", "), Int64(result.bytesWritten), Int64(result.diskBytes),
-            result.diskBytes > 0 ? 100 * Double(result.bytesWritten) / Double(result.diskBytes) : 0)))
+            result.diskBytes > 0 ? 100 * Double(result.bytesWritten) / Double(result.diskBytes) : 0))
         return result
     }
 

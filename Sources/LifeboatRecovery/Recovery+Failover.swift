@@ -101,11 +101,8 @@ extension Recovery {
         } catch {
             // Nothing of the machine ran yet: undo, back to Standby.
             _ = try? tearDown(name, record: record)
-            var standby = ServerRecord(machine: name, state: .standby, repository: repository.root)
-            standby.since = Date()
-            try? hot.save(standby)
             _ = releaseMountIfUnused(except: name)
-            hot.record(name, HistoryEvent(event: "failover", state: .standby, point: point.id, detail: "failed and undone: \(error)"))
+            try? backToStandby(name, event: "failover", point: point.id, detail: "failed and undone: \(error)")
             throw error
         }
         record.phase = nil
@@ -127,21 +124,8 @@ extension Recovery {
         let mount = try ensureMount()
         record.mount = mount
         let folder = hot.disksDirectory(name)
-        try FileSystem.makeDirectories(folder)
-        chmod(folder, 0o755)
         record.disks = []
-        for (index, disk) in point.disks.enumerated() {
-            let backing = "\(mount)/\(name)/\(point.id)/\(disk.name).raw"
-            guard FileSystem.exists(backing) else {
-                throw LifeboatError(.notFound, "the FUSE mount \(mount) does not serve \(backing): is it a mount of another repository?")
-            }
-            let overlay = folder + "/\(disk.name).qcow2"
-            let final = folder + "/\(disk.name).raw"
-            unlink(final)
-            try createOverlay(overlay, backing: backing)
-            record.disks.append(HotDisk(name: disk.name, target: Self.target(index), path: overlay, backing: backing,
-                                        size: disk.size, final: final, seeded: false))
-        }
+        record.disks = try makeOverlays(of: point, mount: mount, in: folder, finals: true)
         try hot.save(record)
         report("overlays in \(folder) over point \(point.id)")
 
@@ -157,8 +141,6 @@ extension Recovery {
         }
         try hot.save(record)
         let console = hot.machineDirectory(name) + "/console.log"
-        if !FileSystem.exists(console) { _ = FileManager.default.createFile(atPath: console, contents: nil) }
-        QemuUser.give(console, mode: 0o640)
         try startDomain(record, interface: interface, console: console)
         report(String(format: "VM %@ running (%@, %d vCPU, %d MiB) on %@", name, record.virtType ?? "?", record.vcpus ?? 1,
                       record.memoryMiB ?? 0, record.bridge.map { "bridge " + $0 } ?? record.network ?? "?"))
@@ -167,16 +149,10 @@ extension Recovery {
     /// Defines (persistently) and starts the domain from the record's disks.
     func startDomain(_ record: ServerRecord, interface: DomainParameters.Interface, console: String) throws {
         let name = record.machine
-        let parameters = DomainParameters(
-            name: name, type: record.virtType ?? "qemu", vcpus: record.vcpus ?? 1, memoryMiB: record.memoryMiB ?? 512,
-            title: "lifeboat recovery VM of \(name)",
-            description: "Failover of \(name) from recovery point \(record.point ?? "?"). Managed by lifeboat: see lifeboat status \(name)",
-            disks: record.disks.map { .init(target: $0.target, file: $0.path, format: $0.path.hasSuffix(".raw") ? "raw" : "qcow2", backingFile: $0.backing) },
-            interfaces: [interface], consoleLog: console)
-        let xml = try virt("rendering the domain") { try settings.templates.render(Templates.domain, parameters) }
-        let connection = try connection()
-        let domain = try virt("defining the VM \(name)") { try connection.defineDomain(xml: xml) }
-        try virt("starting the VM \(name)") { try domain.start() }
+        try defineAndStart(name: name, type: record.virtType ?? "qemu", vcpus: record.vcpus ?? 1, memoryMiB: record.memoryMiB ?? 512,
+                           title: "lifeboat recovery VM of \(name)",
+                           description: "Failover of \(name) from recovery point \(record.point ?? "?"). Managed by lifeboat: see lifeboat status \(name)",
+                           disks: record.disks, interfaces: [interface], console: console)
     }
 
     /// Creates (when missing) and starts the production network; reserves the IP for the MAC.
@@ -212,23 +188,36 @@ extension Recovery {
 
     // MARK: - cancel, change point, commit
 
-    /// Throws the VM and everything it wrote away: domain, hot disks, network reservation; Standby.
-    public func cancelFailover(_ name: String) throws {
+    /// The opening every action on a failed-over machine shares: the machine's lock (held while
+    /// the returned lock lives), finalisation moved on as far as libvirt allows, and the record,
+    /// whose state must allow `command` (else the state machine's sentence).
+    func beginTransition(_ command: RecoveryCommand, _ name: String) throws -> (lock: FileLock, record: ServerRecord) {
         let lock = try hot.lock(name)
-        defer { withExtendedLifetime(lock) {} }
         _ = try? advance(name)
         guard let record = try hot.record(name) else {
-            _ = try StateMachine.check(.cancelFailover, machine: name, state: .standby)
-            return
+            _ = try StateMachine.check(command, machine: name, state: .standby)
+            throw LifeboatError(.invalidState, "\(name) is in Standby")
         }
-        _ = try StateMachine.check(.cancelFailover, machine: name, state: record.state)
-        try tearDown(name, record: record)
+        _ = try StateMachine.check(command, machine: name, state: record.state)
+        return (lock, record)
+    }
+
+    /// The one way back to Standby: a fresh record, and the step in history.
+    func backToStandby(_ name: String, event: String, point: String?, detail: String) throws {
         var standby = ServerRecord(machine: name, state: .standby, repository: repository.root)
         standby.since = Date()
         try hot.save(standby)
+        hot.record(name, HistoryEvent(event: event, state: .standby, point: point, detail: detail))
+    }
+
+    /// Throws the VM and everything it wrote away: domain, hot disks, network reservation; Standby.
+    public func cancelFailover(_ name: String) throws {
+        let (lock, record) = try beginTransition(.cancelFailover, name)
+        defer { withExtendedLifetime(lock) {} }
+        try tearDown(name, record: record)
         _ = releaseMountIfUnused(except: name)
-        hot.record(name, HistoryEvent(event: "cancel-failover", state: .standby, point: record.point,
-                                      detail: "VM \(name) destroyed, its hot disks deleted: everything it wrote since the failover is gone"))
+        try backToStandby(name, event: "cancel-failover", point: record.point,
+                          detail: "VM \(name) destroyed, its hot disks deleted: everything it wrote since the failover is gone")
     }
 
     /// Removes the failed-over VM, its hot disks and its network reservation.
@@ -255,14 +244,9 @@ extension Recovery {
 
     /// Boots the VM again from another point; what it wrote since the failover is discarded.
     public func changePoint(_ name: String, to pointID: String, report: (String) -> Void = { _ in }) throws -> ServerRecord {
-        let lock = try hot.lock(name)
+        let (lock, opened) = try beginTransition(.changePoint, name)
         defer { withExtendedLifetime(lock) {} }
-        _ = try? advance(name)
-        guard var record = try hot.record(name) else {
-            _ = try StateMachine.check(.changePoint, machine: name, state: .standby)
-            throw LifeboatError(.invalidState, "\(name) is in Standby")
-        }
-        _ = try StateMachine.check(.changePoint, machine: name, state: record.state)
+        var record = opened
         let point = try resolvePoint(name, pointID)
         let machine = try repository.machine(name)
         let previous = record.point
@@ -285,14 +269,9 @@ extension Recovery {
 
     /// Makes the failover final: backups of `name` now read the recovery VM's hot disks.
     public func commit(_ name: String) throws -> Machine {
-        let lock = try hot.lock(name)
+        let (lock, opened) = try beginTransition(.commit, name)
         defer { withExtendedLifetime(lock) {} }
-        _ = try? advance(name)
-        guard var record = try hot.record(name) else {
-            _ = try StateMachine.check(.commit, machine: name, state: .standby)
-            throw LifeboatError(.invalidState, "\(name) is in Standby")
-        }
-        _ = try StateMachine.check(.commit, machine: name, state: record.state)
+        var record = opened
         var machine = try repository.machine(name)
         if record.sourceDisks == nil { record.sourceDisks = Dictionary(uniqueKeysWithValues: machine.disks.map { ($0.name, $0.path) }) }
         for index in machine.disks.indices {

@@ -112,10 +112,7 @@ extension Recovery {
                     try hot.save(record)
                     unlink(top)
                 case .createTop:
-                    unlink(top)
-                    let result = try ChildProcess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", final, "-F", "raw", top])
-                    guard result.status == 0 else { throw LifeboatError(.io, "cannot create \(top) over \(final): \(result.stderr)") }
-                    QemuUser.give(top)
+                    try createOverlay(top, backing: final)
                 case .blockCopy:
                     try virt("moving the guest's writes of \(disk.name) onto its hot disk") {
                         try domain.blockCopy(disk: disk.target, destinationXML: DomainDisk.qcow2OverRawXML(image: top, backing: final),

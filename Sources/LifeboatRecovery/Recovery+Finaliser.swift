@@ -124,6 +124,19 @@ extension Recovery {
 
     func finaliserPath(_ name: String) -> String { hot.machineDirectory(name) + "/finaliser.json" }
 
+    /// Starts `lifeboat finalise NAME` in the background with this Recovery's settings (it
+    /// outlives the command, the console or the plan that started it) and announces it.
+    @discardableResult
+    public func startFinaliser(_ name: String) throws -> (pid: Int32, log: String) {
+        let log = hot.machineDirectory(name) + "/finalise.log"
+        var arguments = ["finalise", name, "--repo", repository.root, "--hot", settings.hotDirectory,
+                         "--connect", settings.connectURI, "--templates", settings.templates.directory]
+        if settings.virtType != .auto { arguments += ["--virt-type", settings.virtType.rawValue] }
+        let finaliser = try settings.launcher.start(arguments, log: log)
+        announceFinaliser(name, pid: finaliser.pid)
+        return (finaliser.pid, log)
+    }
+
     /// Says that process `pid` is (or is about to be) the finaliser of `name`. Written by a
     /// command before it lets go of the machine, so there is no instant without one.
     public func announceFinaliser(_ name: String, pid: Int32 = getpid()) {

@@ -6,20 +6,17 @@ import LifeboatVirt
 import Glibc
 #endif
 
-/// How a plan runs: which points, and for a failover, how the finaliser is started.
+/// How a plan runs: which points (each failed-over machine's finaliser is started with
+/// `startFinaliser`, through the Recovery's launcher).
 public struct PlanRunOptions: Sendable {
     public var at: Date?
     public var planned: Bool
     public var scheduled: Bool
-    /// Called after each machine's failover with its record: starts its finaliser (the CLI knows how).
-    public var startFinaliser: @Sendable (Recovery, ServerRecord) throws -> Void
 
-    public init(at: Date? = nil, planned: Bool = false, scheduled: Bool = false,
-                startFinaliser: @escaping @Sendable (Recovery, ServerRecord) throws -> Void = { _, _ in }) {
+    public init(at: Date? = nil, planned: Bool = false, scheduled: Bool = false) {
         self.at = at
         self.planned = planned
         self.scheduled = scheduled
-        self.startFinaliser = startFinaliser
     }
 }
 
@@ -263,7 +260,7 @@ extension Recovery {
             offset = Int((try? FileManager.default.attributesOfItem(atPath: console)[.size] as? Int) ?? 0)
             let point = book.report.machines.first { $0.machine == machine }?.point
             record = try failover(machine, FailoverOptions(point: options.planned ? nil : point, planned: options.planned), report: report)
-            try options.startFinaliser(self, record)
+            try startFinaliser(record.machine)
         } else {
             guard let existing = try hot.record(machine), existing.state == .finalizing || existing.state == .failedOver else {
                 throw LifeboatError(.invalidState, "\(machine) is in \(state.rawValue): a plan failover goes on only from Standby, Finalizing or FailedOver")
@@ -281,37 +278,35 @@ extension Recovery {
             run.consoleLog = console
         }
         let patternText = group.waitFor ?? machineSettings.bootPattern ?? Self.defaultBootPattern
-        let pattern = try NSRegularExpression(pattern: patternText)
         guard let domain = try connection().domain(named: record.vm ?? machine) else {
             throw LifeboatError(.notFound, "the VM \(record.vm ?? machine) vanished after the failover: see lifeboat status \(machine)")
         }
-        let deadline = Date().addingTimeInterval(TimeInterval(plan.timeoutSeconds))
-        let (line, problem) = waitForBootLine(log: console, pattern: pattern, domain: domain, events: nil, deadline: deadline, from: offset)
-        guard let line else {
-            let reason = problem ?? "the boot line /\(patternText)/ did not appear within \(DurationText.format(TimeInterval(plan.timeoutSeconds)))"
-            book.updateMachine(machine) { $0.result = .failed; $0.reason = reason; $0.consoleTail = Self.tail(of: console, bytes: 2048) }
+        let folder = reportDirectory(plan: plan.name, id: book.report.id)
+        let timeout = TimeInterval(plan.timeoutSeconds)
+        let ip = record.ip
+        let watch = BootWatch(machine: machine, point: record.point ?? "", domain: domain, consoleLog: console, offset: offset,
+                              pattern: patternText, timeout: timeout, deadline: Date().addingTimeInterval(timeout),
+                              screenshot: folder + "/\(machine).png", check: group.check, checkLog: folder + "/\(machine).check.log",
+                              checkDirectory: plan.directory, environment: environment, address: { ip })
+        let outcome = try watchBoot(watch, report: report)
+        guard let line = outcome.line else {
+            book.updateMachine(machine) { $0.result = .failed; $0.reason = outcome.reason; $0.consoleTail = Self.tail(of: console, bytes: 2048) }
             return
         }
-        book.updateMachine(machine) { $0.bootLineAt = Date(); $0.bootLine = line }
         report("boot line: \(line)")
-        let folder = reportDirectory(plan: plan.name, id: book.report.id)
-        if let path = Self.saveScreenshot(of: domain, to: folder + "/\(machine).png") { book.updateMachine(machine) { $0.screenshot = path } }
-        var failure: String?
-        if let check = group.check {
-            let log = folder + "/\(machine).check.log"
-            let variables = environment.merging([
-                "LIFEBOAT_MACHINE": machine, "LIFEBOAT_POINT": record.point ?? "", "LIFEBOAT_VM": record.vm ?? machine,
-                "LIFEBOAT_VM_IP": record.ip ?? "", "LIFEBOAT_CONSOLE_LOG": console,
-            ]) { $1 }
-            let (status, why) = try Self.runCheck(check, environment: variables, log: log, deadline: deadline, directory: plan.directory)
-            failure = why
-            book.updateMachine(machine) { $0.check = check; $0.checkStatus = status; $0.checkOutput = Self.tail(of: log, bytes: 4096) }
-        }
         book.updateMachine(machine) { run in
+            run.bootLineAt = outcome.bootLineAt
+            run.bootLine = line
+            if let path = outcome.screenshot { run.screenshot = path }
+            if let check = group.check {
+                run.check = check
+                run.checkStatus = outcome.checkStatus
+                run.checkOutput = outcome.checkLog.flatMap { Self.tail(of: $0, bytes: 4096) }
+            }
             run.consoleTail = Self.tail(of: console, bytes: 2048)
-            run.result = failure == nil ? .passed : .failed
-            run.reason = failure
-            if failure == nil { run.checkedAt = Date() }
+            run.result = outcome.reason == nil ? .passed : .failed
+            run.reason = outcome.reason
+            run.checkedAt = outcome.reason == nil ? outcome.checkedAt ?? Date() : nil
         }
     }
 

@@ -69,10 +69,7 @@ extension Recovery {
         let ipText = options.ip ?? machine.testIP ?? machine.ip
         let ip = try ipText.map { try Interface4.parse($0, what: options.ip != nil ? "--ip" : "the test IP of \(name)") }
         let patternText = options.waitFor ?? machine.bootPattern ?? Self.defaultBootPattern
-        let pattern: NSRegularExpression
-        do { pattern = try NSRegularExpression(pattern: patternText) } catch {
-            throw LifeboatError(.invalidArgument, "--wait-for '\(patternText)' is not a regular expression: \(error.localizedDescription)")
-        }
+        _ = try Self.bootPattern(patternText, what: "--wait-for")
         guard let mac = machine.macs.first else {
             throw LifeboatError(.invalidArgument, "\(name) has no MAC address: protect it again with --mac")
         }
@@ -111,37 +108,18 @@ extension Recovery {
             report("serving \(repository.root) for QEMU")
             let mount = try ensureMount()
             record.mount = mount
-            try FileSystem.makeDirectories(hot.testDirectory(name))
-            chmod(hot.testDirectory(name), 0o755)
-            for (index, disk) in point.disks.enumerated() {
-                let backing = "\(mount)/\(name)/\(point.id)/\(disk.name).raw"
-                guard FileSystem.exists(backing) else {
-                    throw LifeboatError(.notFound, "the FUSE mount \(mount) does not serve \(backing): is it a mount of another repository?")
-                }
-                let overlay = hot.testDirectory(name) + "/\(disk.name).qcow2"
-                try createOverlay(overlay, backing: backing)
-                record.disks.append(HotDisk(name: disk.name, target: Self.target(index), path: overlay, backing: backing, size: disk.size))
-            }
+            record.disks = try makeOverlays(of: point, mount: mount, in: hot.testDirectory(name), finals: false)
             try hot.save(record)
             report("overlays in \(hot.testDirectory(name)) over point \(point.id)")
             let host = try ensureTestNetwork(machine: name, mac: mac, ip: ip, gateway: machine.gateway.flatMap(IPv4.init))
             report("test network \(Self.testNetworkName) (\(host.subnet), isolated)")
 
             _ = FileManager.default.createFile(atPath: consoleLog, contents: nil)
-            QemuUser.give(consoleLog, mode: 0o640)
-            let parameters = DomainParameters(
-                name: domainName, type: virtType, vcpus: vcpus, memoryMiB: memory,
-                title: "lifeboat drill of \(name)",
-                description: "Test failover of \(name) from recovery point \(point.id) (\(ISO8601DateFormatter().string(from: point.time))), drill \(drillID). Remove with: lifeboat stop-test \(name)",
-                disks: record.disks.map { .init(target: $0.target, file: $0.path, backingFile: $0.backing) },
-                interfaces: [.init(network: Self.testNetworkName, mac: mac)],
-                consoleLog: consoleLog)
-            let xml = try virt("rendering the domain") { try settings.templates.render(Templates.domain, parameters) }
-            let connection = try connection()
             if try removeDomain(domainName) { report("removed a leftover \(domainName)") }
-            domain = try virt("defining the VM \(domainName)") { try connection.defineDomain(xml: xml) }
-            events = try? connection.watchLifecycle(of: domain)
-            try virt("starting the VM \(domainName)") { try domain.start() }
+            (domain, events) = try defineAndStart(
+                name: domainName, type: virtType, vcpus: vcpus, memoryMiB: memory, title: "lifeboat drill of \(name)",
+                description: "Test failover of \(name) from recovery point \(point.id) (\(ISO8601DateFormatter().string(from: point.time))), drill \(drillID). Remove with: lifeboat stop-test \(name)",
+                disks: record.disks, interfaces: [.init(network: Self.testNetworkName, mac: mac)], console: consoleLog, watch: true)
         } catch {
             drill.result = .failed
             drill.reason = "\(error)"
@@ -160,37 +138,32 @@ extension Recovery {
         lock = nil   // stop-test may now run while the drill waits for the guest
 
         let deadline = started.addingTimeInterval(options.timeout)
-        let (line, problem) = waitForBootLine(log: consoleLog, pattern: pattern, domain: domain, events: events, deadline: deadline)
         defer { events?.close() }
-        guard let line else {
+        let knownIP = ip?.address.description
+        let watch = BootWatch(machine: name, point: point.id, domain: domain, events: events, consoleLog: consoleLog, pattern: patternText,
+                              timeout: options.timeout, deadline: deadline, screenshot: drillFolder + "/screenshot.png",
+                              check: options.check, checkLog: drillFolder + "/check.log", checkDirectory: options.checkDirectory,
+                              environment: options.checkEnvironment.merging(["LIFEBOAT_DRILL": drillID]) { $1 },
+                              address: { [self] in knownIP ?? waitForLease(mac: mac, until: min(deadline, Date().addingTimeInterval(10))) })
+        let outcome = try watchBoot(watch) { report($0) }
+        guard let line = outcome.line, let bootLineAt = outcome.bootLineAt else {
             drill.result = .failed
-            drill.reason = problem ?? "the boot line /\(patternText)/ did not appear within \(DurationText.format(options.timeout))"
+            drill.reason = outcome.reason
             drill.ended = Date()
             try hot.save(drill)
-            hot.record(name, HistoryEvent(event: "drill-failed", state: .testingFailover, point: point.id, detail: "drill \(drillID): \(drill.reason!)"))
+            hot.record(name, HistoryEvent(event: "drill-failed", state: .testingFailover, point: point.id, detail: "drill \(drillID): \(drill.reason ?? "?")"))
             return drill
         }
         drill.bootLine = line
-        drill.secondsToBootLine = Date().timeIntervalSince(started)
+        drill.secondsToBootLine = bootLineAt.timeIntervalSince(started)
         report(String(format: "boot line after %.1f s: %@", drill.secondsToBootLine!, line))
-        drill.screenshot = Self.saveScreenshot(of: domain, to: drillFolder + "/screenshot.png")
-        if ip == nil { drill.ip = waitForLease(mac: mac, until: min(deadline, Date().addingTimeInterval(10))) }
-
-        if let check = options.check {
-            let log = drillFolder + "/check.log"
-            drill.checkLog = log
-            report("running the check: \(check)")
-            let environment = options.checkEnvironment.merging([
-                "LIFEBOAT_MACHINE": name, "LIFEBOAT_POINT": point.id, "LIFEBOAT_VM": domainName,
-                "LIFEBOAT_VM_IP": drill.ip ?? "", "LIFEBOAT_CONSOLE_LOG": consoleLog, "LIFEBOAT_DRILL": drillID,
-            ]) { $1 }
-            let (status, failure) = try Self.runCheck(check, environment: environment, log: log, deadline: deadline,
-                                                      directory: options.checkDirectory)
-            drill.checkStatus = status
-            if let failure {
-                drill.result = .failed
-                drill.reason = failure
-            }
+        drill.screenshot = outcome.screenshot
+        drill.ip = outcome.ip
+        drill.checkLog = outcome.checkLog
+        drill.checkStatus = outcome.checkStatus
+        if let failure = outcome.reason {
+            drill.result = .failed
+            drill.reason = failure
         }
         drill.secondsToCheckEnd = Date().timeIntervalSince(started)
         if drill.result == .running { drill.result = .passed }
@@ -240,14 +213,11 @@ extension Recovery {
         let folder = hot.testDirectory(name)
         let overlays = testLeftovers(name).overlays
         FileSystem.removeTree(folder)
-        var settled = ServerRecord(machine: name, state: .standby, repository: repository.root)
-        settled.since = Date()
-        try hot.save(settled)
+        try backToStandby(name, event: "stop-test", point: record.point,
+                          detail: domainRemoved ? "VM \(Self.testDomainName(name)) destroyed, \(overlays) overlay(s) deleted" : "leftovers removed")
         repository.release(name, by: "test-failover")
         let networkRemoved = releaseTestNetwork(machine: name, mac: record.mac)
         let released = releaseMountIfUnused(except: name)
-        hot.record(name, HistoryEvent(event: "stop-test", state: .standby, point: record.point,
-                                      detail: domainRemoved ? "VM \(Self.testDomainName(name)) destroyed, \(overlays) overlay(s) deleted" : "leftovers removed"))
         if let id = record.drill, var drill = hot.drills(name).first(where: { $0.id == id }), drill.result == .running {
             drill.result = .failed
             drill.reason = "stopped before it finished (test-failover was interrupted or stop-test ran during the wait)"

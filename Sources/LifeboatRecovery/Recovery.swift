@@ -49,21 +49,20 @@ public struct RecoverySettings: Sendable {
     public var virtType: VirtType
     /// Where lifeboat mounts the repository for recovery VMs when no mount with allow_other exists.
     public var runDirectory: String
-    /// Starts `lifeboat mount --allow-other` of the repository at the given mount point
-    /// (the CLI does this, since it knows the password and its own executable).
-    public var startMount: @Sendable (String) throws -> Void
+    /// Re-runs lifeboat for its helpers: the mount QEMU reads from, the finaliser.
+    public var launcher: SelfLauncher
     /// Who acts, recorded in history: a console user's name, or the Unix user running the CLI.
     public var user: String?
 
-    public init(connectURI: String = "qemu:///system", hotDirectory: String = "/var/lib/lifeboat/hot",
+    public init(connectURI: String = Connection.uri(), hotDirectory: String = "/var/lib/lifeboat/hot",
                 templates: Templates, virtType: VirtType = .auto, runDirectory: String = "/run/lifeboat",
-                startMount: @escaping @Sendable (String) throws -> Void) {
+                launcher: SelfLauncher = SelfLauncher()) {
         self.connectURI = connectURI
         self.hotDirectory = hotDirectory
         self.templates = templates
         self.virtType = virtType
         self.runDirectory = runDirectory
-        self.startMount = startMount
+        self.launcher = launcher
     }
 }
 
@@ -144,7 +143,7 @@ public final class Recovery: Sendable {
         }
         let path = ownMountPath()
         try FileSystem.makeDirectories(path)
-        try settings.startMount(path)
+        _ = try Mounts.start(repository, at: path, launcher: settings.launcher, cacheSize: 512 << 20, allowOther: true, threads: 8)
         return path
     }
 
@@ -202,16 +201,6 @@ public final class Recovery: Sendable {
         let setting = settings.virtType != .auto ? settings.virtType
             : try machine.virtType.map { try VirtType.parse($0, what: "the virt type of \(machine.name)") } ?? .auto
         return setting.resolved { (try? connection().offersKVM()) ?? false }
-    }
-
-    /// Creates a qcow2 overlay at `path` over the raw `backing` file, owned by the user QEMU runs as.
-    func createOverlay(_ path: String, backing: String) throws {
-        unlink(path)
-        let result = try ChildProcess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "raw", path])
-        guard result.status == 0 else {
-            throw LifeboatError(.io, "cannot create the overlay \(path) over \(backing): \(result.stderr)")
-        }
-        QemuUser.give(path)
     }
 
     /// Destroys and undefines a domain if it exists.

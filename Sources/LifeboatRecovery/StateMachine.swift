@@ -1,6 +1,6 @@
 import LifeboatRepository
 
-/// Where a machine's recovery server stands (see DESIGN.md, "States of a recovery server").
+/// Where a machine's recovery server stands (docs/RECOVERY.md, "States").
 public enum ServerState: String, Codable, Sendable, CaseIterable {
     case standby = "Standby"
     case testingFailover = "TestingFailover"

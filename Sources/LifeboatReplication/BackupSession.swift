@@ -64,11 +64,12 @@ final class BackupSession {
 
     /// From here on `end` thaws the guest, aborts the backup job and deletes `checkpoint` (unless
     /// the point was written), and a guard process does the same should this process be killed first.
-    func watch(checkpoint: String?, connectURI: String, startGuard: (@Sendable (BackupGuard) throws -> ChildProcess.Detached)?) {
+    func watch(checkpoint: String?, connectURI: String, launcher: SelfLauncher?) {
         self.checkpoint = checkpoint
-        guard let domain, let startGuard else { return }
-        guardian = try? startGuard(BackupGuard(pid: getpid(), domain: domain.name, connectURI: connectURI, checkpoint: checkpoint,
-                                               scratchDirectory: scratchDirectory, socketDirectory: socketDirectory))
+        guard let domain, let launcher else { return }
+        let spec = BackupGuard(pid: getpid(), domain: domain.name, connectURI: connectURI, checkpoint: checkpoint,
+                               scratchDirectory: scratchDirectory, socketDirectory: socketDirectory)
+        guardian = try? launcher.start(spec.arguments, log: "/dev/null", passPassword: false)
     }
 
     /// The point is written: its checkpoint stays.

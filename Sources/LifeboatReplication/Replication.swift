@@ -23,8 +23,8 @@ public struct Replication: Sendable {
     public let defaultConnectURI: String
     /// How long the guest agent may take to freeze the file systems.
     public var agentTimeout: Int32 = 10
-    /// Starts a guard process for a running backup job (see `BackupGuard`); nil: none.
-    package var startGuard: (@Sendable (BackupGuard) throws -> ChildProcess.Detached)?
+    /// Starts `lifeboat backup-guard` for a running backup job (see `BackupGuard`); nil: no guard.
+    public var launcher: SelfLauncher?
 
     /// Prefix of the checkpoints lifeboat makes: a person sees they are lifeboat's.
     public static let checkpointPrefix = "lifeboat-"
@@ -47,7 +47,7 @@ public struct Replication: Sendable {
     }
 
     public init(repository: Repository, hotDirectory: String, runDirectory: String = "/run/lifeboat",
-                defaultConnectURI: String = "qemu:///system") {
+                defaultConnectURI: String = Connection.uri()) {
         self.repository = repository
         self.hotDirectory = hotDirectory
         self.runDirectory = runDirectory
@@ -186,7 +186,7 @@ public struct Replication: Sendable {
         if domain.hasBackupJob() { try? domain.abortJob() }
 
         // From here a guard process undoes what this point leaves, should this process die.
-        session.watch(checkpoint: checkpoint, connectURI: connectURI, startGuard: startGuard)
+        session.watch(checkpoint: checkpoint, connectURI: connectURI, launcher: launcher)
         Trace.mark("session and guard")
 
         // Freeze the guest's file systems around the instant of the checkpoint, thaw always.

@@ -188,3 +188,29 @@ package enum ChildProcess {
         return "\(error)"
     }
 }
+
+/// Re-runs the lifeboat binary for its helper processes: the mount daemon (LifeboatFS), the
+/// finaliser (LifeboatRecovery), the backup guard (LifeboatReplication). Each module adds the
+/// arguments of its own helper; the CLI only says where the binary is and what the repository's
+/// password is (given to helpers on stdin, never in their arguments).
+public struct SelfLauncher: Sendable {
+    public var executable: String
+    public var password: String?
+
+    public init(executable: String = SelfLauncher.currentExecutable(), password: String? = nil) {
+        self.executable = executable
+        self.password = password
+    }
+
+    /// This process's binary.
+    public static func currentExecutable() -> String {
+        (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    }
+
+    /// `lifeboat ARGUMENTS [--password-stdin]` in a session of its own, its output appended to `log`.
+    package func start(_ arguments: [String], log: String, passPassword: Bool = true) throws -> ChildProcess.Detached {
+        let withPassword = passPassword && password != nil
+        return try ChildProcess.startDetached(executable, arguments + (withPassword ? ["--password-stdin"] : []),
+                                              input: withPassword ? Array((password! + "\n").utf8) : [], log: log)
+    }
+}

@@ -90,3 +90,14 @@ public enum Trace {
         FileHandle.standardError.write(Data(String(format: "trace %8.1f ms  %@\n", Date().timeIntervalSince(start) * 1000, what()).utf8))
     }
 }
+
+/// ADDR:PORT as the console and the metrics listen on it; [ADDR]:PORT for IPv6; port 0 lets
+/// the system choose one.
+public enum ListenAddress {
+    public static func parse(_ text: String) -> (host: String, port: Int)? {
+        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port) else { return nil }
+        var host = String(text[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        return host.isEmpty ? nil : (host, port)
+    }
+}

@@ -53,24 +53,22 @@ public struct DomainDisk: Sendable, Equatable {
     /// The `<disk>` of a qcow2 image over a raw backing file, with the chain spelled out (libvirt
     /// 9.0 wants it for a raw backing file): a block copy's destination.
     public static func qcow2OverRawXML(image: String, backing: String) -> String {
-        let disk = XMLElement(name: "disk")
-        disk.addAttribute(XMLNode.attribute(withName: "type", stringValue: "file") as! XMLNode)
-        let driver = XMLElement(name: "driver")
-        driver.addAttribute(XMLNode.attribute(withName: "type", stringValue: "qcow2") as! XMLNode)
-        disk.addChild(driver)
-        let source = XMLElement(name: "source")
-        source.addAttribute(XMLNode.attribute(withName: "file", stringValue: image) as! XMLNode)
-        disk.addChild(source)
-        let backingStore = XMLElement(name: "backingStore")
-        backingStore.addAttribute(XMLNode.attribute(withName: "type", stringValue: "file") as! XMLNode)
-        let format = XMLElement(name: "format")
-        format.addAttribute(XMLNode.attribute(withName: "type", stringValue: "raw") as! XMLNode)
-        backingStore.addChild(format)
-        let backingSource = XMLElement(name: "source")
-        backingSource.addAttribute(XMLNode.attribute(withName: "file", stringValue: backing) as! XMLNode)
-        backingStore.addChild(backingSource)
-        backingStore.addChild(XMLElement(name: "backingStore"))
-        disk.addChild(backingStore)
-        return disk.xmlString
+        element("disk", ["type": "file"], [
+            element("driver", ["type": "qcow2"]),
+            element("source", ["file": image]),
+            element("backingStore", ["type": "file"], [
+                element("format", ["type": "raw"]), element("source", ["file": backing]), element("backingStore"),
+            ]),
+        ]).xmlString
+    }
+
+    /// An element with its attributes (escaped by FoundationXML) and children.
+    static func element(_ name: String, _ attributes: KeyValuePairs<String, String> = [:], _ children: [XMLElement] = []) -> XMLElement {
+        let element = XMLElement(name: name)
+        for (key, value) in attributes {
+            element.addAttribute(XMLNode.attribute(withName: key, stringValue: value) as! XMLNode)
+        }
+        children.forEach(element.addChild)
+        return element
     }
 }

@@ -180,6 +180,11 @@ public struct DHCPLease: Sendable {
 /// A connection to libvirt (`virConnectPtr`). Connections are thread-safe in libvirt, so one
 /// connection may be used from any thread; the handle is freed by `close()` or `deinit`.
 public final class Connection: @unchecked Sendable {
+    /// The URI used when none is given: `given`, else $LIFEBOAT_CONNECT, else qemu:///system.
+    public static func uri(_ given: String? = nil) -> String {
+        given ?? ProcessInfo.processInfo.environment["LIFEBOAT_CONNECT"].flatMap { $0.isEmpty ? nil : $0 } ?? "qemu:///system"
+    }
+
     public let uri: String
     private let handle: OpaquePointer
 

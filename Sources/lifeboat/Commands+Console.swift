@@ -33,13 +33,10 @@ struct ConsoleTLSOptions: ParsableArguments {
 enum ConsoleServer {
     /// The console of `recovery` as a service: jobs act with the CLI's helpers (finalisers that
     /// outlive the console); the URL and a self-signed certificate's fingerprint go to stdout.
-    static func make(_ recovery: Recovery, _ options: RecoveryOptions, password: String?, listen: ConsoleListen,
+    static func make(_ recovery: Recovery, _ options: RecoveryOptions, listen: ConsoleListen,
                      logger: Logger) async throws -> any Service {
         let replication = ReplicationOptions.replication(recovery.repository, hot: options.hot, connect: options.connect)
-        let virtType = options.virtType
-        let console = try await Console(recovery: recovery, replication: replication) { recovery, name in
-            _ = try Finalising.startInBackground(recovery, virtType: virtType, name: name, password: password)
-        }
+        let console = try await Console(recovery: recovery, replication: replication)
         if (try console.users.users()).isEmpty {
             say("no console users yet: add one with 'lifeboat user add NAME --role admin' (it works while the console runs)")
         }
@@ -77,10 +74,10 @@ extension Lifeboat {
         func validate() throws { _ = try tls.listen(listen, option: "--listen") }
 
         func run() async throws {
-            let (recovery, password) = try self.recovery.recoveryKeepingPassword(repository)
+            let recovery = try self.recovery.recovery(repository)
             if routes {
                 let console = try await Console(recovery: recovery, replication: ReplicationOptions.replication(
-                    recovery.repository, hot: self.recovery.hot, connect: self.recovery.connect)) { _, _ in }
+                    recovery.repository, hot: self.recovery.hot, connect: self.recovery.connect))
                 let list = console.routes(try tls.listen(listen, option: "--listen"))
                 if output.json { return try JSON.print(list) }
                 return list.forEach { print($0) }
@@ -88,7 +85,7 @@ extension Lifeboat {
             LoggingSystem.bootstrap(StreamLogHandler.standardError)
             var logger = Logger(label: "lifeboat.console")
             logger.logLevel = .notice   // logins, failed logins and refusals (user and address)
-            let service = try await ConsoleServer.make(recovery, self.recovery, password: password,
+            let service = try await ConsoleServer.make(recovery, self.recovery,
                                                        listen: try tls.listen(listen, option: "--listen"), logger: logger)
             let group = ServiceGroup(configuration: .init(services: [.init(service: service)],
                                                           gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))

@@ -47,9 +47,9 @@ extension Lifeboat {
         }
 
         func run() throws {
-            let (recovery, password) = try self.recovery.recoveryKeepingPassword(repository)
+            let recovery = try self.recovery.recovery(repository)
             if let plan {
-                let options = PlanRunOptions(planned: planned, startFinaliser: PlanRun.finaliserStarter(virtType: self.recovery.virtType, password: password))
+                let options = PlanRunOptions(planned: planned)
                 let report = try recovery.failoverPlan(plan, options, report: PlanRun.progress(json: output.json))
                 return try PlanRun.conclude(report, json: output.json)
             }
@@ -65,7 +65,7 @@ extension Lifeboat {
                              Date().timeIntervalSince(started), record.bridge.map { "bridge " + $0 } ?? record.network ?? "?",
                              record.ip.map { " at \($0)" } ?? ""))
             }
-            try Finalising.finish(recovery, self.recovery, repository, record, password: password, wait: wait, json: output.json)
+            try Finalising.finish(recovery, record, wait: wait, json: output.json)
         }
     }
 
@@ -79,7 +79,7 @@ extension Lifeboat {
         @OptionGroup var output: OutputOptions
 
         func run() throws {
-            let (recovery, password) = try self.recovery.recoveryKeepingPassword(repository)
+            let recovery = try self.recovery.recovery(repository)
             if try recovery.hot.record(name)?.state == .failingBack {
                 let report = try recovery.failback(name) { line in if Terminal.isInteractive { Terminal.writeError("\(line)\n") } }
                 return output.json ? try JSON.print(report) : print(Failback.summary(report))
@@ -88,7 +88,7 @@ extension Lifeboat {
             if record.state != .finalizing {
                 return output.json ? try JSON.print(record) : print("\(name) is \(record.state.rawValue): every disk is in hot storage")
             }
-            try Finalising.finish(recovery, self.recovery, repository, record, password: password, wait: wait, json: output.json)
+            try Finalising.finish(recovery, record, wait: wait, json: output.json)
         }
     }
 
@@ -155,12 +155,12 @@ extension Lifeboat {
         @OptionGroup var output: OutputOptions
 
         func run() throws {
-            let (recovery, password) = try self.recovery.recoveryKeepingPassword(repository)
+            let recovery = try self.recovery.recovery(repository)
             let record = try recovery.changePoint(name, to: point) { line in
                 if Terminal.isInteractive && !output.json { Terminal.writeError("\(line)\n") }
             }
             if !output.json { print("\(name) restarted from point \(record.point ?? "?"); finalising again") }
-            try Finalising.finish(recovery, self.recovery, repository, record, password: password, wait: wait, json: output.json)
+            try Finalising.finish(recovery, record, wait: wait, json: output.json)
         }
     }
 
@@ -243,14 +243,13 @@ extension Lifeboat {
 /// Waiting for finalisation, in the foreground or in a background process.
 enum Finalising {
     /// Waits for finalisation (`wait`) or leaves it to a background process; prints the outcome.
-    static func finish(_ recovery: Recovery, _ options: RecoveryOptions, _ repository: RepositoryOptions, _ record: ServerRecord,
-                       password: String?, wait: Bool, json: Bool) throws {
+    static func finish(_ recovery: Recovery, _ record: ServerRecord, wait: Bool, json: Bool) throws {
         let name = record.machine
         if wait {
             let done = try Finalising.wait(recovery, name, json: json)
             return json ? try JSON.print(done) : print(summary(done))
         }
-        let (pid, log) = try startInBackground(recovery, options, repository, name: name, password: password)
+        let (pid, log) = try recovery.startFinaliser(name)
         if json { return try JSON.print(record) }
         print("finalising into \(recovery.hot.disksDirectory(name)) in the background (pid \(pid), log \(log)); progress: lifeboat status \(name)")
     }
@@ -282,23 +281,5 @@ enum Finalising {
         default:
             return "\(record.machine) is \(record.state.rawValue)"
         }
-    }
-
-    /// Starts `lifeboat finalise NAME` in the background with the same settings.
-    static func startInBackground(_ recovery: Recovery, _ options: RecoveryOptions, _ repository: RepositoryOptions,
-                                  name: String, password: String?) throws -> (pid: pid_t, log: String) {
-        try startInBackground(recovery, virtType: options.virtType, name: name, password: password)
-    }
-
-    static func startInBackground(_ recovery: Recovery, virtType: String?, name: String, password: String?) throws -> (pid: pid_t, log: String) {
-        let log = recovery.hot.machineDirectory(name) + "/finalise.log"
-        var arguments = ["finalise", name, "--repo", recovery.repository.root, "--hot", recovery.settings.hotDirectory,
-                         "--connect", recovery.settings.connectURI, "--templates", recovery.settings.templates.directory]
-        if let virtType { arguments += ["--virt-type", virtType] }
-        if password != nil { arguments.append("--password-stdin") }
-        let finaliser = try ChildProcess.startDetached(MountService.executablePath(), arguments,
-                                                       input: password.map { Array(($0 + "\n").utf8) } ?? [], log: log)
-        recovery.announceFinaliser(name, pid: finaliser.pid)
-        return (finaliser.pid, log)
     }
 }

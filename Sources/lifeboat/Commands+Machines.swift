@@ -1,7 +1,9 @@
 import ArgumentParser
 import Foundation
+import LifeboatRecovery
 import LifeboatReplication
 import LifeboatRepository
+import LifeboatVirt
 
 extension Lifeboat {
     struct Init: ParsableCommand {
@@ -58,17 +60,17 @@ extension Lifeboat {
             let repo = try repository.open()
             var machine: Machine
             if let domain {
-                let uri = connect ?? ProcessInfo.processInfo.environment["LIFEBOAT_CONNECT"]
-                machine = Machine(name: name, disks: [], macs: [Network.randomMAC()])
+                let uri = connect ?? ProcessInfo.processInfo.environment["LIFEBOAT_CONNECT"].flatMap { $0.isEmpty ? nil : $0 }
+                machine = Machine(name: name, disks: [], macs: [MachineSettings.randomMAC()])
                 machine.domain = domain
                 machine.connectURI = uri
                 let replication = Replication(repository: repo, hotDirectory: ReplicationOptions.hotDirectory(hot),
-                                              defaultConnectURI: uri ?? "qemu:///system")
+                                              defaultConnectURI: Connection.uri(uri))
                 let (_, found) = try replication.domain(of: machine)
                 machine.disks = try replication.disks(of: found).map { MachineDisk(name: $0.target, path: $0.source) }
             } else {
                 let disks = Repository.diskNames(for: disks.map { $0.hasPrefix("/") ? $0 : FileManager.default.currentDirectoryPath + "/" + $0 })
-                machine = Machine(name: name, disks: disks, macs: [Network.randomMAC()])
+                machine = Machine(name: name, disks: disks, macs: [MachineSettings.randomMAC()])
             }
             try settings.apply(to: &machine)
             // Changed-block points rewrite whole chunks: smaller ones store less per guest write.
@@ -160,88 +162,37 @@ struct ServerSettingsOptions: ParsableArguments {
     @Option(help: "... of each of the last N months.") var keepMonthly: Int?
     @Option(help: "... and every point younger than this, e.g. 2d.") var keepWithin: String?
 
+    /// The settings as the library takes them.
+    var settings: MachineSettings {
+        var settings = MachineSettings()
+        settings.vcpus = vcpus
+        settings.memoryMiB = memory
+        settings.mac = mac
+        settings.ip = ip
+        settings.gateway = gateway
+        settings.testIP = testIp
+        settings.rpo = rpo
+        settings.description = description
+        settings.virtType = virtType
+        settings.bootPattern = bootPattern
+        settings.network = network
+        settings.bridge = bridge
+        settings.every = every
+        settings.bandwidthMiB = bandwidth
+        settings.keepLast = keepLast
+        settings.keepHourly = keepHourly
+        settings.keepDaily = keepDaily
+        settings.keepWeekly = keepWeekly
+        settings.keepMonthly = keepMonthly
+        settings.keepWithin = keepWithin
+        return settings
+    }
+
+    /// The library's checks, reported as usage errors.
     func check() throws {
-        if let vcpus, vcpus < 1 { throw ValidationError("--vcpus must be at least 1") }
-        if let bandwidth, bandwidth < 0 { throw ValidationError("--bandwidth is in MiB/s and must be 0 (no limit) or more") }
-        if let memory, memory < 32 { throw ValidationError("--memory is in MiB and must be at least 32") }
-        if let mac, !Network.isMAC(mac) { throw ValidationError("--mac \(mac) is not a MAC address like 52:54:00:12:34:56") }
-        for (flag, value) in [("--ip", ip), ("--test-ip", testIp)] {
-            if let value, !value.isEmpty, !Network.isCIDR(value) { throw ValidationError("\(flag) \(value) is not ADDR/PREFIX like 192.168.50.10/24") }
-        }
-        if let gateway, !gateway.isEmpty, !Network.isIPv4(gateway) { throw ValidationError("--gateway \(gateway) is not an IPv4 address") }
-        if let virtType, !virtType.isEmpty, !["kvm", "qemu", "auto"].contains(virtType) {
-            throw ValidationError("--virt-type \(virtType) is not one of kvm, qemu, auto")
-        }
-        if let bootPattern, (try? NSRegularExpression(pattern: bootPattern)) == nil {
-            throw ValidationError("--boot-pattern '\(bootPattern)' is not a regular expression")
-        }
-        if let network, let bridge, !network.isEmpty, !bridge.isEmpty { throw ValidationError("give --network or --bridge, not both") }
-        for (flag, value) in [("--rpo", rpo), ("--every", every), ("--keep-within", keepWithin)] {
-            if let value, !value.isEmpty, (try? DurationText.parse(value)) == nil {
-                throw ValidationError("\(flag) \(value) is not a duration like 30s, 15m, 4h or 7d")
-            }
-        }
-        for (flag, value) in [("--keep-last", keepLast), ("--keep-hourly", keepHourly), ("--keep-daily", keepDaily),
-                              ("--keep-weekly", keepWeekly), ("--keep-monthly", keepMonthly)] {
-            if let value, value < 0 { throw ValidationError("\(flag) must be 0 or more") }
-        }
+        do { try settings.validate() } catch let error as LifeboatError { throw ValidationError(error.message) }
     }
 
-    /// Applies the given settings; an empty text clears an optional one.
-    func apply(to machine: inout Machine) throws {
-        func optional(_ value: String?, _ current: String?) -> String? {
-            guard let value else { return current }
-            return value.isEmpty ? nil : value
-        }
-        if let vcpus { machine.vcpus = vcpus }
-        if let memory { machine.memoryMiB = memory }
-        if let mac { machine.macs = [mac.lowercased()] + machine.macs.dropFirst() }
-        machine.ip = optional(ip, machine.ip)
-        machine.gateway = optional(gateway, machine.gateway)
-        machine.testIP = optional(testIp, machine.testIP)
-        if let rpo { machine.rpoSeconds = rpo.isEmpty ? nil : Int(try DurationText.parse(rpo)) }
-        machine.description = optional(description, machine.description)
-        machine.virtType = optional(virtType, machine.virtType)
-        machine.bootPattern = optional(bootPattern, machine.bootPattern)
-        machine.network = optional(network, machine.network)
-        machine.bridge = optional(bridge, machine.bridge)
-        if network?.isEmpty == false { machine.bridge = nil }
-        if bridge?.isEmpty == false { machine.network = nil }
-        if let bandwidth { machine.bandwidth = bandwidth == 0 ? nil : bandwidth }
-        if let every { machine.everySeconds = every.isEmpty ? nil : max(1, Int(try DurationText.parse(every))) }
-        if keepLast != nil || keepHourly != nil || keepDaily != nil || keepWeekly != nil || keepMonthly != nil || keepWithin != nil {
-            var policy = machine.retention ?? RetentionPolicy()
-            if let keepLast { policy.last = keepLast }
-            if let keepHourly { policy.hourly = keepHourly }
-            if let keepDaily { policy.daily = keepDaily }
-            if let keepWeekly { policy.weekly = keepWeekly }
-            if let keepMonthly { policy.monthly = keepMonthly }
-            if let keepWithin { policy.within = keepWithin.isEmpty ? nil : try DurationText.parse(keepWithin) }
-            machine.retention = policy.isEmpty ? nil : policy
-        }
-    }
+    func apply(to machine: inout Machine) throws { try settings.apply(to: &machine) }
 }
 
-enum Network {
-    static func isIPv4(_ text: String) -> Bool {
-        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
-        return parts.count == 4 && parts.allSatisfy { part in
-            !part.isEmpty && part.count <= 3 && part.allSatisfy(\.isNumber) && Int(part)! <= 255
-        }
-    }
-
-    static func isCIDR(_ text: String) -> Bool {
-        let parts = text.split(separator: "/")
-        guard parts.count == 2, let prefix = Int(parts[1]), (1...32).contains(prefix) else { return false }
-        return isIPv4(String(parts[0]))
-    }
-
-    static func isMAC(_ text: String) -> Bool {
-        let parts = text.split(separator: ":")
-        return parts.count == 6 && parts.allSatisfy { $0.count == 2 && $0.allSatisfy(\.isHexDigit) }
-    }
-
-    static func randomMAC() -> String {
-        "52:54:00:" + (0..<3).map { _ in String(format: "%02x", Int.random(in: 0...255)) }.joined(separator: ":")
-    }
-}

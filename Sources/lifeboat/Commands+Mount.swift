@@ -23,7 +23,7 @@ extension Lifeboat {
         var threads = 8
         @Option(help: ArgumentHelp("Longest spin, in microseconds, of the thread waiting for the next request before it sleeps (0: never spin).",
                                    valueName: "microseconds"))
-        var busyPoll = MountService.defaultBusyPoll
+        var busyPoll = Mounts.defaultBusyPoll
 
         func run() throws {
             // The frame cache maps this much address space at once (docs/MOUNT.md).
@@ -41,8 +41,8 @@ extension Lifeboat {
                                        busyPoll: busyPoll)
             } else {
                 let (repo, password) = try repository.openKeepingPassword()
-                let started = try MountService.start(repo, at: path, password: password, cacheSize: cacheSize,
-                                                     allowOther: allowOther, threads: threads, busyPoll: busyPoll)
+                let started = try Mounts.start(repo, at: path, launcher: SelfLauncher(password: password), cacheSize: cacheSize,
+                                               allowOther: allowOther, threads: threads, busyPoll: busyPoll)
                 print("mounted \(repo.root) at \(path) (pid \(started.pid), log \(started.log))")
             }
         }
@@ -76,9 +76,7 @@ extension Lifeboat {
             let dir = Mounts.canonical(dir)
             // A mount the user made is shared; otherwise this browse serves the disks itself.
             let shared = Mounts.lifeboatMount(of: repo.root).flatMap { $0.hasSuffix("/" + Browser.privateMountName) ? nil : $0 }
-            let volumes = try Browser.browse(point, dir: dir, fuseMount: shared) { fuse in
-                _ = try MountService.start(repo, at: fuse, password: password, cacheSize: 256 << 20, allowOther: false, threads: 8)
-            }
+            let volumes = try Browser.browse(point, dir: dir, fuseMount: shared, repository: repo, launcher: SelfLauncher(password: password))
             if output.json { return try JSON.print(volumes) }
             for volume in volumes {
                 let what = "\(volume.disk) \(volume.partition)" + (volume.type.map { " (\($0))" } ?? "")
@@ -105,12 +103,9 @@ extension Lifeboat {
 
 /// Starting and running the FUSE server.
 enum MountService {
-    /// Microseconds a mount's request loop may spin between requests (docs/MOUNT.md, "The request loop").
-    static let defaultBusyPoll = 300
-
     /// Serves in this process until unmounted or signalled.
     static func serve(_ repo: Repository, at path: String, cacheSize: Int, allowOther: Bool, threads: Int,
-                      busyPoll: Int = defaultBusyPoll) throws {
+                      busyPoll: Int = Mounts.defaultBusyPoll) throws {
         let access = RecoveryPointFileSystem.Access(uid: 0, gid: allowOther ? QemuAccess.gid() : 0)
         let fs = try RecoveryPointFileSystem(repository: repo, cacheSize: cacheSize, access: access) { line in
             Terminal.writeError("\(Format.time(Date())) \(line)\n")
@@ -122,24 +117,5 @@ enum MountService {
         defer { session.close() }
         try session.run(threads: threads, busyPoll: .microseconds(busyPoll))
         Terminal.writeError("\(Format.time(Date())) unmounted \(path)\n")
-    }
-
-    /// Starts `lifeboat mount --foreground` as a daemon and returns once the mount is there.
-    static func start(_ repo: Repository, at path: String, password: String?, cacheSize: Int, allowOther: Bool,
-                      threads: Int, busyPoll: Int = defaultBusyPoll) throws -> (pid: pid_t, log: String) {
-        try Mounts.checkMountpoint(path)
-        let log = Mounts.daemonLogPath(for: path)
-        try? FileManager.default.createDirectory(atPath: (log as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
-        var arguments = ["mount", path, "--foreground", "--repo", repo.root, "--cache-size", "\(cacheSize)", "--threads", "\(threads)",
-                         "--busy-poll", "\(busyPoll)"]
-        if allowOther { arguments.append("--allow-other") }
-        if password != nil { arguments.append("--password-stdin") }
-        let input = password.map { Array(($0 + "\n").utf8) } ?? []
-        let pid = try Mounts.startDaemon(executablePath(), arguments, input: input, log: log, mountpoint: path)
-        return (pid, log)
-    }
-
-    static func executablePath() -> String {
-        (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
     }
 }

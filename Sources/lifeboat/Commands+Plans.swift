@@ -72,8 +72,8 @@ extension Lifeboat {
             @OptionGroup var output: OutputOptions
 
             func run() throws {
-                let (recovery, password) = try self.recovery.recoveryKeepingPassword(repository)
-                let options = PlanRunOptions(startFinaliser: PlanRun.finaliserStarter(virtType: self.recovery.virtType, password: password))
+                let recovery = try self.recovery.recovery(repository)
+                let options = PlanRunOptions()
                 let report = try recovery.continuePlan(name, options, report: PlanRun.progress(json: output.json))
                 try PlanRun.conclude(report, json: output.json)
             }
@@ -156,10 +156,6 @@ enum PlanRun {
     }
 
     /// Starts each failed-over machine's finaliser in the background, as `failover` does.
-    static func finaliserStarter(virtType: String?, password: String?) -> @Sendable (Recovery, ServerRecord) throws -> Void {
-        { recovery, record in _ = try Finalising.startInBackground(recovery, virtType: virtType, name: record.machine, password: password) }
-    }
-
     /// Prints the report; a failed run exits non-zero with its reason.
     static func conclude(_ report: PlanReport, json: Bool) throws {
         if json { try JSON.print(report) } else { print(ReportText.full(report)) }

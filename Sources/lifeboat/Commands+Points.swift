@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import LifeboatReplication
 import LifeboatRepository
+import LifeboatVirt
 
 extension Lifeboat {
     struct Backup: ParsableCommand {
@@ -198,10 +199,8 @@ enum ReplicationOptions {
     /// Replication of `repo`, whose running backup jobs are watched by `lifeboat backup-guard`.
     static func replication(_ repo: Repository, hot: String?, connect: String? = nil) -> Replication {
         var replication = Replication(repository: repo, hotDirectory: hotDirectory(hot),
-                                      defaultConnectURI: connect ?? ProcessInfo.processInfo.environment["LIFEBOAT_CONNECT"] ?? "qemu:///system")
-        replication.startGuard = { spec in
-            try ChildProcess.startDetached(MountService.executablePath(), spec.arguments, input: [], log: "/dev/null")
-        }
+                                      defaultConnectURI: Connection.uri(connect))
+        replication.launcher = SelfLauncher()
         return replication
     }
 }

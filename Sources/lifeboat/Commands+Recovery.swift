@@ -19,27 +19,21 @@ struct RecoveryOptions: ParsableArguments {
     @Option(help: "Domain type: kvm, qemu or auto (default: $LIFEBOAT_VIRT_TYPE, else the machine's setting, else auto).")
     var virtType: String?
 
-    /// Opens the recovery servers of `repository`; mounts it for QEMU when needed.
+    /// Opens the recovery servers of `repository`; their launcher hands the password (nil when
+    /// unencrypted) to the helpers it starts (mount, finaliser) on stdin.
     func recovery(_ repository: RepositoryOptions) throws -> Recovery {
-        try recoveryKeepingPassword(repository).recovery
-    }
-
-    /// Also returns the password it took (nil when unencrypted), for a background process.
-    func recoveryKeepingPassword(_ repository: RepositoryOptions) throws -> (recovery: Recovery, password: String?) {
         let (repo, password) = try repository.openKeepingPassword()
         let environment = ProcessInfo.processInfo.environment
         let virtText = virtType ?? environment["LIFEBOAT_VIRT_TYPE"]
         var settings = RecoverySettings(
-            connectURI: connect ?? environment["LIFEBOAT_CONNECT"] ?? "qemu:///system",
+            connectURI: Connection.uri(connect),
             hotDirectory: hot ?? environment["LIFEBOAT_HOT"] ?? "/var/lib/lifeboat/hot",
             templates: try locateTemplates(),
             virtType: try virtText.map { try VirtType.parse($0, what: "--virt-type") } ?? .auto,
-            startMount: { path in
-                _ = try MountService.start(repo, at: path, password: password, cacheSize: 512 << 20, allowOther: true, threads: 8)
-            })
+            launcher: SelfLauncher(password: password))
         // History names who acted: the person behind sudo, else the Unix user.
         settings.user = environment["SUDO_USER"] ?? environment["USER"] ?? environment["LOGNAME"]
-        return (Recovery(repository: repo, settings: settings), password)
+        return Recovery(repository: repo, settings: settings)
     }
 
     func locateTemplates() throws -> Templates {

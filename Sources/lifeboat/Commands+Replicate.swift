@@ -46,14 +46,10 @@ extension Lifeboat {
             console ?? ProcessInfo.processInfo.environment["LIFEBOAT_CONSOLE"].flatMap { $0.isEmpty ? nil : $0 }
         }
 
-        static func address(_ text: String) -> (host: String, port: Int)? {
-            guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (1...65535).contains(port) else { return nil }
-            let host = String(text[..<colon])
-            return host.isEmpty ? nil : (host, port)
-        }
+        static func address(_ text: String) -> (host: String, port: Int)? { ListenAddress.parse(text) }
 
         func run() async throws {
-            let (recovery, password) = try self.recovery.recoveryKeepingPassword(repository)
+            let recovery = try self.recovery.recovery(repository)
             let lock = try recovery.lockReplicationService()
             defer { withExtendedLifetime(lock) {} }
             LoggingSystem.bootstrap(StreamLogHandler.standardError)
@@ -74,7 +70,7 @@ extension Lifeboat {
                 services.append(.init(service: metricsRegistry.server(host: host, port: port, logger: logger)))
             }
             if let console = consoleAddress {
-                services.append(.init(service: try await ConsoleServer.make(recovery, self.recovery, password: password,
+                services.append(.init(service: try await ConsoleServer.make(recovery, self.recovery,
                                                                             listen: try tls.listen(console, option: "--console"), logger: logger)))
             }
             var configuration = ServiceGroupConfiguration(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)

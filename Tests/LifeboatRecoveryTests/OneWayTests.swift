@@ -103,8 +103,7 @@ struct OneWayTests {
         try Disk.make(disk, size: 1 << 20, writes: [(0, Bytes.text(4096, seed: 2))])
         try repository.protect(Machine(name: "m", disks: Repository.diskNames(for: [disk])))
         let settings = RecoverySettings(connectURI: "test:///default", hotDirectory: scratch.file("hot"),
-                                        templates: try Templates.locate(explicit: packageRoot + "/templates"), virtType: .qemu,
-                                        startMount: { _ in })
+                                        templates: try Templates.locate(explicit: packageRoot + "/templates"), virtType: .qemu)
         let recovery = Recovery(repository: repository, settings: settings)
         let connections = Mutex<Set<ObjectIdentifier>>([])
         let failures = Mutex<[String]>([])

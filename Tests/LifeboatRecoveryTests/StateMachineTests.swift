@@ -6,7 +6,7 @@ import Testing
 
 @Suite("Recovery server states")
 struct StateMachineTests {
-    @Test("the transitions of DESIGN.md, and nothing else")
+    @Test("the transitions of docs/RECOVERY.md, and nothing else")
     func transitions() throws {
         #expect(StateMachine.next(from: .standby, on: .testFailover) == .testingFailover)
         #expect(StateMachine.next(from: .testingFailover, on: .stopTest) == .standby)

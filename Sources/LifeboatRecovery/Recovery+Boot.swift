@@ -1,0 +1,134 @@
+import Foundation
+import LifeboatFS
+import LifeboatRepository
+import LifeboatVirt
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The one way a recovery VM boots, for drills, failovers, change-point and plans: overlays over
+/// the point's served disks, the domain defined and started, then the boot line, a screenshot and
+/// the check with the same environment.
+extension Recovery {
+    /// The point's disks as qcow2 overlays in `folder` over the disks `mount` serves; with
+    /// `finals`, each also names the raw hot file finalisation writes (a leftover one is removed).
+    func makeOverlays(of point: RecoveryPoint, mount: String, in folder: String, finals: Bool) throws -> [HotDisk] {
+        try FileSystem.makeDirectories(folder)
+        chmod(folder, 0o755)
+        return try point.disks.enumerated().map { index, disk in
+            let backing = "\(mount)/\(point.machine)/\(point.id)/\(disk.name).raw"
+            guard FileSystem.exists(backing) else {
+                throw LifeboatError(.notFound, "the FUSE mount \(mount) does not serve \(backing): is it a mount of another repository?")
+            }
+            let overlay = folder + "/\(disk.name).qcow2"
+            try createOverlay(overlay, backing: backing)
+            guard finals else { return HotDisk(name: disk.name, target: Self.target(index), path: overlay, backing: backing, size: disk.size) }
+            let final = folder + "/\(disk.name).raw"
+            unlink(final)
+            return HotDisk(name: disk.name, target: Self.target(index), path: overlay, backing: backing, size: disk.size, final: final, seeded: false)
+        }
+    }
+
+    /// A qcow2 image at `path` over the raw file `backing` (an overlay over a served disk, or a
+    /// finalisation's top image over the hot file); a leftover one at `path` goes first.
+    func createOverlay(_ path: String, backing: String) throws {
+        unlink(path)
+        let result = try ChildProcess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "raw", path])
+        guard result.status == 0 else {
+            throw LifeboatError(.io, "cannot create the overlay \(path) over \(backing): \(result.stderr)")
+        }
+        QemuUser.give(path)
+    }
+
+    /// Defines (persistently) and starts a recovery VM on `disks`; with `watch`, its lifecycle
+    /// events are watched from before the start (a guest that stops at once is seen).
+    @discardableResult
+    func defineAndStart(name: String, type: String, vcpus: Int, memoryMiB: Int, title: String, description: String,
+                        disks: [HotDisk], interfaces: [DomainParameters.Interface], console: String,
+                        watch: Bool = false) throws -> (domain: Domain, events: DomainEventWatch?) {
+        if !FileSystem.exists(console) { _ = FileManager.default.createFile(atPath: console, contents: nil) }
+        QemuUser.give(console, mode: 0o640)
+        let parameters = DomainParameters(
+            name: name, type: type, vcpus: vcpus, memoryMiB: memoryMiB, title: title, description: description,
+            disks: disks.map { .init(target: $0.target, file: $0.path, format: $0.path.hasSuffix(".raw") ? "raw" : "qcow2", backingFile: $0.backing) },
+            interfaces: interfaces, consoleLog: console)
+        let xml = try virt("rendering the domain") { try settings.templates.render(Templates.domain, parameters) }
+        let connection = try connection()
+        let domain = try virt("defining the VM \(name)") { try connection.defineDomain(xml: xml) }
+        let events = watch ? try? connection.watchLifecycle(of: domain) : nil
+        try virt("starting the VM \(name)") { try domain.start() }
+        return (domain, events)
+    }
+
+    /// What to look for once a recovery VM runs.
+    struct BootWatch {
+        var machine: String
+        var point: String
+        var domain: Domain
+        var events: DomainEventWatch?
+        var consoleLog: String
+        /// Where in the console log this boot starts (a failover's log keeps earlier boots).
+        var offset = 0
+        var pattern: String
+        var timeout: TimeInterval
+        var deadline: Date
+        var screenshot: String
+        var check: String?
+        var checkLog: String
+        var checkDirectory: String?
+        /// LIFEBOAT_PLAN, LIFEBOAT_DRILL …: beside LIFEBOAT_MACHINE, _POINT, _VM, _VM_IP and _CONSOLE_LOG.
+        var environment: [String: String] = [:]
+        /// The VM's address once it booted (a DHCP lease, the record's IP).
+        var address: () -> String? = { nil }
+    }
+
+    struct BootOutcome {
+        var line: String?
+        var bootLineAt: Date?
+        /// Why it failed: no boot line, the VM stopped, the check failed.
+        var reason: String?
+        var screenshot: String?
+        var ip: String?
+        var checkStatus: Int32?
+        var checkLog: String?
+        var checkedAt: Date?
+        var passed: Bool { line != nil && reason == nil }
+    }
+
+    /// The boot line or why it did not come; then a screenshot, the VM's address and the check.
+    func watchBoot(_ watch: BootWatch, report: (String) -> Void) throws -> BootOutcome {
+        let pattern = try Self.bootPattern(watch.pattern, what: "the boot line")
+        var outcome = BootOutcome()
+        let (line, problem) = waitForBootLine(log: watch.consoleLog, pattern: pattern, domain: watch.domain, events: watch.events,
+                                              deadline: watch.deadline, from: watch.offset)
+        guard let line else {
+            outcome.reason = problem ?? "the boot line /\(watch.pattern)/ did not appear within \(DurationText.format(watch.timeout))"
+            return outcome
+        }
+        outcome.line = line
+        outcome.bootLineAt = Date()
+        outcome.screenshot = Self.saveScreenshot(of: watch.domain, to: watch.screenshot)
+        outcome.ip = watch.address()
+        if let check = watch.check {
+            report("running the check: \(check)")
+            let environment = watch.environment.merging([
+                "LIFEBOAT_MACHINE": watch.machine, "LIFEBOAT_POINT": watch.point, "LIFEBOAT_VM": watch.domain.name,
+                "LIFEBOAT_VM_IP": outcome.ip ?? "", "LIFEBOAT_CONSOLE_LOG": watch.consoleLog,
+            ]) { $1 }
+            let (status, failure) = try Self.runCheck(check, environment: environment, log: watch.checkLog, deadline: watch.deadline,
+                                                      directory: watch.checkDirectory)
+            outcome.checkStatus = status
+            outcome.checkLog = watch.checkLog
+            outcome.reason = failure
+            if failure == nil { outcome.checkedAt = Date() }
+        }
+        return outcome
+    }
+
+    /// A boot line pattern, or a one-line error naming it.
+    static func bootPattern(_ text: String, what: String) throws -> NSRegularExpression {
+        do { return try NSRegularExpression(pattern: text) } catch {
+            throw LifeboatError(.invalidArgument, "\(what) '\(text)' is not a regular expression: \(error.localizedDescription)")
+        }
+    }
+}
