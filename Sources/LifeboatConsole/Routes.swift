@@ -49,6 +49,9 @@ extension Console {
         let (wait, retryAfter) = throttle.admit(address: address, user: counted)
         guard let wait else {
             note("login-refused")
+            // Answered after a pause (no CPU, a timer): a client that loops on refusals makes a
+            // few requests a second, not thousands, and costs the pages of people logged in nothing.
+            try await Task.sleep(for: .seconds(ConsoleLimits.refusalPause))
             throw ConsoleError(.tooManyRequests, "too many failed logins for \(name) or from your address: try again in \(Int(retryAfter.rounded(.up)) + 1) s")
         }
         if wait > 0 { try await Task.sleep(for: .milliseconds(Int(wait * 1000))) }
@@ -56,6 +59,7 @@ extension Console {
         guard let checked = try await passwordChecks.run({ try users.verify(valid ? given : "", password: password) }) else {
             throttle.failed(address: address, user: counted)
             note("login-refused")
+            try await Task.sleep(for: .seconds(ConsoleLimits.refusalPause))
             throw ConsoleError(.tooManyRequests, "too many logins at once: try again in a few seconds")
         }
         guard let user = checked else {

@@ -30,6 +30,8 @@ public enum ConsoleLimits {
     static let body = 1 << 20
     /// How long a request body may take to arrive.
     static let bodySeconds: Double = 10
+    /// A refused login (429) is answered after this pause.
+    public static let refusalPause: Int64 = 3
 }
 
 /// Paths the console answers only in normal form: no empty, "." or ".." segment, no trailing

@@ -111,14 +111,11 @@ public enum Mounts {
         for _ in 0..<200 where isMounted(target) { usleep(10_000) }
     }
 
-    /// Starts `executable arguments` as a daemon in its own session (stdin from `input`, stdout
-    /// and stderr to `log`), then waits until `mountpoint` is mounted.
-    /// - Returns: the daemon's pid.
-    /// - Throws: with the daemon's last log line when it exits first or the mount never appears.
     /// Microseconds a mount's request loop may spin between requests (docs/MOUNT.md, "The request loop").
     public static let defaultBusyPoll = 300
 
     /// Starts `lifeboat mount --foreground` as a daemon and returns once the mount is there.
+    /// - Throws: with the daemon's last log line when it exits first or the mount never appears.
     public static func start(_ repo: Repository, at path: String, launcher: SelfLauncher, cacheSize: Int, allowOther: Bool,
                              threads: Int, busyPoll: Int = defaultBusyPoll) throws -> (pid: pid_t, log: String) {
         try checkMountpoint(path)

@@ -12,11 +12,11 @@ import Glibc
 extension Recovery {
     /// The point's disks as qcow2 overlays in `folder` over the disks `mount` serves; with
     /// `finals`, each also names the raw hot file finalisation writes (a leftover one is removed).
-    func makeOverlays(of point: RecoveryPoint, mount: String, in folder: String, finals: Bool) throws -> [HotDisk] {
+    func makeOverlays(of point: RecoveryPoint, machine name: String, mount: String, in folder: String, finals: Bool) throws -> [HotDisk] {
         try FileSystem.makeDirectories(folder)
         chmod(folder, 0o755)
         return try point.disks.enumerated().map { index, disk in
-            let backing = "\(mount)/\(point.machine)/\(point.id)/\(disk.name).raw"
+            let backing = "\(mount)/\(name)/\(point.id)/\(disk.name).raw"
             guard FileSystem.exists(backing) else {
                 throw LifeboatError(.notFound, "the FUSE mount \(mount) does not serve \(backing): is it a mount of another repository?")
             }
@@ -95,8 +95,9 @@ extension Recovery {
         var passed: Bool { line != nil && reason == nil }
     }
 
-    /// The boot line or why it did not come; then a screenshot, the VM's address and the check.
-    func watchBoot(_ watch: BootWatch, report: (String) -> Void) throws -> BootOutcome {
+    /// The boot line or why it did not come; then a screenshot and the VM's address, handed to
+    /// `booted` (the caller records them before the check runs); then the check.
+    func watchBoot(_ watch: BootWatch, report: (String) -> Void, booted: (BootOutcome) throws -> Void = { _ in }) throws -> BootOutcome {
         let pattern = try Self.bootPattern(watch.pattern, what: "the boot line")
         var outcome = BootOutcome()
         let (line, problem) = waitForBootLine(log: watch.consoleLog, pattern: pattern, domain: watch.domain, events: watch.events,
@@ -109,6 +110,7 @@ extension Recovery {
         outcome.bootLineAt = Date()
         outcome.screenshot = Self.saveScreenshot(of: watch.domain, to: watch.screenshot)
         outcome.ip = watch.address()
+        try booted(outcome)
         if let check = watch.check {
             report("running the check: \(check)")
             let environment = watch.environment.merging([

@@ -125,7 +125,7 @@ extension Recovery {
         record.mount = mount
         let folder = hot.disksDirectory(name)
         record.disks = []
-        record.disks = try makeOverlays(of: point, mount: mount, in: folder, finals: true)
+        record.disks = try makeOverlays(of: point, machine: name, mount: mount, in: folder, finals: true)
         try hot.save(record)
         report("overlays in \(folder) over point \(point.id)")
 

@@ -86,11 +86,13 @@ extension Recovery {
         }
         guard let domain else { return record }
         let live = (try? domain.xml()) ?? ""
+        var sources: [String: String] = [:]
+        for disk in (try? DomainDisk.disks(inDomainXML: live)) ?? [] where sources[disk.target] == nil { sources[disk.target] = disk.source }
         for index in record.disks.indices where !record.disks[index].isHot {
             let disk = record.disks[index]
             guard let final = disk.final else { continue }
             let top = DiskFinalisation.topImage(final)
-            let source = DomainDisk.source(of: disk.target, inDomainXML: live)
+            let source = sources[disk.target]
             let job = (try? domain.blockJob(disk: disk.target)).flatMap { $0 }
             var finalisation = DiskFinalisation()
             let actions = finalisation.observe(guestOn: source == final ? .final : source == top ? .top : .overlay,

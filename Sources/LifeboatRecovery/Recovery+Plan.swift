@@ -288,16 +288,19 @@ extension Recovery {
                               pattern: patternText, timeout: timeout, deadline: Date().addingTimeInterval(timeout),
                               screenshot: folder + "/\(machine).png", check: group.check, checkLog: folder + "/\(machine).check.log",
                               checkDirectory: plan.directory, environment: environment, address: { ip })
-        let outcome = try watchBoot(watch, report: report)
-        guard let line = outcome.line else {
+        let outcome = try watchBoot(watch, report: report) { booted in
+            report("boot line: \(booted.line ?? "")")
+            book.updateMachine(machine) { run in
+                run.bootLineAt = booted.bootLineAt
+                run.bootLine = booted.line
+                if let path = booted.screenshot { run.screenshot = path }
+            }
+        }
+        guard outcome.line != nil else {
             book.updateMachine(machine) { $0.result = .failed; $0.reason = outcome.reason; $0.consoleTail = Self.tail(of: console, bytes: 2048) }
             return
         }
-        report("boot line: \(line)")
         book.updateMachine(machine) { run in
-            run.bootLineAt = outcome.bootLineAt
-            run.bootLine = line
-            if let path = outcome.screenshot { run.screenshot = path }
             if let check = group.check {
                 run.check = check
                 run.checkStatus = outcome.checkStatus

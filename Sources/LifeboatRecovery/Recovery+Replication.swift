@@ -40,10 +40,17 @@ extension HotStorage {
             .flatMap { try? JSONDecoder.lifeboat.decode(ReplicationState.self, from: $0) }
     }
 
-    func save(_ state: ReplicationState, of name: String) {
+    /// Changes the machine's replication state under a lock of its own (a hand-made point and
+    /// the service's may end at the same moment), read afresh; returns it as saved.
+    @discardableResult
+    func updateReplicationState(_ name: String, _ change: (inout ReplicationState) -> Void) -> ReplicationState {
         try? prepare(name)
-        guard let bytes = try? JSONEncoder.lifeboat.encode(state) else { return }
-        try? FileSystem.writeAtomically(Array(bytes), to: replicationPath(name))
+        let lock = try? FileLock(path: machineDirectory(name) + "/.replication.lock", mode: .exclusive, wait: true)
+        defer { withExtendedLifetime(lock) {} }
+        var state = replicationState(name) ?? ReplicationState()
+        change(&state)
+        if let bytes = try? JSONEncoder.lifeboat.encode(state) { try? FileSystem.writeAtomically(Array(bytes), to: replicationPath(name)) }
+        return state
     }
 }
 
@@ -80,9 +87,7 @@ extension Recovery {
     public func takePoint(_ name: String, using replication: Replication, progress: ProgressMeter = ProgressMeter(),
                           cancelled: @escaping @Sendable () -> Bool = { false }) throws -> (point: RecoveryPoint, pruned: [String]) {
         let machine = try repository.machine(name)
-        var state = hot.replicationState(name) ?? ReplicationState()
         let started = Date()
-        state.lastAttempt = started
         let serverState = (try? hot.record(name))?.state ?? .standby
         do {
             let point = machine.domain != nil
@@ -94,14 +99,16 @@ extension Recovery {
                     hot.record(name, HistoryEvent(event: "prune-failed", state: serverState, point: point.id, detail: "\(error)"))
                 }
             }
-            state.lastSuccess = point.time
-            state.lastPoint = point.id
-            state.failures = 0
-            state.lastError = nil
-            state.nextAttempt = nil
-            state.lastSeconds = point.seconds
-            state.lastBytesRead = point.bytesRead
-            hot.save(state, of: name)
+            hot.updateReplicationState(name) { state in
+                state.lastAttempt = started
+                state.lastSuccess = point.time
+                state.lastPoint = point.id
+                state.failures = 0
+                state.lastError = nil
+                state.nextAttempt = nil
+                state.lastSeconds = point.seconds
+                state.lastBytesRead = point.bytesRead
+            }
             var detail = "\(point.readMode ?? "full") point, \(point.consistency), \(point.bytesRead) bytes read in "
                 + String(format: "%.1f s", point.seconds)
             if let note = point.note { detail += "; \(note)" }
@@ -109,11 +116,14 @@ extension Recovery {
             hot.record(name, HistoryEvent(event: "backup", state: serverState, point: point.id, detail: detail))
             return (point, pruned)
         } catch {
-            state.failures += 1
-            state.lastError = "\(error)"
-            let wait = cancelled() ? 0 : Self.backoff(failures: state.failures, interval: machine.interval)
-            state.nextAttempt = Date().addingTimeInterval(wait)
-            hot.save(state, of: name)
+            var wait = 0.0
+            let state = hot.updateReplicationState(name) { state in
+                state.lastAttempt = started
+                state.failures += 1
+                state.lastError = "\(error)"
+                wait = cancelled() ? 0 : Self.backoff(failures: state.failures, interval: machine.interval)
+                state.nextAttempt = Date().addingTimeInterval(wait)
+            }
             hot.record(name, HistoryEvent(event: "backup-failed", state: serverState, detail: "\(error)"
                 + (cancelled() ? "" : String(format: "; attempt %d, next in %.0f s", state.failures, wait))))
             throw error

@@ -108,7 +108,7 @@ extension Recovery {
             report("serving \(repository.root) for QEMU")
             let mount = try ensureMount()
             record.mount = mount
-            record.disks = try makeOverlays(of: point, mount: mount, in: hot.testDirectory(name), finals: false)
+            record.disks = try makeOverlays(of: point, machine: name, mount: mount, in: hot.testDirectory(name), finals: false)
             try hot.save(record)
             report("overlays in \(hot.testDirectory(name)) over point \(point.id)")
             let host = try ensureTestNetwork(machine: name, mac: mac, ip: ip, gateway: machine.gateway.flatMap(IPv4.init))
@@ -145,8 +145,15 @@ extension Recovery {
                               check: options.check, checkLog: drillFolder + "/check.log", checkDirectory: options.checkDirectory,
                               environment: options.checkEnvironment.merging(["LIFEBOAT_DRILL": drillID]) { $1 },
                               address: { [self] in knownIP ?? waitForLease(mac: mac, until: min(deadline, Date().addingTimeInterval(10))) })
-        let outcome = try watchBoot(watch) { report($0) }
-        guard let line = outcome.line, let bootLineAt = outcome.bootLineAt else {
+        let outcome = try watchBoot(watch, report: report) { booted in
+            drill.bootLine = booted.line
+            drill.secondsToBootLine = booted.bootLineAt?.timeIntervalSince(started)
+            drill.screenshot = booted.screenshot
+            drill.ip = booted.ip
+            try hot.save(drill)
+            report(String(format: "boot line after %.1f s: %@", drill.secondsToBootLine ?? 0, booted.line ?? ""))
+        }
+        guard outcome.line != nil else {
             drill.result = .failed
             drill.reason = outcome.reason
             drill.ended = Date()
@@ -154,11 +161,6 @@ extension Recovery {
             hot.record(name, HistoryEvent(event: "drill-failed", state: .testingFailover, point: point.id, detail: "drill \(drillID): \(drill.reason ?? "?")"))
             return drill
         }
-        drill.bootLine = line
-        drill.secondsToBootLine = bootLineAt.timeIntervalSince(started)
-        report(String(format: "boot line after %.1f s: %@", drill.secondsToBootLine!, line))
-        drill.screenshot = outcome.screenshot
-        drill.ip = outcome.ip
         drill.checkLog = outcome.checkLog
         drill.checkStatus = outcome.checkStatus
         if let failure = outcome.reason {

@@ -13,7 +13,7 @@ extension Lifeboat {
         @OptionGroup var output: OutputOptions
 
         func run() throws {
-            let recovery = try self.recovery.recovery(repository)
+            let recovery = try self.recovery.recovery(repository, pointsOnly: true)
             let progress = ProgressMeter()
             _ = try recovery.repository.machine(name)
             // The same call as the console's "Back up now" and the replication service: the

@@ -21,15 +21,19 @@ struct RecoveryOptions: ParsableArguments {
 
     /// Opens the recovery servers of `repository`; their launcher hands the password (nil when
     /// unencrypted) to the helpers it starts (mount, finaliser) on stdin.
-    func recovery(_ repository: RepositoryOptions) throws -> Recovery {
+    /// - Parameter pointsOnly: for commands that only take points (`backup`): the templates and
+    ///   the domain type are not needed, so a host without templates or with a stale
+    ///   $LIFEBOAT_VIRT_TYPE can still take them.
+    func recovery(_ repository: RepositoryOptions, pointsOnly: Bool = false) throws -> Recovery {
         let (repo, password) = try repository.openKeepingPassword()
         let environment = ProcessInfo.processInfo.environment
         let virtText = virtType ?? environment["LIFEBOAT_VIRT_TYPE"]
         var settings = RecoverySettings(
             connectURI: Connection.uri(connect),
             hotDirectory: hot ?? environment["LIFEBOAT_HOT"] ?? "/var/lib/lifeboat/hot",
-            templates: try locateTemplates(),
-            virtType: try virtText.map { try VirtType.parse($0, what: "--virt-type") } ?? .auto,
+            templates: pointsOnly ? (try? locateTemplates()) ?? Templates(directory: templates ?? "templates") : try locateTemplates(),
+            virtType: pointsOnly ? virtText.flatMap(VirtType.init(rawValue:)) ?? .auto
+                : try virtText.map { try VirtType.parse($0, what: "--virt-type") } ?? .auto,
             launcher: SelfLauncher(password: password))
         // History names who acted: the person behind sudo, else the Unix user.
         settings.user = environment["SUDO_USER"] ?? environment["USER"] ?? environment["LOGNAME"]
