@@ -350,9 +350,7 @@ public final class DeviceCookies: Sendable {
             return
         }
         let bytes = secureRandomBytes(32)
-        let folder = (path as NSString).deletingLastPathComponent
-        try? FileSystem.makeDirectories(FileSystem.parent(of: folder))
-        try? FileSystem.makeDirectory(folder, mode: 0o700)
+        try? UserStore.prepareFolder(of: path)
         try? FileSystem.writeAtomically(bytes, to: path)   // mode 0600
         key = SymmetricKey(data: FileSystem.contents(path).flatMap { $0.count == 32 ? $0 : nil } ?? bytes)
     }
@@ -408,15 +406,12 @@ public final class LoginLog: Sendable {
     }
 
     func record(_ record: LoginRecord) {
-        guard var line = try? JSONEncoder.lifeboat.encode(record) else { return }
-        line = Data(String(decoding: line, as: UTF8.self).replacingOccurrences(of: "\n", with: "").utf8)
+        guard var line = try? JSONEncoder.compactLifeboat.encode(record) else { return }
         line.append(0x0a)
         lock.withLock { _ in
             var info = stat()
             if stat(path, &info) == 0, info.st_size > 1 << 20 { rename(path, path + ".1") }
-            let folder = (path as NSString).deletingLastPathComponent
-            try? FileSystem.makeDirectories(FileSystem.parent(of: folder))
-            try? FileSystem.makeDirectory(folder, mode: 0o700)
+            try? UserStore.prepareFolder(of: path)
             let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
             guard fd >= 0 else { return }
             defer { close(fd) }

@@ -135,9 +135,6 @@ public struct ConsoleListen: Sendable {
         return any
     }
 
-    /// ADDR:PORT, [ADDR]:PORT for IPv6 (`ListenAddress`).
-    public static func parse(_ text: String) -> (host: String, port: Int)? { ListenAddress.parse(text) }
-
     /// TLS is used with a given certificate, and always off loopback.
     public var usesTLS: Bool { certificate != nil || !isLoopback }
 }
@@ -300,8 +297,9 @@ struct AuthMiddleware: RouterMiddleware {
         }
         // Every body is read here, bounded in size and time, before anything answers (a body
         // left unread is drained by the server after the answer, with no deadline).
+        let body: ByteBuffer
         do {
-            _ = try await request.collectBodyLimited(context.user == nil ? ConsoleLimits.anonymousBody : ConsoleLimits.body)
+            body = try await request.collectBodyLimited(context.user == nil ? ConsoleLimits.anonymousBody : ConsoleLimits.body)
         } catch let error as HTTPError where error.status == .contentTooLarge {
             throw ConsoleError(.contentTooLarge, "the request body is too large")
         }
@@ -323,10 +321,7 @@ struct AuthMiddleware: RouterMiddleware {
                 guard request.headers[.contentType]?.lowercased().hasPrefix("application/x-www-form-urlencoded") == true else {
                     throw ConsoleError(.forbidden, "a change from a page must be the page's own form: reload the page and try again")
                 }
-                let fields = Request.fields(of: try await request.collectBodyLimited(ConsoleLimits.body))
-                guard Answer.same(fields["csrf"] ?? "", context.csrf) else {
-                    throw ConsoleError(.forbidden, "this form's CSRF token does not match your session (an old page, or a page from elsewhere): reload the page and try again")
-                }
+                try Request.checkFormToken(Request.fields(of: body), context)
             }
         }
         return try await next(request, context)
@@ -398,13 +393,15 @@ extension Request {
         return buffer
     }
 
-    /// The body: at most 1 MiB with a session, 4 KiB without one (a login).
+    /// The body, as AuthMiddleware read it (bounded in size and time) before any handler ran.
     func text(_ context: ConsoleContext) async throws -> String {
-        var request = self
-        do {
-            return String(buffer: try await request.collectBodyLimited(context.user == nil ? ConsoleLimits.anonymousBody : ConsoleLimits.body))
-        } catch let error as HTTPError where error.status == .contentTooLarge {
-            throw ConsoleError(.contentTooLarge, "the request body is too large")
+        String(buffer: try await body.collect(upTo: ConsoleLimits.body))
+    }
+
+    /// A form's csrf field must be the session's token.
+    static func checkFormToken(_ fields: [String: String], _ context: ConsoleContext) throws {
+        guard Answer.same(fields["csrf"] ?? "", context.csrf) else {
+            throw ConsoleError(.forbidden, "this form's CSRF token does not match your session (an old page, or a page from elsewhere): reload the page and try again")
         }
     }
 
@@ -423,14 +420,8 @@ extension Request {
     /// The form fields of a POST from a page, whose csrf field must match the session's
     /// (AuthMiddleware checked it already; checked again here, where the form is used).
     func form(_ context: ConsoleContext, checkCSRF: Bool = true) async throws -> [String: String] {
-        var fields: [String: String] = [:]
-        let text = try await text(context)
-        fields = Request.fields(of: ByteBuffer(string: text))
-        if checkCSRF {
-            guard Answer.same(fields["csrf"] ?? "", context.csrf) else {
-                throw ConsoleError(.forbidden, "this form's CSRF token does not match your session (an old page, or a page from elsewhere): reload the page and try again")
-            }
-        }
+        let fields = Request.fields(of: try await body.collect(upTo: ConsoleLimits.body))
+        if checkCSRF { try Request.checkFormToken(fields, context) }
         return fields
     }
 

@@ -114,6 +114,14 @@ public struct UserStore: Sendable {
         return user
     }
 
+    /// The folder of a console file (HOT/.console): made when missing, root's alone (0700).
+    static func prepareFolder(of path: String) throws {
+        let folder = (path as NSString).deletingLastPathComponent
+        try FileSystem.makeDirectories(FileSystem.parent(of: folder))
+        try FileSystem.makeDirectory(folder, mode: 0o700)
+        chmod(folder, 0o700)
+    }
+
     static func validName(_ name: String) -> Bool {
         !name.isEmpty && name.count <= 64 && name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || "._-".contains($0)) }
     }
@@ -138,10 +146,7 @@ public struct UserStore: Sendable {
     }
 
     private func save(_ list: [ConsoleUser]) throws {
-        let folder = (path as NSString).deletingLastPathComponent
-        try FileSystem.makeDirectories(FileSystem.parent(of: folder))
-        try FileSystem.makeDirectory(folder, mode: 0o700)
-        chmod(folder, 0o700)
+        try Self.prepareFolder(of: path)
         let data = try JSONEncoder.lifeboat.encode(File(users: list))
         try FileSystem.writeAtomically(Array(data), to: path)   // mode 0600
     }

@@ -48,7 +48,7 @@ extension HotStorage {
 
 extension JSONEncoder {
     /// Like `.lifeboat`, on one line.
-    static var compactLifeboat: JSONEncoder {
+    package static var compactLifeboat: JSONEncoder {
         let encoder = JSONEncoder.lifeboat
         encoder.outputFormatting = [.sortedKeys]
         return encoder

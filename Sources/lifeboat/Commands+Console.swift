@@ -23,7 +23,7 @@ struct ConsoleTLSOptions: ParsableArguments {
     }
 
     func listen(_ address: String, option: String) throws -> ConsoleListen {
-        guard let (host, port) = ConsoleListen.parse(address) else {
+        guard let (host, port) = ListenAddress.parse(address) else {
             throw ValidationError("\(option) \(address) is not ADDR:PORT like 127.0.0.1:8470")
         }
         return ConsoleListen(host: host, port: port, certificate: tlsCert, key: tlsKey, serverNames: serverNames)
