@@ -6,6 +6,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "lifeboat", targets: ["lifeboat"]),
+        .library(name: "LifeboatBase", targets: ["LifeboatBase"]),
         .library(name: "LifeboatRepository", targets: ["LifeboatRepository"]),
         .library(name: "LifeboatFS", targets: ["LifeboatFS"]),
         .library(name: "LifeboatVirt", targets: ["LifeboatVirt"]),
@@ -38,9 +39,16 @@ let package = Package(
         .systemLibrary(name: "CNbd", pkgConfig: "libnbd", providers: [.apt(["libnbd-dev"])]),
 
         .target(
+            name: "LifeboatBase",
+            dependencies: [
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Subprocess", package: "swift-subprocess"),
+            ]
+        ),
+        .target(
             name: "LifeboatRepository",
             dependencies: [
-                "CZstd",
+                "LifeboatBase", "CZstd",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "_CryptoExtras", package: "swift-crypto"),
                 .product(name: "SystemPackage", package: "swift-system"),
@@ -50,26 +58,26 @@ let package = Package(
         .target(
             name: "LifeboatFS",
             dependencies: [
-                "LifeboatRepository", "CFuse",
+                "LifeboatBase", "LifeboatRepository", "CFuse",
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
         .target(
             name: "LifeboatVirt",
-            dependencies: ["CVirt", .product(name: "Mustache", package: "swift-mustache")]
+            dependencies: ["LifeboatBase", "CVirt", .product(name: "Mustache", package: "swift-mustache")]
         ),
-        .target(name: "LifeboatNBD", dependencies: ["CNbd"]),
+        .target(name: "LifeboatNBD", dependencies: ["LifeboatBase", "CNbd"]),
         .target(
             name: "LifeboatReplication",
             dependencies: [
-                "LifeboatRepository", "LifeboatFS", "LifeboatVirt", "LifeboatNBD",
+                "LifeboatBase", "LifeboatRepository", "LifeboatFS", "LifeboatVirt", "LifeboatNBD",
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
         .target(
             name: "LifeboatRecovery",
             dependencies: [
-                "LifeboatRepository", "LifeboatFS", "LifeboatVirt", "LifeboatReplication",
+                "LifeboatBase", "LifeboatRepository", "LifeboatFS", "LifeboatVirt", "LifeboatReplication", "LifeboatNBD",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "Mustache", package: "swift-mustache"),
@@ -78,7 +86,7 @@ let package = Package(
         .target(
             name: "LifeboatService",
             dependencies: [
-                "LifeboatRecovery", "LifeboatReplication", "LifeboatRepository",
+                "LifeboatBase", "LifeboatRecovery", "LifeboatReplication", "LifeboatRepository",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
@@ -88,7 +96,7 @@ let package = Package(
         .target(
             name: "LifeboatConsole",
             dependencies: [
-                "LifeboatRecovery", "LifeboatReplication", "LifeboatRepository",
+                "LifeboatBase", "LifeboatRecovery", "LifeboatReplication", "LifeboatRepository",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdTLS", package: "hummingbird"),
                 .product(name: "HummingbirdAuth", package: "hummingbird-auth"),
@@ -106,7 +114,7 @@ let package = Package(
         .executableTarget(
             name: "lifeboat",
             dependencies: [
-                "LifeboatRepository", "LifeboatFS", "LifeboatVirt", "LifeboatRecovery", "LifeboatReplication", "LifeboatService",
+                "LifeboatBase", "LifeboatRepository", "LifeboatFS", "LifeboatVirt", "LifeboatRecovery", "LifeboatReplication", "LifeboatService",
                 "LifeboatConsole",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -114,24 +122,24 @@ let package = Package(
         ),
         .target(
             name: "LifeboatTestSupport",
-            dependencies: ["LifeboatRepository"],
+            dependencies: ["LifeboatBase", "LifeboatRepository"],
             path: "Tests/LifeboatTestSupport"
         ),
         .testTarget(
             name: "LifeboatRepositoryTests",
-            dependencies: ["LifeboatRepository", "LifeboatTestSupport", .product(name: "Crypto", package: "swift-crypto")]
+            dependencies: ["LifeboatBase", "LifeboatRepository", "LifeboatTestSupport", .product(name: "Crypto", package: "swift-crypto")]
         ),
         .testTarget(
             name: "LifeboatFSTests",
-            dependencies: ["LifeboatFS", "LifeboatRepository", "LifeboatTestSupport", .product(name: "SystemPackage", package: "swift-system")]
+            dependencies: ["LifeboatBase", "LifeboatFS", "LifeboatRepository", "LifeboatTestSupport", .product(name: "SystemPackage", package: "swift-system")]
         ),
         .testTarget(
             name: "LifeboatVirtTests",
-            dependencies: ["LifeboatVirt", "LifeboatTestSupport"]
+            dependencies: ["LifeboatBase", "LifeboatVirt", "LifeboatTestSupport"]
         ),
         .testTarget(
             name: "LifeboatRecoveryTests",
-            dependencies: ["LifeboatRecovery", "LifeboatVirt", "LifeboatFS", "LifeboatRepository", "LifeboatConsole", "LifeboatTestSupport"]
+            dependencies: ["LifeboatBase", "LifeboatRecovery", "LifeboatVirt", "LifeboatFS", "LifeboatRepository", "LifeboatConsole", "LifeboatTestSupport"]
         ),
     ],
     swiftLanguageModes: [.v6]

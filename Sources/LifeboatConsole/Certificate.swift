@@ -1,5 +1,6 @@
 import Crypto
 import Foundation
+import LifeboatBase
 import LifeboatRecovery
 import LifeboatRepository
 import SwiftASN1

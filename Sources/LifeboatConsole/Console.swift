@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import LifeboatRecovery
 import LifeboatReplication
 import LifeboatRepository
@@ -30,9 +31,9 @@ public final class Console: Sendable {
     let devices: DeviceCookies
     let pages: Pages
     private let queue = DispatchQueue(label: "lifeboat.console.reads")
-    private let cached = Mutex<Snapshot?>(nil)
+    private let cached = Locked<Snapshot?>(nil)
     private let refreshing = Atomic<Bool>(false)
-    private let renderedDashboard = Mutex<(taken: Date, html: String)?>(nil)
+    private let renderedDashboard = Locked<(taken: Date, html: String)?>(nil)
     /// How long a snapshot is served without taking a new one.
     static let freshFor: TimeInterval = 2
     /// How long an older snapshot is served while a new one is taken.

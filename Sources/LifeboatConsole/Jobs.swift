@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import LifeboatRepository
 import Synchronization
 
@@ -55,8 +56,8 @@ public final class JobHandle: Sendable {
 
 /// The console's jobs: at most one running per machine; the last 200 kept in memory.
 public final class JobBoard: Sendable {
-    private let jobs = Mutex<[ConsoleJob]>([])
-    private let meters = Mutex<[String: (meter: ProgressMeter, since: Date)]>([:])
+    private let jobs = Locked<[ConsoleJob]>([])
+    private let meters = Locked<[String: (meter: ProgressMeter, since: Date)]>([:])
     private let finished = Atomic<Int>(0)
     static let kept = 200
 

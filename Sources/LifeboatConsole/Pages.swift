@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import LifeboatRecovery
 import LifeboatRepository
 import Mustache

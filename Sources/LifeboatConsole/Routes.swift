@@ -2,6 +2,7 @@ import Foundation
 import Hummingbird
 import HummingbirdAuth
 import HTTPTypes
+import LifeboatBase
 import LifeboatRecovery
 import LifeboatRepository
 

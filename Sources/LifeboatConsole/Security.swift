@@ -2,6 +2,7 @@ import Crypto
 import Foundation
 import Hummingbird
 import HTTPTypes
+import LifeboatBase
 import LifeboatRepository
 import NIOCore
 import Synchronization
@@ -198,8 +199,8 @@ public final class LoginThrottle: Sendable {
         var next: Date
         var last: Date
     }
-    private let entries = Mutex<[String: Entry]>([:])
-    private let lastTidy = Mutex(Date.distantPast)
+    private let entries = Locked<[String: Entry]>([:])
+    private let lastTidy = Locked(Date.distantPast)
     static let forget: TimeInterval = 900
     static let longest: Double = 30
     /// Tries further than this in the future are refused (429), not queued.
@@ -286,7 +287,7 @@ public final class LoginThrottle: Sendable {
 /// a flood of logins takes one core at most and never the pages of people logged in.
 public final class PasswordChecks: Sendable {
     private let queue = DispatchQueue(label: "lifeboat.console.passwords", qos: .utility)
-    private let pending = Mutex(0)
+    private let pending = Locked(0)
     let capacity: Int
 
     public init(capacity: Int = 16) { self.capacity = capacity }
@@ -314,7 +315,7 @@ public final class PasswordChecks: Sendable {
 /// password hash, new at every `user add`), so a changed password or a removed and re-added
 /// user ends every older session.
 public final class SessionBook: Sendable {
-    private let current = Mutex<[String: String]>([:])
+    private let current = Locked<[String: String]>([:])
 
     public init() {}
 
@@ -390,8 +391,8 @@ public struct LoginRecord: Codable, Sendable {
 
 public final class LoginLog: Sendable {
     public let path: String
-    private let lock = Mutex(())
-    private let refusalsWritten = Mutex<[String: Date]>([:])
+    private let lock = Locked(())
+    private let refusalsWritten = Locked<[String: Date]>([:])
 
     public init(hotDirectory: String) { path = hotDirectory + "/.console/logins.jsonl" }
 
@@ -430,7 +431,7 @@ public final class LoginLog: Sendable {
 /// Closes connections from one address beyond `ConsoleLimits.connectionsPerAddress` (loopback
 /// excepted: every SSH tunnel arrives from there).
 final class ConnectionsPerAddress: Sendable {
-    private let counts = Mutex<[String: Int]>([:])
+    private let counts = Locked<[String: Int]>([:])
 
     func handler() -> AddressLimitHandler { AddressLimitHandler(book: self) }
 

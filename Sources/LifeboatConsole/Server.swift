@@ -5,6 +5,7 @@ import HummingbirdAuth
 import HummingbirdCore
 import HummingbirdTLS
 import HTTPTypes
+import LifeboatBase
 import LifeboatRecovery
 import LifeboatRepository
 import Logging

@@ -1,3 +1,4 @@
+import LifeboatBase
 import _CryptoExtras
 import Crypto
 import Foundation
@@ -48,7 +49,7 @@ public struct UserStore: Sendable {
     /// (every request checks its user: a stat, not a read).
     private let cache = Cache()
     private final class Cache: Sendable {
-        let entry = Mutex<(key: [Int], users: [ConsoleUser])?>(nil)
+        let entry = Locked<(key: [Int], users: [ConsoleUser])?>(nil)
     }
     /// scrypt N = 2^15, r = 8, p = 1: 32 MiB and about 0.1 s per check on this host's cores.
     public static let logN = 15

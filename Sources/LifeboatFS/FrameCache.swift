@@ -1,7 +1,7 @@
 import Dispatch
 import Foundation
+import LifeboatBase
 import LifeboatRepository
-import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -47,7 +47,7 @@ public final class FrameCache: Sendable {
         var clock: UInt64 = 0
     }
 
-    private let state = Mutex(State())
+    private let state = Locked(State())
     private let repository: Repository
     private let slots: FrameSlots
     /// Bytes of frames it holds at most.
@@ -262,7 +262,7 @@ final class FrameSlots: @unchecked Sendable {
     let size: Int
     let count: Int
     private let base: UnsafeMutableRawPointer
-    private let populated = Mutex(0)   // slots below it are faulted in or queued to be
+    private let populated = Locked(0)   // slots below it are faulted in or queued to be
     private let populating = DispatchQueue(label: "lifeboat.frame-slots", qos: .utility)
     /// Slots faulted in ahead of the last one handed out, at most (4 MiB of 64 KiB frames).
     static let ahead = 64

@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import SystemPackage
 
 /// What a file system served through FUSE answers. Paths are absolute inside the mount

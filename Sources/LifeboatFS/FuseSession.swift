@@ -1,5 +1,6 @@
 internal import CFuse
 import Foundation
+import LifeboatBase
 import LifeboatRepository
 import SystemPackage
 import Synchronization
@@ -278,8 +279,8 @@ final class RequestLoop: @unchecked Sendable {
 /// request on an open handle (a read, most of all), and passes none.
 final class FileSystemBox {
     let fs: any FuseFileSystem
-    let files = Mutex<[UInt64: String]>([:])
-    let directories = Mutex<(next: UInt64, paths: [UInt64: String])>((1, [:]))
+    let files = Locked<[UInt64: String]>([:])
+    let directories = Locked<(next: UInt64, paths: [UInt64: String])>((1, [:]))
     init(_ fs: any FuseFileSystem) { self.fs = fs }
 }
 

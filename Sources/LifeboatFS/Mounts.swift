@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import LifeboatRepository
 import SystemPackage
 #if canImport(Glibc)
@@ -149,40 +150,5 @@ public enum Mounts {
             if text.hasPrefix("lifeboat: ") { text.removeFirst("lifeboat: ".count) }
             return text
         }
-    }
-}
-
-/// Who may read served disks besides root: the group QEMU runs as under libvirt.
-public enum QemuAccess {
-    /// The group from libvirt's qemu.conf (`group = "…"`), else Debian's default `libvirt-qemu`.
-    public static func groupName(config: String = "/etc/libvirt/qemu.conf") -> String {
-        setting("group", config: config) ?? "libvirt-qemu"
-    }
-
-    /// The user from libvirt's qemu.conf (`user = "…"`), else Debian's default `libvirt-qemu`.
-    public static func userName(config: String = "/etc/libvirt/qemu.conf") -> String {
-        setting("user", config: config) ?? "libvirt-qemu"
-    }
-
-    /// A `key = "value"` line of qemu.conf.
-    static func setting(_ key: String, config: String) -> String? {
-        guard let text = try? String(contentsOfFile: config, encoding: .utf8) else { return nil }
-        for line in text.split(separator: "\n") {
-            let trimmed = line.trimmingCharacters(in: .whitespaces)
-            guard trimmed.hasPrefix(key), let eq = trimmed.firstIndex(of: "=") else { continue }
-            guard trimmed[..<eq].trimmingCharacters(in: .whitespaces) == key else { continue }
-            let value = trimmed[trimmed.index(after: eq)...].trimmingCharacters(in: .whitespaces)
-                .trimmingCharacters(in: CharacterSet(charactersIn: "\""))
-            if !value.isEmpty { return value }
-        }
-        return nil
-    }
-
-    /// The gid of that group, or 0 (root only) when it does not exist.
-    public static func gid() -> UInt32 {
-        let name = groupName()
-        if let number = UInt32(name.trimmingCharacters(in: CharacterSet(charactersIn: "+"))) { return number }
-        guard let group = getgrnam(name) else { return 0 }
-        return group.pointee.gr_gid
     }
 }

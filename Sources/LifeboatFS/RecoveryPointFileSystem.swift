@@ -1,7 +1,7 @@
 import Dispatch
 import Foundation
+import LifeboatBase
 import LifeboatRepository
-import Synchronization
 import SystemPackage
 #if canImport(Glibc)
 import Glibc
@@ -29,8 +29,8 @@ public final class RecoveryPointFileSystem: FuseFileSystem {
     let repository: Repository
     let cache: FrameCache
     let access: Access
-    private let handles = Mutex<(next: UInt64, open: [UInt64: OpenFile])>((1, [:]))
-    private let points = Mutex<[String: RecoveryPoint]>([:])
+    private let handles = Locked<(next: UInt64, open: [UInt64: OpenFile])>((1, [:]))
+    private let points = Locked<[String: RecoveryPoint]>([:])
     private let readahead = DispatchQueue(label: "lifeboat.readahead", attributes: .concurrent)
     private let readaheadSlots = DispatchSemaphore(value: 6)
     private let log: @Sendable (String) -> Void
@@ -299,7 +299,7 @@ enum OpenFile: Sendable {
 final class DiskFile: Sendable {
     let index: IndexReader
     let label: String
-    private let cursor = Mutex<(nextOffset: Int, readaheadEnd: Int)>((0, 0))
+    private let cursor = Locked<(nextOffset: Int, readaheadEnd: Int)>((0, 0))
 
     init(index: IndexReader, label: String) {
         self.index = index

@@ -1,5 +1,4 @@
 import CNbd
-import Synchronization
 
 /// An error from libnbd: what Lifeboat was doing and libnbd's own message.
 public struct NBDError: Error, Sendable, CustomStringConvertible {
@@ -78,6 +77,22 @@ public final class NBDConnection: @unchecked Sendable {
         guard nbd_pread(handle, buffer.baseAddress, buffer.count, offset, 0) == 0 else {
             throw NBDError.last("reading \(buffer.count) bytes at \(offset) of \(export)")
         }
+    }
+
+    /// Writes `buffer` at `offset` (an export served writable).
+    /// The corresponding C function is `nbd_pwrite`.
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        guard let handle else { throw NBDError(what: "writing \(export)", message: "the connection is closed", errno: 0) }
+        guard nbd_pwrite(handle, buffer.baseAddress, buffer.count, offset, 0) == 0 else {
+            throw NBDError.last("writing \(buffer.count) bytes at \(offset) of \(export)")
+        }
+    }
+
+    /// Asks the server to make every write so far durable.
+    /// The corresponding C function is `nbd_flush`.
+    public func flush() throws {
+        guard let handle else { throw NBDError(what: "flushing \(export)", message: "the connection is closed", errno: 0) }
+        guard nbd_flush(handle, 0) == 0 else { throw NBDError.last("flushing \(export)") }
     }
 
     /// Every extent of `context` from `range`, in order, as the server describes them (it may

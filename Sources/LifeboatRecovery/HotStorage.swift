@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import LifeboatFS
 import LifeboatRepository
 #if canImport(Glibc)
@@ -61,6 +62,12 @@ public struct ServerRecord: Codable, Sendable {
     public var bandwidth: UInt64?
     /// Failover: the point's own disk paths (disk name -> path), where failback restores to.
     public var sourceDisks: [String: String]?
+    /// Their formats where not raw (disk name -> qcow2): failback writes guest bytes in that format.
+    public var sourceFormats: [String: String]?
+    /// The libvirt domain the machine was before the failover (protect --domain), and its URI:
+    /// after commit the recovery VM is the protected domain; failback makes this one it again.
+    public var sourceDomain: String?
+    public var sourceConnectURI: String?
 
     /// `ip` with its prefix.
     var interface: Interface4? {
@@ -228,4 +235,15 @@ public struct Drill: Codable, Sendable {
     public var consoleLog: String
     public var checkLog: String?
     public var screenshot: String?
+}
+
+extension ServerRecord {
+    /// Remembers what the machine was before its failover: disk paths and formats, its domain.
+    mutating func rememberSource(_ machine: Machine) {
+        sourceDisks = Dictionary(uniqueKeysWithValues: machine.disks.map { ($0.name, $0.path) })
+        let formats = machine.disks.compactMap { disk in disk.format.map { (disk.name, $0) } }
+        sourceFormats = formats.isEmpty ? nil : Dictionary(uniqueKeysWithValues: formats)
+        sourceDomain = machine.domain
+        sourceConnectURI = machine.connectURI
+    }
 }

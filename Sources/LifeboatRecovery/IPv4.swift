@@ -1,3 +1,4 @@
+import LifeboatBase
 import LifeboatRepository
 
 /// An IPv4 address.

@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import LifeboatRepository
 
 /// A change to a machine's recovery-server settings, as `protect` and `configure` (and anything

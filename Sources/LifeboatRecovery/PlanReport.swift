@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import LifeboatRepository
 
 /// One run of a plan (a drill or a failover) and what came of it: written as it goes, so a

@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import LifeboatFS
 import LifeboatRepository
 import LifeboatVirt
@@ -15,17 +16,20 @@ extension Recovery {
     func makeOverlays(of point: RecoveryPoint, machine name: String, mount: String, in folder: String, finals: Bool) throws -> [HotDisk] {
         try FileSystem.makeDirectories(folder)
         chmod(folder, 0o755)
+        // A point that keeps its domain's definition names its disks by their targets there (sda,
+        // vdb …), and the recovery VM keeps them; other points' disks become vda, vdb … in order.
         return try point.disks.enumerated().map { index, disk in
+            let target = point.hardware != nil ? disk.name : Self.target(index)
             let backing = "\(mount)/\(name)/\(point.id)/\(disk.name).raw"
             guard FileSystem.exists(backing) else {
                 throw LifeboatError(.notFound, "the FUSE mount \(mount) does not serve \(backing): is it a mount of another repository?")
             }
             let overlay = folder + "/\(disk.name).qcow2"
             try createOverlay(overlay, backing: backing)
-            guard finals else { return HotDisk(name: disk.name, target: Self.target(index), path: overlay, backing: backing, size: disk.size) }
+            guard finals else { return HotDisk(name: disk.name, target: target, path: overlay, backing: backing, size: disk.size) }
             let final = folder + "/\(disk.name).raw"
             unlink(final)
-            return HotDisk(name: disk.name, target: Self.target(index), path: overlay, backing: backing, size: disk.size, final: final, seeded: false)
+            return HotDisk(name: disk.name, target: target, path: overlay, backing: backing, size: disk.size, final: final, seeded: false)
         }
     }
 
@@ -42,17 +46,44 @@ extension Recovery {
 
     /// Defines (persistently) and starts a recovery VM on `disks`; with `watch`, its lifecycle
     /// events are watched from before the start (a guest that stops at once is seen).
+    ///
+    /// A point that keeps its domain's definition (protect --domain) makes the VM that domain:
+    /// its firmware and NVRAM, machine type, buses, NICs and MACs (every NIC on `interfaces`'
+    /// network); what the recovery host cannot give is dropped and reported. Other points use
+    /// the domain template.
     @discardableResult
     func defineAndStart(name: String, type: String, vcpus: Int, memoryMiB: Int, title: String, description: String,
-                        disks: [HotDisk], interfaces: [DomainParameters.Interface], console: String,
-                        watch: Bool = false) throws -> (domain: Domain, events: DomainEventWatch?) {
+                        disks: [HotDisk], interfaces: [DomainParameters.Interface], console: String, point: RecoveryPoint? = nil,
+                        watch: Bool = false, report: (String) -> Void = { _ in }) throws -> (domain: Domain, events: DomainEventWatch?) {
         if !FileSystem.exists(console) { _ = FileManager.default.createFile(atPath: console, contents: nil) }
         QemuUser.give(console, mode: 0o640)
-        let parameters = DomainParameters(
-            name: name, type: type, vcpus: vcpus, memoryMiB: memoryMiB, title: title, description: description,
-            disks: disks.map { .init(target: $0.target, file: $0.path, format: $0.path.hasSuffix(".raw") ? "raw" : "qcow2", backingFile: $0.backing) },
-            interfaces: interfaces, consoleLog: console)
-        let xml = try virt("rendering the domain") { try settings.templates.render(Templates.domain, parameters) }
+        let xml: String
+        if let point, let stored = try repository.attachment(point, "domain.xml") {
+            let definition = try DomainDefinition(xml: String(decoding: stored, as: UTF8.self))
+            var nvram: String? = nil
+            if let variables = try repository.attachment(point, "nvram") {
+                let path = FileSystem.parent(of: disks.first?.path ?? console) + "/\(name)_VARS.fd"
+                try FileSystem.writeAtomically(variables, to: path)
+                QemuUser.give(path)
+                nvram = path
+            }
+            let network = interfaces.first
+            let recovery = DomainDefinition.Recovery(
+                name: name, title: title, description: description, type: type, vcpus: vcpus, memoryMiB: memoryMiB,
+                disks: Dictionary(uniqueKeysWithValues: disks.map { ($0.name, (file: $0.path, backing: $0.backing)) }),
+                network: { _, _ in (network?.network, network?.bridge) }, consoleLog: console, nvram: nvram)
+            let (derived, dropped) = try definition.recoveryXML(recovery)
+            xml = derived
+            report("VM built from the definition of domain \(point.hardware?.domain ?? "?") kept with point \(point.id)"
+                   + (point.hardware.map { ": " + $0.summary } ?? ""))
+            if !dropped.isEmpty { report("left out (host-only or not available here): " + dropped.joined(separator: "; ")) }
+        } else {
+            let parameters = DomainParameters(
+                name: name, type: type, vcpus: vcpus, memoryMiB: memoryMiB, title: title, description: description,
+                disks: disks.map { .init(target: $0.target, file: $0.path, format: $0.path.hasSuffix(".raw") ? "raw" : "qcow2", backingFile: $0.backing) },
+                interfaces: interfaces, consoleLog: console)
+            xml = try virt("rendering the domain") { try settings.templates.render(Templates.domain, parameters) }
+        }
         let connection = try connection()
         let domain = try virt("defining the VM \(name)") { try connection.defineDomain(xml: xml) }
         let events = watch ? try? connection.watchLifecycle(of: domain) : nil

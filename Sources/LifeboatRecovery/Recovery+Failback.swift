@@ -1,6 +1,8 @@
 import Foundation
-import Synchronization
+import LifeboatBase
 import LifeboatFS
+import LifeboatNBD
+import LifeboatReplication
 import LifeboatRepository
 import LifeboatVirt
 #if canImport(Glibc)
@@ -23,7 +25,7 @@ extension Recovery {
     /// Sends the recovery VM's changes back to the original disks and makes the source live again:
     /// a point of the running VM, shutdown, a last point, in-place restore (only differing chunks
     /// written) onto the original paths or `targets` (disk name -> path), then Standby.
-    public func failback(_ name: String, targets: [String: String] = [:], shutdownTimeout: TimeInterval = 120,
+    public func failback(_ name: String, targets: [String: String] = [:], shutdownTimeout: TimeInterval = 120, start: Bool = false,
                          report: (String) -> Void = { _ in }) throws -> FailbackReport {
         let (lock, opened) = try beginTransition(.failback, name)
         defer { withExtendedLifetime(lock) {} }
@@ -34,19 +36,29 @@ extension Recovery {
             throw LifeboatError(.invalidArgument, "\(name) has no disk \(key): its disks are \(originals.keys.sorted().joined(separator: ", "))")
         }
         let hotDisks = Dictionary(uniqueKeysWithValues: record.disks.map { ($0.name, $0.path) })
+        // After commit a domain machine's protected domain is the recovery VM: its points come from
+        // libvirt (the backup API while it runs, its images once it is off), as every point of it.
+        let recoveryVMProtected = machine.domain != nil && machine.domain == record.vm && record.sourceDomain != nil
         record.state = .failingBack
         record.since = Date()
         record.phase = "failing back"
         try hot.save(record)
         hot.record(name, HistoryEvent(event: "failback", state: .failingBack, point: record.point, detail: "started"))
+        let pointOfRecoveryVM = { (what: String) throws -> RecoveryPoint in
+            let point = recoveryVMProtected
+                ? try self.takePoint(name, using: self.replication).point
+                : try self.repository.backup(name, sources: hotDisks)
+            if !recoveryVMProtected {
+                self.hot.record(name, HistoryEvent(event: "backup", state: .failingBack, point: point.id, detail: what))
+            }
+            return point
+        }
 
         var points: [String] = []
         let domain = try? connection().domain(named: name)
         if let domain, (try? domain.state().isActive) == true {
             report("taking a recovery point of the running VM \(name)")
-            let live = try repository.backup(name, sources: hotDisks)
-            points.append(live.id)
-            hot.record(name, HistoryEvent(event: "backup", state: .failingBack, point: live.id, detail: "point of the running recovery VM (incremental)"))
+            points.append(try pointOfRecoveryVM("point of the running recovery VM").id)
             report("shutting \(name) down")
             try? domain.shutdown()
             let deadline = Date().addingTimeInterval(shutdownTimeout)
@@ -57,29 +69,100 @@ extension Recovery {
             }
         }
         report("taking the last recovery point of \(name)")
-        let last = try repository.backup(name, sources: hotDisks)
+        let last = try pointOfRecoveryVM("last point, VM shut down")
         points.append(last.id)
-        hot.record(name, HistoryEvent(event: "backup", state: .failingBack, point: last.id, detail: "last point, VM shut down"))
 
         var restores: [RestoreResult] = []
+        var formats: [String: String] = [:]
         for disk in last.disks {
-            let target = targets[disk.name] ?? originals[disk.name] ?? disk.path
-            report("restoring \(disk.name) onto \(target)")
-            let result = try repository.restore(last, disk: disk.name, to: target)
+            let given = targets[disk.name]
+            let target = given ?? originals[disk.name] ?? disk.path
+            report("writing \(disk.name) back onto \(target)")
+            let (result, format) = try writeBack(last, disk: disk, to: target, format: given == nil ? record.sourceFormats?[disk.name] : nil)
             restores.append(result)
+            formats[disk.name] = format
         }
-        for index in machine.disks.indices {
-            let disk = machine.disks[index].name
-            machine.disks[index].path = targets[disk] ?? originals[disk] ?? machine.disks[index].path
+        machine.disks = machine.disks.map { disk in
+            MachineDisk(name: disk.name, path: targets[disk.name] ?? originals[disk.name] ?? disk.path, format: formats[disk.name])
+        }
+        // The recovery VM goes first: the original domain may have the machine's name.
+        try tearDown(name, record: record)
+        var defined: String? = nil
+        if let source = record.sourceDomain {
+            machine.domain = source
+            machine.connectURI = record.sourceConnectURI
+            defined = try defineOriginal(source, machine: machine, report: report)
         }
         try repository.save(machine)
-        try tearDown(name, record: record)
+        if start, let source = machine.domain {
+            report("starting domain \(source)")
+            let found = try replication.domain(of: machine).1
+            try virt("starting domain \(source)") { try found.start() }
+        }
         let result = FailbackReport(machine: name, points: points, restores: restores)
-        try backToStandby(name, event: "failed-back", point: last.id, detail: String(
-            format: "restored onto %@: %lld bytes written of %lld (%.2f%%); the source is live again",
+        var detail = String(
+            format: "written back onto %@: %lld bytes written of %lld (%.2f%%); the source is live again",
             restores.map(\.path).joined(separator: ", "), Int64(result.bytesWritten), Int64(result.diskBytes),
-            result.diskBytes > 0 ? 100 * Double(result.bytesWritten) / Double(result.diskBytes) : 0))
+            result.diskBytes > 0 ? 100 * Double(result.bytesWritten) / Double(result.diskBytes) : 0)
+        if let defined { detail += "; " + defined }
+        if let source = machine.domain { detail += "; domain \(source) is protected again (its next point is full, with dedup)" }
+        try backToStandby(name, event: "failed-back", point: last.id, detail: detail)
         return result
+    }
+
+    /// Defines the source domain again when it is gone from libvirt (the site was lost), from the
+    /// newest point that keeps its definition, on the written-back disks; its UEFI variables too.
+    /// - Returns: what was done, in words; nil when the domain is still defined.
+    func defineOriginal(_ source: String, machine: Machine, report: (String) -> Void) throws -> String? {
+        let uri = machine.connectURI ?? settings.connectURI
+        let connection = try virt("connecting to \(uri)") { try Connection(uri: uri) }
+        if try virt("looking up domain \(source)", { try connection.domain(named: source) }) != nil { return nil }
+        let kept = try repository.points(machine.name).reversed().lazy.compactMap { point -> (RecoveryPoint, [UInt8])? in
+            guard point.hardware?.domain == source, let xml = try? self.repository.attachment(point, "domain.xml") else { return nil }
+            return (point, xml)
+        }.first
+        guard let (point, xml) = kept else {
+            return "domain \(source) is gone and no point keeps its definition: define it again (virsh define) on \(machine.disks.map(\.path).joined(separator: ", "))"
+        }
+        let definition = try DomainDefinition(xml: String(decoding: xml, as: UTF8.self))
+        if let nvram = definition.nvramPath, !FileSystem.exists(nvram), let variables = try repository.attachment(point, "nvram") {
+            try FileSystem.makeDirectories(FileSystem.parent(of: nvram))
+            try FileSystem.writeAtomically(variables, to: nvram)
+            QemuUser.give(nvram)
+        }
+        report("defining domain \(source) again from the definition kept with point \(point.id)")
+        let sources = Dictionary(uniqueKeysWithValues: machine.disks.map { ($0.name, $0.path) })
+        _ = try virt("defining domain \(source)") { try connection.defineDomain(xml: definition.withDiskSources(sources)) }
+        return "domain \(source) defined again from the definition kept with point \(point.id)"
+    }
+
+    /// Writes one disk of `point` back onto `path` as guest bytes in the image's own format: a raw
+    /// file or block device directly, a qcow2 image through qemu-nbd (made anew when it is gone);
+    /// only chunks that differ are written.
+    /// - Returns: what was written, and the format (nil: raw).
+    func writeBack(_ point: RecoveryPoint, disk: PointDisk, to path: String, format declared: String?) throws -> (RestoreResult, String?) {
+        let format: String
+        if FileSystem.exists(path) {
+            format = try DiskImage.inspect(path, declared: declared, what: "disk \(disk.name)'s original").format
+        } else {
+            format = declared ?? "raw"
+            if format == "qcow2" {
+                try FileSystem.makeDirectories(FileSystem.parent(of: path))
+                try DiskImage.createQcow2(path, size: disk.size)
+            }
+        }
+        guard format == "qcow2" else { return (try repository.restore(point, disk: disk.name, to: path), nil) }
+        let image = try DiskImage.inspect(path, declared: format)
+        let folder = settings.runDirectory + "/failback-" + point.machine
+        try FileSystem.makeDirectories(folder)
+        defer { FileSystem.removeTree(folder) }
+        let export = try ImageExport(image, name: disk.name, in: folder, writable: true)
+        defer { export.stop() }
+        let socket = export.socket, name = disk.name
+        let result = try repository.restore(point, disk: disk.name, through: {
+            NBDBlockDevice(try NBDConnection(socket: socket, export: name))
+        }, size: image.virtualSize, describedAs: path)
+        return (result, format)
     }
 
     /// Refuses (unless `force`) while another process has one of the machine's disk files open.

@@ -1,6 +1,7 @@
 import Foundation
-import Synchronization
+import LifeboatBase
 import LifeboatFS
+import LifeboatReplication
 import LifeboatRepository
 import LifeboatVirt
 #if canImport(Glibc)
@@ -50,7 +51,7 @@ extension Recovery {
     public func failover(_ name: String, _ options: FailoverOptions, report: (String) -> Void = { _ in }) throws -> ServerRecord {
         let started = Date()
         var machine = try repository.machine(name)
-        try QemuUser.checkReach(hot)
+        try hot.checkReachableByQemu()
         let lock = try hot.lock(name)
         defer { withExtendedLifetime(lock) {} }
         let state = try reconciledState(name, record: try hot.record(name))
@@ -73,8 +74,7 @@ extension Recovery {
         if options.planned {
             try checkSourceIdle(machine, force: options.force)
             report("planned failover: taking the final recovery point of \(name)")
-            point = try repository.backup(name)
-            hot.record(name, HistoryEvent(event: "backup", state: .standby, point: point.id, detail: "final point before a planned failover"))
+            point = try takePoint(name, using: replication).point
             machine = try repository.machine(name)
         } else {
             point = try resolvePoint(name, options.point)
@@ -91,7 +91,7 @@ extension Recovery {
         record.memoryMiB = memory
         record.virtType = virtType
         record.bandwidth = options.bandwidth
-        record.sourceDisks = Dictionary(uniqueKeysWithValues: machine.disks.map { ($0.name, $0.path) })
+        record.rememberSource(machine)
         record.bridge = options.bridge ?? (options.network == nil ? machine.bridge : nil)
         record.network = record.bridge == nil ? (options.network ?? machine.network ?? Self.productionNetworkName) : nil
         record.phase = "starting"
@@ -141,18 +141,19 @@ extension Recovery {
         }
         try hot.save(record)
         let console = hot.machineDirectory(name) + "/console.log"
-        try startDomain(record, interface: interface, console: console)
+        try startDomain(record, interface: interface, console: console, report: report)
         report(String(format: "VM %@ running (%@, %d vCPU, %d MiB) on %@", name, record.virtType ?? "?", record.vcpus ?? 1,
                       record.memoryMiB ?? 0, record.bridge.map { "bridge " + $0 } ?? record.network ?? "?"))
     }
 
     /// Defines (persistently) and starts the domain from the record's disks.
-    func startDomain(_ record: ServerRecord, interface: DomainParameters.Interface, console: String) throws {
+    func startDomain(_ record: ServerRecord, interface: DomainParameters.Interface, console: String, report: (String) -> Void = { _ in }) throws {
         let name = record.machine
+        let point = try record.point.flatMap { id in try repository.points(name).first { $0.id == id } }
         try defineAndStart(name: name, type: record.virtType ?? "qemu", vcpus: record.vcpus ?? 1, memoryMiB: record.memoryMiB ?? 512,
                            title: "lifeboat recovery VM of \(name)",
                            description: "Failover of \(name) from recovery point \(record.point ?? "?"). Managed by lifeboat: see lifeboat status \(name)",
-                           disks: record.disks, interfaces: [interface], console: console)
+                           disks: record.disks, interfaces: [interface], console: console, point: point, report: report)
     }
 
     /// Creates (when missing) and starts the production network; reserves the IP for the MAC.
@@ -273,16 +274,26 @@ extension Recovery {
         defer { withExtendedLifetime(lock) {} }
         var record = opened
         var machine = try repository.machine(name)
-        if record.sourceDisks == nil { record.sourceDisks = Dictionary(uniqueKeysWithValues: machine.disks.map { ($0.name, $0.path) }) }
+        if record.sourceDisks == nil { record.rememberSource(machine) }
         for index in machine.disks.indices {
-            if let disk = record.disks.first(where: { $0.name == machine.disks[index].name }) { machine.disks[index].path = disk.path }
+            if let disk = record.disks.first(where: { $0.name == machine.disks[index].name }) {
+                machine.disks[index] = MachineDisk(name: disk.name, path: disk.path, format: disk.path.hasSuffix(".qcow2") ? "qcow2" : nil)
+            }
+        }
+        // Protection follows the machine: a domain machine's points now come from the recovery VM
+        // (libvirt's backup API while it runs); the source domain is remembered for failback.
+        var protected = record.disks.map(\.path).joined(separator: ", ")
+        if machine.domain != nil, let vm = record.vm {
+            machine.domain = vm
+            machine.connectURI = settings.connectURI
+            protected = "the recovery VM \(vm) (libvirt domain, its disks \(protected)); the next point is full, with dedup"
         }
         try repository.save(machine)
         record.state = .committed
         record.since = Date()
         try hot.save(record)
         hot.record(name, HistoryEvent(event: "commit", state: .committed, point: record.point,
-                                      detail: "the failover is final; backups of \(name) now read \(record.disks.map(\.path).joined(separator: ", "))"))
+                                      detail: "the failover is final; points of \(name) now read \(protected)"))
         return machine
     }
 

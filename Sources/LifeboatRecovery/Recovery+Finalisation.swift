@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import Synchronization
 import LifeboatFS
 import LifeboatRepository

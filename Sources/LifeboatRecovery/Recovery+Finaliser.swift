@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import Synchronization
 import LifeboatRepository
 #if canImport(Glibc)
@@ -55,13 +56,13 @@ final class Heartbeat: Sendable {
         var lastDone: UInt64 = 0
     }
 
-    private let state: Mutex<State>
+    private let state: Locked<State>
     private let path: String
     private let stopped = Atomic<Bool>(false)
 
     init(path: String) {
         self.path = path
-        self.state = Mutex(State(beat: FinaliserBeat(pid: getpid(), step: "starting")))
+        self.state = Locked(State(beat: FinaliserBeat(pid: getpid(), step: "starting")))
     }
 
     /// Sets the step (and the meter while seeding); a new step counts as progress.

@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import LifeboatFS
 import LifeboatRepository
 import LifeboatVirt
@@ -75,7 +76,7 @@ extension Recovery {
         if let active = activeRun(name) {
             throw LifeboatError(.invalidState, "plan \(name) has a \(active.kind.rawValue) \(active.id) that is \(active.result.rawValue): \(active.nextStep)")
         }
-        try QemuUser.checkReach(hot)
+        try hot.checkReachableByQemu()
         // Every machine must be free and have a point before anything starts.
         var runs: [PlanReport.MachineRun] = []
         let started = Date()

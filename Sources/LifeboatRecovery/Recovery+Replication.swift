@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import LifeboatReplication
 import LifeboatRepository
 #if canImport(Glibc)
@@ -92,7 +93,9 @@ extension Recovery {
         do {
             let point = machine.domain != nil
                 ? try replication.takePoint(name, progress: progress, cancelled: cancelled)
-                : try repository.backup(name, progress: progress)
+                : machine.disks.allSatisfy(\.isRaw)
+                    ? try repository.backup(name, progress: progress)
+                    : try replication.imagePoint(name, progress: progress, cancelled: cancelled)
             var pruned: [String] = []
             if let policy = machine.retention, !policy.isEmpty {
                 do { pruned = try repository.prune(name, policy: policy).removed } catch {

@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import LifeboatFS
 import LifeboatRepository
 import LifeboatVirt
@@ -32,6 +33,9 @@ public struct ServerStatus: Codable, Sendable {
     public var transition: String?
     /// The plan run the machine is part of right now (running, paused, or interrupted), in words.
     public var plan: String?
+    /// What the machine's points read now, in words: the source domain, the recovery VM after
+    /// commit, the disk files, or nothing while failed over and not committed.
+    public var protected: String?
     /// Things that do not match the state, each with what to do.
     public var problems: [String]
 }
@@ -102,6 +106,7 @@ extension Recovery {
                                   network: record?.bridge.map { "bridge " + $0 } ?? record?.network, ip: record?.ip,
                                   disks: record?.disks ?? [], problems: [])
         status.replication = hot.replicationState(machine.name)
+        status.protected = Self.protected(machine, state: status.state)
         if let replication = status.replication, replication.failures > 0 {
             status.problems.append("replication of \(machine.name) is failing (\(replication.failures) attempt(s)): "
                 + (replication.lastError ?? "?") + (replication.nextAttempt.map { "; next attempt at \(Timestamp.format($0))" } ?? ""))
@@ -114,6 +119,20 @@ extension Recovery {
         }
         reconcile(&status, record: record, connection: connection!)
         return status
+    }
+
+    /// Which VM (or which disk files) the machine's points read in `state`: protection follows
+    /// the machine from the source to the recovery VM at commit, and back at failback.
+    static func protected(_ machine: Machine, state: ServerState) -> String {
+        switch state {
+        case .standby, .testingFailover, .committed:
+            let what = machine.domain.map { "domain \($0)" } ?? "disks " + machine.disks.map(\.path).joined(separator: ", ")
+            return state == .committed ? "the recovery VM: " + what : what
+        case .finalizing, .failedOver:
+            return "nothing: failed over; points of the recovery VM start at commit"
+        case .failingBack:
+            return "nothing: failing back"
+        }
     }
 
     /// Compares the record with libvirt, the overlays and the mount; fills vmState and problems.

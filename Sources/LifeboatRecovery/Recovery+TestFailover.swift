@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import LifeboatFS
 import LifeboatRepository
 import LifeboatVirt
@@ -57,7 +58,7 @@ extension Recovery {
         let started = Date()
         let machine = try repository.machine(name)
         let point = try resolvePoint(name, options.point)
-        try QemuUser.checkReach(hot)
+        try hot.checkReachableByQemu()
         var lock: FileLock? = try hot.lock(name)
         defer { withExtendedLifetime(lock) {} }
         let state = try reconciledState(name, record: try hot.record(name))
@@ -119,7 +120,8 @@ extension Recovery {
             (domain, events) = try defineAndStart(
                 name: domainName, type: virtType, vcpus: vcpus, memoryMiB: memory, title: "lifeboat drill of \(name)",
                 description: "Test failover of \(name) from recovery point \(point.id) (\(ISO8601DateFormatter().string(from: point.time))), drill \(drillID). Remove with: lifeboat stop-test \(name)",
-                disks: record.disks, interfaces: [.init(network: Self.testNetworkName, mac: mac)], console: consoleLog, watch: true)
+                disks: record.disks, interfaces: [.init(network: Self.testNetworkName, mac: mac)], console: consoleLog, point: point,
+                watch: true, report: report)
         } catch {
             drill.result = .failed
             drill.reason = "\(error)"

@@ -1,6 +1,7 @@
 import Foundation
-import Synchronization
+import LifeboatBase
 import LifeboatFS
+import LifeboatReplication
 import LifeboatRepository
 import LifeboatVirt
 #if canImport(Glibc)
@@ -75,7 +76,7 @@ public final class Recovery: Sendable {
     public let hot: HotStorage
     /// Opened on first use and shared by every thread using this Recovery (libvirt connections
     /// are thread-safe); the lock guards only opening it again when it died.
-    private let cachedConnection = Mutex<Connection?>(nil)
+    private let cachedConnection = Locked<Connection?>(nil)
 
     public init(repository: Repository, settings: RecoverySettings) {
         self.repository = repository
@@ -96,6 +97,15 @@ public final class Recovery: Sendable {
         _ = try repository.machine(name)
         let state = try reconciledState(name, record: try hot.record(name))
         _ = try StateMachine.check(command, machine: name, state: state)
+    }
+
+    /// Points of this repository's machines taken the way `lifeboat backup` takes them (a planned
+    /// failover's final point, failback's points).
+    public var replication: Replication {
+        var replication = Replication(repository: repository, hotDirectory: settings.hotDirectory,
+                                      runDirectory: settings.runDirectory, defaultConnectURI: settings.connectURI)
+        replication.launcher = settings.launcher
+        return replication
     }
 
     /// The test VM's domain name.
@@ -255,24 +265,10 @@ public final class Recovery: Sendable {
     }
 }
 
-/// The user libvirt runs QEMU as (qemu.conf `user`, Debian's default libvirt-qemu).
-enum QemuUser {
-    /// Throws when QEMU's user cannot reach `hot` (checked before a drill or failover creates anything).
-    static func checkReach(_ hot: HotStorage) throws {
-        guard let ids = ids() else { return }
-        try hot.checkReachable(user: QemuAccess.userName(), uid: ids.uid, gid: ids.gid)
-    }
-
-    static func ids() -> (uid: uid_t, gid: gid_t)? {
-        let name = QemuAccess.userName()
-        if let uid = uid_t(name.trimmingCharacters(in: CharacterSet(charactersIn: "+"))) { return (uid, QemuAccess.gid()) }
-        guard let user = getpwnam(name) else { return nil }
-        return (user.pointee.pw_uid, user.pointee.pw_gid)
-    }
-
-    /// Makes `path` belong to QEMU's user (mode 0600 for images, 0640 for logs).
-    static func give(_ path: String, mode: mode_t = 0o600) {
-        if let ids = ids() { chown(path, ids.uid, ids.gid) }
-        chmod(path, mode)
+extension HotStorage {
+    /// Throws when QEMU's user cannot reach this hot storage (checked before a drill or failover creates anything).
+    func checkReachableByQemu() throws {
+        guard let ids = QemuUser.ids() else { return }
+        try checkReachable(user: QemuUser.userName(), uid: ids.uid, gid: ids.gid)
     }
 }

@@ -1,3 +1,4 @@
+import LifeboatBase
 import LifeboatRepository
 
 /// Where a machine's recovery server stands (docs/RECOVERY.md, "States").

@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import LifeboatFS
 import LifeboatNBD
 import LifeboatRepository
@@ -20,7 +21,7 @@ final class BackupSession {
     var socket: String { socketDirectory + "/nbd.sock" }
     private var checkpoint: String?
     private var committedPoint = false
-    private var servers: [(pidFile: String, socket: String)] = []
+    private var servers: [ImageExport] = []
     private var guardian: ChildProcess.Detached?
 
     init(replication: Replication, machine: String, domain: Domain?) throws {
@@ -38,9 +39,7 @@ final class BackupSession {
         chmod(replication.hotDirectory, 0o755)
         chmod(replication.hotDirectory + "/" + machine, 0o755)
         chmod(scratchDirectory, 0o755)
-        if let user = getpwnam(QemuAccess.userName()) {
-            chown(socketDirectory, user.pointee.pw_uid, user.pointee.pw_gid)
-        }
+        if let ids = QemuUser.ids() { chown(socketDirectory, ids.uid, ids.gid) }
         chmod(socketDirectory, 0o755)
     }
 
@@ -89,20 +88,17 @@ final class BackupSession {
         }
     }
 
-    /// Serves a shut-off domain's image read-only with qemu-nbd (which reads qcow2 and raw alike).
+    /// Serves a shut-off domain's image (or a disk-file machine's) read-only with qemu-nbd, in its own format.
     /// - Returns: the socket.
     func serveImage(_ disk: DomainDisk) throws -> String {
-        let socket = socketDirectory + "/\(disk.target).sock"
-        let pidFile = socketDirectory + "/\(disk.target).pid"
-        let result = try ChildProcess.run([
-            "qemu-nbd", "--read-only", "--fork", "--persistent", "--shared=16",
-            "--format=\(disk.format)", "--export-name=\(disk.target)", "--socket=\(socket)", "--pid-file=\(pidFile)", disk.source,
-        ])
-        guard result.status == 0 else {
-            throw LifeboatError(.io, "cannot read \(disk.source) (disk \(disk.target) of \(machine)) with qemu-nbd: \(result.stderr)")
+        let image = DiskImage(path: disk.source, format: disk.format, virtualSize: 0, isBlockDevice: disk.type == "block")
+        do {
+            let server = try ImageExport(image, name: disk.target, in: socketDirectory)
+            servers.append(server)
+            return server.socket
+        } catch let error as LifeboatError {
+            throw LifeboatError(.io, "disk \(disk.target) of \(machine): \(error.message) (is a VM using it?)")
         }
-        servers.append((pidFile, socket))
-        return socket
     }
 
     /// Takes everything away; the point's checkpoint too, unless the point was written.
@@ -112,12 +108,7 @@ final class BackupSession {
             try? domain.abortJob()
             if let checkpoint, !committedPoint { try? domain.deleteCheckpoint(checkpoint) }
         }
-        for server in servers {
-            if let text = try? String(contentsOfFile: server.pidFile, encoding: .utf8),
-               let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
-                kill(pid, SIGTERM)
-            }
-        }
+        for server in servers { server.stop() }
         Self.removeLeftovers(scratch: scratchDirectory, sockets: socketDirectory)
     }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import LifeboatNBD
 import LifeboatRepository
 import LifeboatVirt
@@ -108,7 +109,10 @@ public struct Replication: Sendable {
         let before = Set(machine.disks.map(\.name)), now = Set(disks.map(\.target))
         for added in disks.map(\.target) where !before.contains(added) && !before.isEmpty { notes.append("disk \(added) was added") }
         for removed in machine.disks.map(\.name) where !now.contains(removed) { notes.append("disk \(removed) was removed") }
-        let current = disks.map { MachineDisk(name: $0.target, path: $0.source) }
+        for disk in disks where !DiskImage.formats.contains(disk.format) {
+            throw LifeboatError(.unsupported, "disk \(disk.target) of domain \(domain.name) is a \(disk.format) image, which lifeboat does not read: convert it to qcow2")
+        }
+        let current = disks.map { MachineDisk(name: $0.target, path: $0.source, format: $0.format) }
         if current != machine.disks {
             machine.disks = current
             try repository.save(machine)
@@ -252,11 +256,12 @@ public struct Replication: Sendable {
             let socket = session.socket, export = disk.target
             captures.append(DiskCapture(name: disk.target, origin: "libvirt \(domain.name) \(disk.target) (\(disk.source))",
                                         size: Int(status.size), ranges: ranges, base: baseIndex) {
-                NBDReader(try NBDConnection(socket: socket, export: export), cancelled: cancelled)
+                NBDBlockDevice(try NBDConnection(socket: socket, export: export), cancelled: cancelled)
             })
         }
-        let details = PointDetails(consistency: consistency, readMode: base == nil ? "full" : "incremental",
+        var details = PointDetails(consistency: consistency, readMode: base == nil ? "full" : "incremental",
                                    note: notes.isEmpty ? nil : notes.joined(separator: "; "), checkpoint: checkpoint, domainUUID: uuid)
+        Self.keepDefinition(of: domain, in: &details)
         let point = try repository.backup(name, captures: captures, details: details, progress: progress) {
             if cancelled() { throw LifeboatError(.invalidState, "the point of \(name) was cancelled") }
             guard domain.hasBackupJob() else {
@@ -302,8 +307,43 @@ public struct Replication: Sendable {
 
     private func offlinePoint(_ name: String, domain: Domain, disks: [DomainDisk], previous: RecoveryPoint?, uuid: String?,
                               notes: [String], progress: ProgressMeter, cancelled: @escaping @Sendable () -> Bool) throws -> RecoveryPoint {
-        var notes = notes
-        notes.append("read in full from the image files: domain \(domain.name) is shut off")
+        // Nothing changes while the domain is off: the previous checkpoint stays the base of the
+        // next incremental point (it covers every write since, these included).
+        var details = PointDetails(consistency: "consistent", readMode: "full",
+                                   note: (notes + ["read in full from the image files: domain \(domain.name) is shut off"]).joined(separator: "; "),
+                                   checkpoint: previous?.checkpoint, domainUUID: uuid)
+        Self.keepDefinition(of: domain, in: &details)
+        return try readImages(name, disks: disks, details: details, progress: progress, cancelled: cancelled) {
+            if (try? domain.state().isActive) == true {
+                throw LifeboatError(.busy, "domain \(domain.name) started while its images were read: take the point again")
+            }
+        }
+    }
+
+    /// The domain's definition travels with the point: its inactive XML, its hardware, and the
+    /// UEFI variables file of a UEFI guest.
+    static func keepDefinition(of domain: Domain, in details: inout PointDetails) {
+        guard let xml = try? domain.xml(inactive: true), let definition = try? DomainDefinition(xml: xml) else { return }
+        details.hardware = definition.hardware
+        details.attachments["domain.xml"] = Array(xml.utf8)
+        if let nvram = definition.nvramPath, let bytes = FileSystem.contents(nvram) { details.attachments["nvram"] = bytes }
+    }
+
+    /// A point of a disk-file machine (protect --disk) whose images are not all raw: the guests'
+    /// bytes through qemu-nbd, which takes QEMU's image lock (a VM writing the image refuses it).
+    public func imagePoint(_ name: String, progress: ProgressMeter = ProgressMeter(),
+                           cancelled: @escaping @Sendable () -> Bool = { false }) throws -> RecoveryPoint {
+        let machine = try repository.machine(name)
+        let disks = machine.disks.map { disk in
+            DomainDisk(target: disk.name, type: FileSystem.isBlockDevice(disk.path) ? "block" : "file", source: disk.path, format: disk.format ?? "raw")
+        }
+        let details = PointDetails(consistency: "consistent", readMode: "full", note: nil, checkpoint: nil, domainUUID: nil)
+        return try readImages(name, disks: disks, details: details, progress: progress, cancelled: cancelled) {}
+    }
+
+    /// Reads `disks` whole (their allocated extents) through qemu-nbd into a point.
+    private func readImages(_ name: String, disks: [DomainDisk], details: PointDetails, progress: ProgressMeter,
+                            cancelled: @escaping @Sendable () -> Bool, stillValid: @escaping () throws -> Void) throws -> RecoveryPoint {
         let session = try BackupSession(replication: self, machine: name, domain: nil)
         defer { session.end() }
         var captures: [DiskCapture] = []
@@ -315,18 +355,12 @@ public struct Replication: Sendable {
             let ranges = Self.merged(extents.filter { $0.flags & NBDConnection.zeroFlag == 0 }.map { Int($0.offset)..<Int($0.offset + $0.length) })
             let export = disk.target
             captures.append(DiskCapture(name: disk.target, origin: disk.source, size: Int(status.size), ranges: ranges, base: nil) {
-                NBDReader(try NBDConnection(socket: socket, export: export), cancelled: cancelled)
+                NBDBlockDevice(try NBDConnection(socket: socket, export: export), cancelled: cancelled)
             })
         }
-        // Nothing changes while the domain is off: the previous checkpoint stays the base of the
-        // next incremental point (it covers every write since, these included).
-        let details = PointDetails(consistency: "consistent", readMode: "full", note: notes.joined(separator: "; "),
-                                   checkpoint: previous?.checkpoint, domainUUID: uuid)
         return try repository.backup(name, captures: captures, details: details, progress: progress) {
             if cancelled() { throw LifeboatError(.invalidState, "the point of \(name) was cancelled") }
-            if (try? domain.state().isActive) == true {
-                throw LifeboatError(.busy, "domain \(domain.name) started while its images were read: take the point again")
-            }
+            try stillValid()
         }
     }
 }
@@ -336,17 +370,18 @@ struct IncrementalRefused: Error {
     var error: LibvirtError
 }
 
-/// A backup worker's reader: one NBD connection of its own.
-final class NBDReader: BlockReader {
+/// One worker's view of an NBD export (a backup job's, or qemu-nbd's): reads for a point,
+/// reads and writes for failback into an image in its own format. One connection of its own.
+public final class NBDBlockDevice: BlockWriter {
     let connection: NBDConnection
     let cancelled: @Sendable () -> Bool
 
-    init(_ connection: NBDConnection, cancelled: @escaping @Sendable () -> Bool) {
+    public init(_ connection: NBDConnection, cancelled: @escaping @Sendable () -> Bool = { false }) {
         self.connection = connection
         self.cancelled = cancelled
     }
 
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws -> Int {
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws -> Int {
         if cancelled() { throw LifeboatError(.invalidState, "the point was cancelled") }
         do { try connection.read(into: buffer, at: UInt64(offset)) } catch {
             throw LifeboatError(.io, "\(error) (the backup job may be gone: libvirtd restarted, or the guest was destroyed)")
@@ -354,5 +389,14 @@ final class NBDReader: BlockReader {
         return buffer.count
     }
 
-    deinit { connection.close() }
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: Int) throws {
+        do { try connection.write(buffer, at: UInt64(offset)) } catch {
+            throw LifeboatError(.io, "\(error)")
+        }
+    }
+
+    deinit {
+        try? connection.flush()
+        connection.close()
+    }
 }

@@ -1,4 +1,5 @@
 import Crypto
+import LifeboatBase
 import _CryptoExtras
 import Foundation
 
@@ -309,6 +310,25 @@ final class ChunkCodec: Sendable {
                                     authenticating: Self.frameAAD(id: id, frame: k))
         } catch {
             throw LifeboatError(.damaged, "chunk \(id.hex) is damaged: authentication failed in frame \(k)")
+        }
+    }
+
+    /// A small file of a point (its domain definition, NVRAM variables) as stored: sealed under
+    /// the repository key and bound to `name` (machine/point/file) in an encrypted repository,
+    /// as given otherwise.
+    func sealFile(_ bytes: [UInt8], name: String) throws -> [UInt8] {
+        guard let keys else { return bytes }
+        return Array(try AES.GCM.seal(bytes, using: keys.encryption, authenticating: Array("lifeboat-file:\(name)".utf8)).combined!)
+    }
+
+    /// The bytes `sealFile` stored. - Throws: `.damaged` when they do not authenticate.
+    func openFile(_ stored: [UInt8], name: String) throws -> [UInt8] {
+        guard let keys else { return stored }
+        do {
+            return Array(try AES.GCM.open(try AES.GCM.SealedBox(combined: stored), using: keys.encryption,
+                                          authenticating: Array("lifeboat-file:\(name)".utf8)))
+        } catch {
+            throw LifeboatError(.damaged, "\(name) is damaged or was altered: authentication failed")
         }
     }
 

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import LifeboatBase
 import SystemPackage
 import Foundation
 import Synchronization

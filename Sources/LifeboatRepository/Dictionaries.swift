@@ -1,5 +1,6 @@
 import Crypto
 import Foundation
+import LifeboatBase
 import Synchronization
 
 /// Repository files that are not chunks but say something of their content (a dictionary is
@@ -51,7 +52,7 @@ enum SealedFile {
 final class DictionaryShelf: Sendable {
     let root: String
     private let keys: RepositoryKeys?
-    private let loaded = Mutex<[UInt32: ZstdDictionary]>([:])
+    private let loaded = Locked<[UInt32: ZstdDictionary]>([:])
     private static let magic = Array("LBDICT1\0".utf8)
 
     init(root: String, keys: RepositoryKeys?) {

@@ -1,4 +1,5 @@
 import Crypto
+import LifeboatBase
 
 /// repo/machines/NAME/points/ID/DISK.idx: the chunk ids of one disk, in order.
 ///

@@ -1,3 +1,4 @@
+import LifeboatBase
 /// The header and frame table of one stored chunk, as its file holds them (not checked yet).
 struct ChunkTable: Sendable {
     let id: ChunkID

@@ -1,4 +1,4 @@
-import Synchronization
+import LifeboatBase
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -13,7 +13,7 @@ public final class IndexReader: Sendable {
     public let diskSize: Int
     public let count: Int
     private let file: PosixFile
-    private let pages = Mutex<[Int: [ChunkID]]>([:])
+    private let pages = Locked<[Int: [ChunkID]]>([:])
     private static let idsPerPage = 128
     private static let maxPages = 1024  // 4 MiB of ids: 128 GiB of disk at 1 MiB chunks
 

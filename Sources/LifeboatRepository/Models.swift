@@ -1,5 +1,5 @@
 import Foundation
-import Synchronization
+import LifeboatBase
 
 /// repo/config.json: what a reader needs to interpret everything else.
 public struct RepositoryConfig: Codable, Sendable {
@@ -28,11 +28,18 @@ public struct MachineDisk: Codable, Sendable, Equatable {
     /// Short name, used for the index file and the restored file (`NAME.raw`).
     public var name: String
     public var path: String
+    /// The image's format: raw or qcow2 (nil: raw, as machines protected before formats were kept).
+    /// A qcow2 image is read through qemu-nbd, never as bytes.
+    public var format: String?
 
-    public init(name: String, path: String) {
+    public init(name: String, path: String, format: String? = nil) {
         self.name = name
         self.path = path
+        self.format = format == "raw" ? nil : format
     }
+
+    /// True when the file's bytes are the guest's bytes.
+    public var isRaw: Bool { format == nil || format == "raw" }
 }
 
 /// A protected machine and its recovery-server settings (used by failover; stored and shown now).
@@ -141,6 +148,8 @@ public struct RecoveryPoint: Codable, Sendable, Equatable {
     public var checkpoint: String?
     /// The UUID of the libvirt domain it was taken from.
     public var domainUUID: String?
+    /// That domain's hardware (its definition is kept beside, in domain.xml): what its recovery VM is built as.
+    public var hardware: MachineHardware?
 
     public var newBytes: Int { disks.reduce(0) { $0 + $1.newBytes } }
     public var storedBytes: Int { disks.reduce(0) { $0 + $1.storedBytes } }
@@ -166,10 +175,10 @@ public enum Timestamp {
         }
     }
 
-    private static let formatter: Mutex<ISO8601DateFormatter> = {
+    private static let formatter: Locked<ISO8601DateFormatter> = {
         let formatter = ISO8601DateFormatter()
         formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-        return Mutex(formatter)
+        return Locked(formatter)
     }()
 
     /// YYYY-MM-DDTHH:MM:SS[.mmm]Z; nil for any other form. The instant is made as the formatter

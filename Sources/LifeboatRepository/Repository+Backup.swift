@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import SystemPackage
 import Synchronization
 #if canImport(Glibc)
@@ -150,6 +151,10 @@ extension Repository {
                 point.note = details.note
                 point.checkpoint = details.checkpoint
                 point.domainUUID = details.domainUUID
+                point.hardware = details.hardware
+                for (file, bytes) in details.attachments.sorted(by: { $0.key < $1.key }) {
+                    try writeFile(try codec.sealFile(bytes, name: "\(name)/\(point.id)/\(file)"), staging + "/" + file)
+                }
             }
             try writeFile(Array(try JSONEncoder.lifeboat.encode(point)), staging + "/point.json")
             try store.sync()  // every chunk the point names is durable before the point is visible
@@ -405,7 +410,7 @@ extension Repository {
 /// (one stat) the first time a worker meets it, so an incremental point costs nothing per chunk
 /// the repository holds (listing a store of millions of chunks would take seconds).
 final class ChunkSet: Sendable {
-    private let claimed = Mutex(Set<ChunkID>())
+    private let claimed = Locked(Set<ChunkID>())
     private let store: any ChunkStore
 
     init(store: any ChunkStore) { self.store = store }
@@ -460,6 +465,10 @@ public struct PointDetails: Sendable {
     /// The libvirt checkpoint taken at the point's instant (the base of the next incremental).
     public var checkpoint: String?
     public var domainUUID: String?
+    /// The source domain's hardware, from its definition.
+    public var hardware: MachineHardware?
+    /// Files kept with the point, sealed like chunks: domain.xml (the definition), nvram (UEFI variables).
+    public var attachments: [String: [UInt8]] = [:]
 
     public init(consistency: String, readMode: String, note: String? = nil, checkpoint: String? = nil, domainUUID: String? = nil) {
         self.consistency = consistency

@@ -1,5 +1,5 @@
 import Foundation
-import Synchronization
+import LifeboatBase
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -103,7 +103,7 @@ extension Repository {
         }
         Trace.mark("compact: \(work.count) of \(live.count) chunks to compact")
         let catalogue = try loadReferenceCatalogue()
-        let table = Mutex(try BlockTable.load(self) ?? BlockTable())
+        let table = Locked(try BlockTable.load(self) ?? BlockTable())
         let pinned = Set(catalogue.map(\.target)).union(table.withLock { Set($0.targets) })
 
         var dictionaryNumber = dictionaries.numbers().last
@@ -124,7 +124,7 @@ extension Repository {
         progress.start(total: rawLengths.values.reduce(0, +))
         let lengths = rawLengths
         let codec = self.codec, store = self.store
-        let tally = Mutex(result)
+        let tally = Locked(result)
         // Batches of about 64 MiB: their chunks are staged, made durable, then put in place together.
         var batches: [[ChunkID]] = [[]]
         var batchBytes = 0
@@ -139,7 +139,7 @@ extension Repository {
                 tally.withLock { $0.stopped = true }
                 break
             }
-            let staged = Mutex<[(id: ChunkID, path: String, records: [ReferenceRecord])]>([])
+            let staged = Locked<[(id: ChunkID, path: String, records: [ReferenceRecord])]>([])
             let work = ParallelWork(count: batch.count)
             defer { staged.withLock { $0.forEach { unlink($0.path) } } }   // none left once put in place
             try work.run(background: options.background) { work in

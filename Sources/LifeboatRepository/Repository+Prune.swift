@@ -1,6 +1,7 @@
 import Foundation
 #if canImport(Glibc)
 import Glibc
+import LifeboatBase
 #endif
 
 public struct PruneResult: Sendable, Codable {

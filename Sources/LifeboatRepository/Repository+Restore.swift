@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import Synchronization
 import SystemPackage
 #if canImport(Glibc)
@@ -46,7 +47,8 @@ extension Repository {
                 }
                 do { try file.truncate(to: index.diskSize) } catch { throw LifeboatError.io(error, "cannot resize", path) }
             }
-            let written = try write(index, disk: disk, to: file, direct: nil, compareFirst: true, progress: progress)
+            let target = FileTarget(file: file, direct: nil)
+            let written = try write(index, disk: disk, path: path, compareFirst: true, progress: progress) { target }
             do { try file.sync() } catch { throw LifeboatError.io(error, "cannot sync", path) }
             return RestoreResult(disk: disk, path: path, size: index.diskSize, bytesWritten: written, inPlace: true)
         }
@@ -69,7 +71,8 @@ extension Repository {
             // during that copy (two workers spun on it), and nothing left to flush at the end.
             // A file system without O_DIRECT (tmpfs) gets buffered writes.
             let direct = try? PosixFile(path: tmp, flags: O_WRONLY | O_DIRECT)
-            let written = try write(index, disk: disk, to: file, direct: direct, compareFirst: false, progress: progress)
+            let target = FileTarget(file: file, direct: direct)
+            let written = try write(index, disk: disk, path: path, compareFirst: false, progress: progress) { target }
             do { try file.sync() } catch { throw LifeboatError.io(error, "cannot sync", path) }
             try FileSystem.rename(tmp, path)
             return RestoreResult(disk: disk, path: path, size: index.diskSize, bytesWritten: written, inPlace: false)
@@ -79,9 +82,29 @@ extension Repository {
         }
     }
 
-    /// - Parameter direct: the same file opened with O_DIRECT, for the chunks whose length is a multiple of 4 KiB.
-    private func write(_ index: DiskIndex, disk: String, to file: PosixFile, direct: PosixFile?, compareFirst: Bool,
-                       progress: ProgressMeter) throws -> Int {
+    /// Writes one disk of a point through a `BlockWriter` of another kind than a file: an NBD
+    /// export of an image in its own format (failback into a qcow2 original). Every chunk is read
+    /// and compared first: only chunks that differ are written.
+    /// - Parameters:
+    ///   - size: the target's size in guest bytes: it must be the disk's.
+    ///   - open: a writer for one worker thread.
+    public func restore(_ point: RecoveryPoint, disk: String, through open: @escaping @Sendable () throws -> any BlockWriter,
+                        size: Int, describedAs path: String, progress: ProgressMeter = ProgressMeter()) throws -> RestoreResult {
+        guard point.disks.contains(where: { $0.name == disk }) else {
+            throw LifeboatError(.notFound, "recovery point \(point.id) of \(point.machine) has no disk \(disk)")
+        }
+        let index = try self.index(point, disk: disk)
+        guard size == index.diskSize else {
+            throw LifeboatError(.invalidArgument, "\(path) holds \(size) guest bytes but disk \(disk) needs \(index.diskSize): resize it (qemu-img resize) first")
+        }
+        progress.start(total: index.diskSize)
+        let written = try write(index, disk: disk, path: path, compareFirst: true, progress: progress, open: open)
+        return RestoreResult(disk: disk, path: path, size: index.diskSize, bytesWritten: written, inPlace: true)
+    }
+
+    /// - Parameter open: the target for one worker thread (a file is shared; an NBD export gets a connection each).
+    private func write(_ index: DiskIndex, disk: String, path: String, compareFirst: Bool, progress: ProgressMeter,
+                       open: @escaping @Sendable () throws -> any BlockWriter) throws -> Int {
         let written = Atomic<Int>(0)
         let work = ParallelWork(count: index.ids.count, threads: Self.directReadWorkers)
         let codec = self.codec, store = self.store, references = self.references
@@ -93,6 +116,7 @@ extension Repository {
             let storedSize = (codec.scratchSize(chunkSize: index.chunkSize) + 4096) / 4096 * 4096
             let stored = UnsafeMutableRawBufferPointer.allocate(byteCount: storedSize, alignment: 4096)
             defer { current.deallocate(); wanted.deallocate(); stored.deallocate() }
+            let file = try open()
             while let i = work.take() {
                 let offset = i * index.chunkSize
                 let length = index.length(ofChunk: i)
@@ -101,7 +125,7 @@ extension Repository {
                 defer { progress.add(length, data: moved) }
                 if compareFirst {
                     let have = UnsafeMutableRawBufferPointer(rebasing: current[0..<length])
-                    do { _ = try file.read(into: have, at: offset) } catch { throw LifeboatError.io(error, "cannot read", file.path) }
+                    do { _ = try file.read(into: have, at: offset) } catch { throw LifeboatError.io(error, "cannot read", path) }
                     let matches = id.isZero ? UnsafeRawBufferPointer(have).isAllZero : codec.id(of: UnsafeRawBufferPointer(have)) == id
                     if matches { moved = false; continue }
                 } else if id.isZero {
@@ -119,11 +143,37 @@ extension Repository {
                         throw LifeboatError(.damaged, "\(error.message) (disk \(disk) at offset \(offset)); nothing wrong was written: try another point")
                     }
                 }
-                let target = length % 4096 == 0 ? direct ?? file : file
-                do { try target.write(UnsafeRawBufferPointer(out), at: offset) } catch { throw LifeboatError.io(error, "cannot write", file.path) }
+                do { try file.write(UnsafeRawBufferPointer(out), at: offset) } catch { throw LifeboatError.io(error, "cannot write", path) }
                 written.add(length, ordering: .relaxed)
             }
         }
         return written.load(ordering: .relaxed)
+    }
+}
+
+/// Where a restore writes, one per worker thread: a file, a block device, an NBD export.
+public protocol BlockWriter: BlockReader {
+    /// Writes all of `buffer` at `offset`.
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: Int) throws
+}
+
+/// A file or block device as a restore target; whole 4 KiB blocks go through `direct` (the same
+/// file opened with O_DIRECT) when there is one.
+final class FileTarget: BlockWriter, @unchecked Sendable {
+    // @unchecked: pread and pwrite on shared descriptors are safe from any thread.
+    let file: PosixFile
+    let direct: PosixFile?
+
+    init(file: PosixFile, direct: PosixFile?) {
+        self.file = file
+        self.direct = direct
+    }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws -> Int {
+        try file.read(into: buffer, at: offset)
+    }
+
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: Int) throws {
+        try (buffer.count % 4096 == 0 ? direct ?? file : file).write(buffer, at: offset)
     }
 }

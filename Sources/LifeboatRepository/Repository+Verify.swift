@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import Synchronization
 
 /// Where a chunk is used: which point, which disk, at what offset.
@@ -66,7 +67,7 @@ extension Repository {
         }
         let ids = Array(firstUse.keys)
         progress.start(total: ids.count)
-        let damaged = Mutex<[ChunkID: String]>([:])
+        let damaged = Locked<[ChunkID: String]>([:])
         let bytes = Atomic<Int>(0)
         let work = ParallelWork(count: ids.count)
         let chunkSize = indexes.reduce(config.chunkSize) { max($0, $1.2.chunkSize) }
@@ -76,7 +77,7 @@ extension Repository {
             catalogue = []
             damagedFiles.append(error.message)
         }
-        let unrecorded = Mutex<[ReferenceRecord]>([])
+        let unrecorded = Locked<[ReferenceRecord]>([])
         try work.run { work in
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
             defer { buffer.deallocate() }

@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import Synchronization
 import SystemPackage
 #if canImport(Glibc)
@@ -139,6 +140,13 @@ public final class Repository: Sendable {
     func pointsPath(_ machine: String) -> String { machinePath(machine) + "/points" }
     func pointPath(_ machine: String, _ id: String) -> String { pointsPath(machine) + "/" + id }
     func indexPath(_ machine: String, _ id: String, disk: String) -> String { pointPath(machine, id) + "/" + disk + ".idx" }
+
+    /// A file kept with a point (domain.xml, nvram), opened; nil when the point has none.
+    /// - Throws: `.damaged` when it does not authenticate (encrypted repository).
+    public func attachment(_ point: RecoveryPoint, _ file: String) throws -> [UInt8]? {
+        guard let stored = FileSystem.contents(pointPath(point.machine, point.id) + "/" + file) else { return nil }
+        return try codec.openFile(stored, name: "\(point.machine)/\(point.id)/\(file)")
+    }
 
     // MARK: Machines
 
@@ -380,7 +388,7 @@ public final class Repository: Sendable {
     /// The headers and frame tables of many chunks, as their files hold them, read with several
     /// reads in flight (chunks that cannot be read are left out).
     func chunkTables(_ ids: [ChunkID]) -> [ChunkID: ChunkTable] {
-        let tables = Mutex<[ChunkID: ChunkTable]>([:])
+        let tables = Locked<[ChunkID: ChunkTable]>([:])
         let work = ParallelWork(count: ids.count, threads: Self.directReadWorkers)
         try? work.run { work in
             while let i = work.take() {

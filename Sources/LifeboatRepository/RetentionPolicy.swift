@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 
 /// Which recovery points to keep, in the manner of restic's `forget` rules.
 ///

@@ -1,5 +1,5 @@
 internal import CZstd
-import Synchronization
+import LifeboatBase
 
 /// What zstd said when it refused.
 public struct ZstdError: Error, Sendable, CustomStringConvertible {
@@ -82,9 +82,9 @@ final class Zstd: @unchecked Sendable {
     // OpaquePointer is not Sendable; the pool hands each context to one thread at a time.
     private struct Handle: @unchecked Sendable { let pointer: OpaquePointer }
 
-    private let compressors = Mutex<[Handle]>([])
-    private let prefixCompressors = Mutex<[Handle]>([])
-    private static let decompressors = Mutex<[Handle]>([])
+    private let compressors = Locked<[Handle]>([])
+    private let prefixCompressors = Locked<[Handle]>([])
+    private static let decompressors = Locked<[Handle]>([])
 
     init(_ parameters: ZstdParameters, dictionary: ZstdDictionary? = nil) {
         self.parameters = parameters

@@ -1,5 +1,6 @@
 import Foundation
 import Hummingbird
+import LifeboatBase
 import LifeboatRecovery
 import LifeboatReplication
 import LifeboatRepository
@@ -39,7 +40,7 @@ public final class ReplicationService: Service, Sendable {
     let options: ReplicationServiceOptions
     let metrics: ReplicationMetrics
     let logger: Logger
-    private let state = Mutex(Jobs())
+    private let state = Locked(Jobs())
     private let stopping = Atomic<Bool>(false)
 
     private struct Jobs {

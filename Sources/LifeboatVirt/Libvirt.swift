@@ -1,5 +1,5 @@
 import Foundation
-import Synchronization
+import LifeboatBase
 internal import CVirt
 
 // The only file that touches libvirt's C API. Every call goes through `check`, which reads
@@ -78,9 +78,9 @@ public struct DomainEvent: Sendable, CustomStringConvertible {
 
 /// Collects one domain's lifecycle events from libvirt's event thread until `close()`.
 public final class DomainEventWatch: Sendable {
-    private let events = Mutex<[DomainEvent]>([])
+    private let events = Locked<[DomainEvent]>([])
     /// The connection (as its address: raw pointers are not Sendable) and the callback id.
-    private let registration = Mutex<(connection: UInt, id: Int32)?>(nil)
+    private let registration = Locked<(connection: UInt, id: Int32)?>(nil)
 
     /// Events received so far, oldest first.
     public var received: [DomainEvent] { events.withLock { $0 } }
@@ -313,9 +313,11 @@ public final class Domain: @unchecked Sendable {
         return DomainState(state)
     }
 
-    /// The live XML (the inactive one when the domain is off).
-    public func xml() throws -> String {
-        let text = try check("reading the XML of \(name)", virDomainGetXMLDesc(handle, 0))
+    /// The live XML (the inactive one when the domain is off); with `inactive`, the persistent
+    /// definition (what the domain boots with next), secure parts left out.
+    public func xml(inactive: Bool = false) throws -> String {
+        let flags = inactive ? UInt32(VIR_DOMAIN_XML_INACTIVE.rawValue) : 0
+        let text = try check("reading the XML of \(name)", virDomainGetXMLDesc(handle, flags))
         defer { free(text) }
         return String(cString: text)
     }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import LifeboatBase
 import LifeboatConsole
 import LifeboatRecovery
 import LifeboatRepository

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import LifeboatBase
 import LifeboatFS
 import LifeboatRecovery
 import LifeboatRepository
@@ -195,6 +196,7 @@ extension Lifeboat {
         @Option(name: .customLong("to"), help: "Restore onto this path instead of the original (repeat per disk, in disk order).")
         var targets: [String] = []
         @Option(help: "Seconds to wait for the guest to shut down before stopping it.") var shutdownTimeout = 120.0
+        @Flag(help: "Start the original domain afterwards (machines protected with --domain).") var start = false
         @OptionGroup var output: OutputOptions
 
         func run() throws {
@@ -206,7 +208,7 @@ extension Lifeboat {
             let map = Dictionary(uniqueKeysWithValues: zip(disks.map(\.name), targets.map {
                 $0.hasPrefix("/") ? $0 : FileManager.default.currentDirectoryPath + "/" + $0
             }))
-            let report = try recovery.failback(name, targets: map, shutdownTimeout: shutdownTimeout) { line in
+            let report = try recovery.failback(name, targets: map, shutdownTimeout: shutdownTimeout, start: start) { line in
                 if Terminal.isInteractive && !output.json { Terminal.writeError("\(line)\n") }
             }
             if output.json { try JSON.print(report) } else { print(Self.summary(report)) }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import LifeboatBase
 import LifeboatRecovery
 import LifeboatReplication
 import LifeboatRepository
@@ -36,7 +37,7 @@ extension Lifeboat {
         static let configuration = CommandConfiguration(abstract: "Register a machine, its disks and its recovery-server settings.")
         @OptionGroup var repository: RepositoryOptions
         @Argument(help: "Machine name.") var name: String
-        @Option(name: .customLong("disk"), help: "Raw image file or block device (repeat for more disks).") var disks: [String] = []
+        @Option(name: .customLong("disk"), help: "Disk image (raw or qcow2) or block device (repeat for more disks).") var disks: [String] = []
         @Option(help: "A libvirt domain: its disks are read from its XML, points of it running come from libvirt's backup API.")
         var domain: String?
         @Option(help: "libvirt URI of that domain (default: $LIFEBOAT_CONNECT, else qemu:///system).") var connect: String?
@@ -67,9 +68,22 @@ extension Lifeboat {
                 let replication = Replication(repository: repo, hotDirectory: ReplicationOptions.hotDirectory(hot),
                                               defaultConnectURI: Connection.uri(uri))
                 let (_, found) = try replication.domain(of: machine)
-                machine.disks = try replication.disks(of: found).map { MachineDisk(name: $0.target, path: $0.source) }
+                // Its recovery VM is built as the domain is: start from its vCPUs, memory and MAC.
+                if let hardware = try? DomainDefinition(xml: found.xml(inactive: true)).hardware {
+                    machine.vcpus = hardware.vcpus
+                    machine.memoryMiB = hardware.memoryMiB
+                    if let mac = hardware.nics.first?.mac, !mac.isEmpty { machine.macs = [mac] }
+                }
+                machine.disks = try replication.disks(of: found).map { disk in
+                    _ = try DiskImage.inspect(disk.source, declared: disk.format, what: "disk \(disk.target) of domain \(domain)")
+                    return MachineDisk(name: disk.target, path: disk.source, format: disk.format)
+                }
             } else {
-                let disks = Repository.diskNames(for: disks.map { $0.hasPrefix("/") ? $0 : FileManager.default.currentDirectoryPath + "/" + $0 })
+                var disks = Repository.diskNames(for: disks.map { $0.hasPrefix("/") ? $0 : FileManager.default.currentDirectoryPath + "/" + $0 })
+                for index in disks.indices {
+                    disks[index].format = try DiskImage.inspect(disks[index].path).format
+                    if disks[index].format == "raw" { disks[index].format = nil }
+                }
                 machine = Machine(name: name, disks: disks, macs: [MachineSettings.randomMAC()])
             }
             try settings.apply(to: &machine)

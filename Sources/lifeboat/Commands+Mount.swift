@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import LifeboatBase
 import LifeboatFS
 import LifeboatRepository
 #if canImport(Glibc)
@@ -106,7 +107,7 @@ enum MountService {
     /// Serves in this process until unmounted or signalled.
     static func serve(_ repo: Repository, at path: String, cacheSize: Int, allowOther: Bool, threads: Int,
                       busyPoll: Int = Mounts.defaultBusyPoll) throws {
-        let access = RecoveryPointFileSystem.Access(uid: 0, gid: allowOther ? QemuAccess.gid() : 0)
+        let access = RecoveryPointFileSystem.Access(uid: 0, gid: allowOther ? QemuUser.gid() : 0)
         let fs = try RecoveryPointFileSystem(repository: repo, cacheSize: cacheSize, access: access) { line in
             Terminal.writeError("\(Format.time(Date())) \(line)\n")
         }

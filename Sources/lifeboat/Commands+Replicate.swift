@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import LifeboatBase
 import LifeboatRecovery
 import LifeboatRepository
 import LifeboatService

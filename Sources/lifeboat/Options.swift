@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import LifeboatBase
 import LifeboatRepository
 #if canImport(Glibc)
 import Glibc

@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import LifeboatRepository
 #if canImport(Glibc)
 import Glibc

@@ -1,5 +1,6 @@
 import Crypto
 import Foundation
+import LifeboatBase
 @testable import LifeboatFS
 import LifeboatRepository
 import LifeboatTestSupport
@@ -193,7 +194,7 @@ struct MountTests {
         let frames = found
         #expect(frames.count > 8)
         let cache = try FrameCache(repository: demo.repo, capacity: 4 * frameSize)
-        let wrong = Mutex(0), reads = Mutex(0)
+        let wrong = Locked(0), reads = Locked(0)
         DispatchQueue.concurrentPerform(iterations: 8) { thread in
             for i in 0..<300 {
                 let f = frames[(i * 7919 + thread * 104_729) % frames.count]
@@ -423,7 +424,7 @@ final class ManagedAtomicCounter: @unchecked Sendable {
 struct AccessTests {
     @Test("with --allow-other, root and QEMU's user read the disks; any other user is refused")
     func qemuUserReads() throws {
-        let group = QemuAccess.groupName()
+        let group = QemuUser.groupName()
         #expect(getgrnam(group) != nil, "libvirt's QEMU group \(group) exists (libvirt-daemon-system installs it)")
         let demo = try DemoRepository()
         let mnt = try demo.mount(["--allow-other"])
@@ -432,7 +433,7 @@ struct AccessTests {
         let file = "\(mnt)/demo/latest/demo.raw"
         var st = stat()
         #expect(stat(file, &st) == 0)
-        #expect(st.st_uid == 0 && st.st_gid == QemuAccess.gid() && st.st_mode & 0o777 == 0o440)
+        #expect(st.st_uid == 0 && st.st_gid == QemuUser.gid() && st.st_mode & 0o777 == 0o440)
         let qemuUser = try sh(["sh", "-c", "awk -F'\"' '/^ *user *=/ {print $2}' /etc/libvirt/qemu.conf | head -1"])
             .trimmingCharacters(in: .whitespacesAndNewlines)
         let user = qemuUser.isEmpty ? "libvirt-qemu" : qemuUser
@@ -475,7 +476,7 @@ struct AccessTests {
 final class WaitingFileSystem: FuseFileSystem {
     let slowWaiting = DispatchSemaphore(value: 0)
     let fastRead = DispatchSemaphore(value: 0)
-    private let waiting = Mutex(false)
+    private let waiting = Locked(false)
 
     func attributes(of path: String) throws -> FileAttributes {
         let kind: FileAttributes.Kind
@@ -542,7 +543,7 @@ struct RequestLoopTests {
             #expect(readAt(slowFD, 1, 4095).0 == [UInt8](repeating: 0x73, count: 4095))
         }
         // One client's read waits in the file system; a second client's read must not wait for it.
-        let slow = Mutex<([UInt8], Int32)>(([], -1))
+        let slow = Locked<([UInt8], Int32)>(([], -1))
         let slowDone = DispatchSemaphore(value: 0)
         Thread {
             slow.withLock { $0 = readAt(slowFD, 0, 4096) }

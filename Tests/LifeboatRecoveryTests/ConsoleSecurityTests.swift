@@ -1,7 +1,7 @@
 import Foundation
+import LifeboatBase
 import LifeboatConsole
 import LifeboatTestSupport
-import Synchronization
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -78,7 +78,7 @@ struct ConsoleSecurityTests {
         let lab = try ConsoleLab()
         let base = lab.url
         let jars = (0..<30).map { lab.scratch.file("guess-\($0)") }
-        let answers = Mutex<[(status: Int, seconds: Double)]>([])
+        let answers = Locked<[(status: Int, seconds: Double)]>([])
         let started = Date()
         var threads: [Thread] = []
         for i in 0..<30 {

@@ -1,9 +1,9 @@
 import Foundation
+import LifeboatBase
 import LifeboatRecovery
 import LifeboatRepository
 import LifeboatTestSupport
 import LifeboatVirt
-import Synchronization
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -105,8 +105,8 @@ struct OneWayTests {
         let settings = RecoverySettings(connectURI: "test:///default", hotDirectory: scratch.file("hot"),
                                         templates: try Templates.locate(explicit: packageRoot + "/templates"), virtType: .qemu)
         let recovery = Recovery(repository: repository, settings: settings)
-        let connections = Mutex<Set<ObjectIdentifier>>([])
-        let failures = Mutex<[String]>([])
+        let connections = Locked<Set<ObjectIdentifier>>([])
+        let failures = Locked<[String]>([])
         DispatchQueue.concurrentPerform(iterations: 16) { _ in
             for _ in 0..<20 {
                 do {

@@ -19,7 +19,14 @@ final class DomainLab {
     var environment: [String: String] { ["LIFEBOAT_REPO": repo, "LIFEBOAT_HOT": hot] }
     static let virsh = ["virsh", "-q", "-c", "qemu:///system"]
 
-    init(_ name: String, agent: Bool = true) throws {
+    /// With `hardware`: a q35 machine with a second (data) disk on SATA and two NICs with fixed
+    /// MACs (virtio and e1000e) on an isolated network of the lab's own.
+    let hardware: Bool
+    var network: String { "lbsrc-\(getpid())" }
+    static let macs = ["52:54:00:5a:00:01", "52:54:00:5a:00:02"]
+
+    init(_ name: String, agent: Bool = true, hardware: Bool = false) throws {
+        self.hardware = hardware
         chmod(scratch.path, 0o755)   // QEMU (libvirt-qemu) must reach the image and the console log
         domain = "lbsrc-\(name)-\(getpid())"
         machine = "\(name)-\(getpid())"
@@ -29,10 +36,23 @@ final class DomainLab {
         unlink(raw)
         try sh(["chown", "libvirt-qemu:libvirt-qemu", image])
         let channel = agent ? "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>" : ""
+        var extra = ""
+        if hardware {
+            try sh(["qemu-img", "create", "-q", "-f", "qcow2", scratch.file("data.qcow2"), "16M"])
+            try sh(["chown", "libvirt-qemu:libvirt-qemu", scratch.file("data.qcow2")])
+            try "<network><name>\(network)</name><bridge stp='on' delay='0'/></network>".write(toFile: scratch.file("net.xml"), atomically: true, encoding: .utf8)
+            try sh(Self.virsh + ["net-define", scratch.file("net.xml")])
+            try sh(Self.virsh + ["net-start", network])
+            extra = """
+                <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='\(scratch.file("data.qcow2"))'/><target dev='sdb' bus='sata'/></disk>
+                <interface type='network'><source network='\(network)'/><mac address='\(Self.macs[0])'/><model type='virtio'/></interface>
+                <interface type='network'><source network='\(network)'/><mac address='\(Self.macs[1])'/><model type='e1000e'/></interface>
+                """
+        }
         let xml = """
             <domain type='qemu'><name>\(domain)</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>
-            <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os><features><acpi/></features>
-            <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='\(image)'/><target dev='vda' bus='virtio'/></disk>
+            <os><type arch='x86_64' machine='\(hardware ? "q35" : "pc")'>hvm</type></os><features><acpi/></features>
+            <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='\(image)'/><target dev='vda' bus='virtio'/><boot order='1'/></disk>\(extra)
             <serial type='file'><source path='\(consoleLog)'/><target port='0'/></serial>\(channel)</devices></domain>
             """
         try xml.write(toFile: scratch.file("domain.xml"), atomically: true, encoding: .utf8)
@@ -43,6 +63,10 @@ final class DomainLab {
     deinit {
         _ = try? sh(Self.virsh + ["destroy", domain])
         _ = try? sh(Self.virsh + ["undefine", domain, "--checkpoints-metadata"])
+        if hardware {
+            _ = try? sh(Self.virsh + ["net-destroy", network])
+            _ = try? sh(Self.virsh + ["net-undefine", network])
+        }
     }
 
     func start() throws {
@@ -63,7 +87,8 @@ final class DomainLab {
 
     /// Runs `script` in the guest through the agent's guest-exec and waits for it to end.
     @discardableResult
-    func guest(_ script: String, wait: Bool = true) throws -> Int {
+    func guest(_ script: String, wait: Bool = true, in vm: String? = nil) throws -> Int {
+        let domain = vm ?? self.domain
         let request = #"{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c",\#(jsonString(script))]}}"#
         let answer = try sh(Self.virsh + ["qemu-agent-command", domain, request])
         guard let pid = (try JSONSerialization.jsonObject(with: Data(answer.utf8)) as? [String: Any])

@@ -1,5 +1,6 @@
 import Crypto
 import Foundation
+import LifeboatBase
 import Testing
 @testable import LifeboatRepository
 import LifeboatTestSupport

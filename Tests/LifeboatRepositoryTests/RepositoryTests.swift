@@ -1,4 +1,5 @@
 import Foundation
+import LifeboatBase
 import Testing
 @testable import LifeboatRepository
 import LifeboatTestSupport

@@ -117,7 +117,7 @@ package enum ChildProcess {
     package static func startDetached(_ executable: String, _ arguments: [String], input: [UInt8], log: String) throws -> Detached {
         let output = try openLog(log, append: true)
         let options = { var options = PlatformOptions(); options.createSession = true; return options }()
-        let started = Mutex<Result<Detached, LifeboatError>?>(nil)
+        let started = Locked<Result<Detached, LifeboatError>?>(nil)
         let signal = DispatchSemaphore(value: 0)
         Task.detached {
             do {
@@ -148,7 +148,7 @@ package enum ChildProcess {
     /// Runs `body` on the concurrency pool and waits for it on this (non-async) thread.
     private static func blocking<T: Sendable>(_ body: @escaping @Sendable () async throws -> T,
                                               failed: @escaping @Sendable (any Error) -> LifeboatError) throws -> T {
-        let result = Mutex<Result<T, LifeboatError>?>(nil)
+        let result = Locked<Result<T, LifeboatError>?>(nil)
         let done = DispatchSemaphore(value: 0)
         Task.detached {
             do {

@@ -39,7 +39,7 @@ public struct LifeboatError: Error, Sendable, CustomStringConvertible, Equatable
     }
 
     /// Wraps a failed system call on `path` into a sentence that names the path.
-    static func io(_ error: any Error, _ what: String, _ path: String) -> LifeboatError {
+    package static func io(_ error: any Error, _ what: String, _ path: String) -> LifeboatError {
         if let error = error as? LifeboatError { return error }
         guard let errno = error as? Errno else {
             return LifeboatError(.io, "\(what) \(path): \(error)")
@@ -56,7 +56,7 @@ public struct LifeboatError: Error, Sendable, CustomStringConvertible, Equatable
 
 extension Errno {
     /// strerror text without the "Errno N:" prefix swift-system adds.
-    var lifeboatText: String {
+    package var lifeboatText: String {
         String(cString: strerror(rawValue)).lowercased()
     }
 }

@@ -23,7 +23,7 @@ package let O_TMPFILE: CInt = 0o20000000 | O_DIRECTORY
 private let SYNC_FILE_RANGE_WRITE: CUnsignedInt = 2
 
 @inline(__always)
-func retryingErrno<T: FixedWidthInteger>(_ body: () -> T) throws -> T {
+package func retryingErrno<T: FixedWidthInteger>(_ body: () -> T) throws -> T {
     while true {
         let result = body()
         if result >= 0 { return result }
@@ -34,26 +34,26 @@ func retryingErrno<T: FixedWidthInteger>(_ body: () -> T) throws -> T {
 }
 
 /// An open file descriptor that closes itself.
-final class PosixFile: @unchecked Sendable {
+package final class PosixFile: @unchecked Sendable {
     // @unchecked: the descriptor is immutable after init; pread/pwrite on one fd are thread-safe.
-    let fd: CInt
-    let path: String
+    package let fd: CInt
+    package let path: String
 
-    init(path: String, flags: CInt, mode: mode_t = 0o644) throws {
+    package init(path: String, flags: CInt, mode: mode_t = 0o644) throws {
         self.path = path
         self.fd = try retryingErrno { open(path, flags | O_CLOEXEC, mode) }
     }
 
     deinit { close(fd) }
 
-    static func openForReading(_ path: String, what: String) throws -> PosixFile {
+    package static func openForReading(_ path: String, what: String) throws -> PosixFile {
         do { return try PosixFile(path: path, flags: O_RDONLY) } catch {
             throw LifeboatError.io(error, "cannot open \(what)", path)
         }
     }
 
     /// Reads exactly `buffer.count` bytes at `offset` unless the file ends first; returns bytes read.
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws -> Int {
+    package func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws -> Int {
         var done = 0
         while done < buffer.count {
             let n = try retryingErrno {
@@ -65,7 +65,7 @@ final class PosixFile: @unchecked Sendable {
         return done
     }
 
-    func write(_ buffer: UnsafeRawBufferPointer, at offset: Int) throws {
+    package func write(_ buffer: UnsafeRawBufferPointer, at offset: Int) throws {
         var done = 0
         while done < buffer.count {
             let n = try retryingErrno {
@@ -75,29 +75,29 @@ final class PosixFile: @unchecked Sendable {
         }
     }
 
-    func readAll() throws -> [UInt8] {
+    package func readAll() throws -> [UInt8] {
         let size = try self.size()
         return try [UInt8](filling: size) { try read(into: $0, at: 0) }
     }
 
-    func sync() throws { _ = try retryingErrno { fsync(fd) } }
+    package func sync() throws { _ = try retryingErrno { fsync(fd) } }
 
-    func syncFileSystem() throws { _ = try retryingErrno { c_syncfs(fd) } }
+    package func syncFileSystem() throws { _ = try retryingErrno { c_syncfs(fd) } }
 
     /// Starts writing the file's dirty pages back without waiting, so a later `syncfs` has
     /// little left to do. Best effort.
-    func startWriteback() { _ = c_sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) }
+    package func startWriteback() { _ = c_sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) }
 
-    func truncate(to size: Int) throws { _ = try retryingErrno { ftruncate(fd, off_t(size)) } }
+    package func truncate(to size: Int) throws { _ = try retryingErrno { ftruncate(fd, off_t(size)) } }
 
-    func stat() throws -> Glibc.stat {
+    package func stat() throws -> Glibc.stat {
         var st = Glibc.stat()
         _ = try retryingErrno { fstat(fd, &st) }
         return st
     }
 
     /// Size in bytes; for block devices, the device size.
-    func size() throws -> Int {
+    package func size() throws -> Int {
         let st = try stat()
         if (st.st_mode & S_IFMT) == S_IFBLK {
             let end = try retryingErrno { lseek(fd, 0, SEEK_END) }
@@ -108,7 +108,7 @@ final class PosixFile: @unchecked Sendable {
 
     /// The byte ranges holding data, from SEEK_DATA/SEEK_HOLE; `nil` when the file
     /// system cannot tell (then every byte counts as data).
-    func dataRanges(size: Int) -> [Range<Int>]? {
+    package func dataRanges(size: Int) -> [Range<Int>]? {
         var ranges: [Range<Int>] = []
         var offset = 0
         while offset < size {
@@ -127,11 +127,11 @@ final class PosixFile: @unchecked Sendable {
     }
 
     /// Asks the kernel to start reading `range` into the page cache now (does not wait).
-    func prefetch(_ range: Range<Int>) {
+    package func prefetch(_ range: Range<Int>) {
         _ = posix_fadvise(fd, off_t(range.lowerBound), off_t(range.count), POSIX_FADV_WILLNEED)
     }
 
-    func advise(sequential: Bool) {
+    package func advise(sequential: Bool) {
         _ = posix_fadvise(fd, 0, 0, sequential ? POSIX_FADV_SEQUENTIAL : POSIX_FADV_RANDOM)
     }
 }
@@ -142,6 +142,11 @@ package enum FileSystem {
     /// The bytes of a small file, or nil when it cannot be read.
     package static func contents(_ path: String) -> [UInt8]? {
         try? PosixFile(path: path, flags: O_RDONLY).readAll()
+    }
+
+    package static func isBlockDevice(_ path: String) -> Bool {
+        var st = stat()
+        return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFBLK
     }
 
     package static func isDirectory(_ path: String) -> Bool {

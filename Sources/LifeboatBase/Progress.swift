@@ -21,7 +21,7 @@ public final class ProgressMeter: Sendable {
     /// Changes the bandwidth cap while the work runs (0: none).
     public func setLimit(_ bytesPerSecond: Int) { limitBytes.store(bytesPerSecond, ordering: .relaxed) }
 
-    func start(total: Int) {
+    package func start(total: Int) {
         totalBytes.store(total, ordering: .relaxed)
         doneBytes.store(0, ordering: .relaxed)
         dataBytes.store(0, ordering: .relaxed)
@@ -29,13 +29,13 @@ public final class ProgressMeter: Sendable {
     }
 
     /// Counts `bytes` as done; `data` bytes (read or written, not holes) count against the limit.
-    func add(_ bytes: Int, data: Bool = true) { add(bytes, moved: data ? bytes : 0) }
+    package func add(_ bytes: Int, data: Bool = true) { add(bytes, moved: data ? bytes : 0) }
 
     /// Counts `bytes` as done, of which `moved` were read or written (the rest: holes, chunks
     /// taken from the previous point); those count against the limit: the caller waits until the
     /// average since `start` is back under it. The wait is taken in short slices, so a limit
     /// lifted meanwhile (`setLimit(0)`) takes effect at once.
-    func add(_ bytes: Int, moved: Int) {
+    package func add(_ bytes: Int, moved: Int) {
         doneBytes.add(bytes, ordering: .relaxed)
         guard moved > 0, limitBytes.load(ordering: .relaxed) > 0 else { return }
         let moved = dataBytes.add(moved, ordering: .relaxed).newValue
@@ -69,12 +69,12 @@ public enum Units {
         timeFormatter.withLock { $0.string(from: date) }
     }
 
-    private static let timeFormatter: Mutex<DateFormatter> = {
+    private static let timeFormatter: Locked<DateFormatter> = {
         let formatter = DateFormatter()
         formatter.locale = Locale(identifier: "en_US_POSIX")
         formatter.timeZone = TimeZone(identifier: "UTC")
         formatter.dateFormat = "yyyy-MM-dd HH:mm:ss'Z'"
-        return Mutex(formatter)
+        return Locked(formatter)
     }()
 }
 

@@ -1,0 +1,118 @@
+import Foundation
+import LifeboatTestSupport
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension RecoveryVMTests {
+@Suite("The recovered machine is the machine")
+struct FaithfulRecoveryTests {
+    static func json(_ text: String) -> [String: Any] {
+        (try? JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any]) ?? [:]
+    }
+
+    @Test("a qcow2 --disk machine: its points hold the guest's bytes (the virtual size), restored equal to the raw image; a vmdk is refused in one line")
+    func qcow2DiskMachine() throws {
+        let scratch = Scratch()
+        let env = ["LIFEBOAT_REPO": scratch.file("repo"), "LIFEBOAT_HOT": scratch.file("hot")]
+        let raw = scratch.file("web.raw"), image = scratch.file("web.qcow2")
+        try DemoDisk.make(raw, marker: "qcow2 machine")
+        try sh(["qemu-img", "convert", "-O", "qcow2", raw, image])
+        #expect(try CLI.run(["init"], environment: env).status == 0)
+
+        let vmdk = scratch.file("old.vmdk")
+        try sh(["qemu-img", "create", "-q", "-f", "vmdk", vmdk, "8M"])
+        let refused = try CLI.run(["protect", "old", "--disk", vmdk], environment: env)
+        #expect(refused.status != 0)
+        #expect(refused.stderr.contains("vmdk image") && refused.stderr.contains("qemu-img convert"), "\(refused.stderr)")
+        #expect(refused.stderr.split(separator: "\n").count == 1, "one line: \(refused.stderr)")
+        #expect(try CLI.run(["machines", "--json"], environment: env).stdout.contains("old") == false)
+
+        let protected = try CLI.run(["protect", "web", "--disk", image], environment: env)
+        #expect(protected.status == 0, "\(protected.stderr)")
+        let backup = try CLI.run(["backup", "web", "--json"], environment: env)
+        #expect(backup.status == 0, "\(backup.stderr)")
+        let point = Self.json(backup.stdout)
+        let disk = (point["disks"] as? [[String: Any]])?.first ?? [:]
+        let virtualSize = (Self.json(try sh(["qemu-img", "info", "--output=json", image]))["virtual-size"] as? Int) ?? -1
+        #expect(disk["size"] as? Int == virtualSize, "the point's disk is the guest's \(virtualSize) bytes, not the container: \(disk)")
+        let restored = try CLI.run(["restore", "web", "--to", scratch.file("out")], environment: env)
+        #expect(restored.status == 0, "\(restored.stderr)")
+        let files = (try? FileManager.default.contentsOfDirectory(atPath: scratch.file("out"))) ?? []
+        let out = scratch.file("out") + "/" + (files.first ?? "?")
+        #expect((try? sh(["cmp", raw, out])) != nil, "the restored disk equals the guest's bytes (\(files))")
+    }
+
+    @Test("a q35 domain with a SATA disk and two NICs: points keep its definition; the drill VM is that machine; failover after the site is lost, commit, a write in the recovery VM, its points; failback defines the original again and it boots with that write")
+    func faithfulDomainRoundTrip() throws {
+        let lab = try DomainLab("faithful", hardware: true)
+        defer {
+            // Whatever happened: no recovery VM or drill VM of this machine is left running.
+            _ = try? lab.run(["stop-test", lab.machine])
+            _ = try? lab.run(["cancel-failover", lab.machine, "--yes"])
+            for vm in [lab.machine, "lifeboat-test-" + lab.machine] {
+                _ = try? sh(DomainLab.virsh + ["destroy", vm])
+                _ = try? sh(DomainLab.virsh + ["undefine", vm, "--nvram"])
+            }
+        }
+        try lab.start()
+        #expect(lab.waitForConsole("LIFEBOAT-AGENT: started"))
+        try lab.check(["protect", lab.machine, "--domain", lab.domain])
+        let first = try lab.point()
+        let hardware = first["hardware"] as? [String: Any] ?? [:]
+        #expect((hardware["machine"] as? String)?.contains("q35") == true, "\(hardware)")
+        let disks = hardware["disks"] as? [[String: Any]] ?? []
+        #expect(disks.contains { $0["target"] as? String == "sdb" && $0["bus"] as? String == "sata" }, "\(disks)")
+        #expect(disks.contains { $0["target"] as? String == "vda" && $0["bootOrder"] as? Int == 1 }, "\(disks)")
+        let nics = hardware["nics"] as? [[String: Any]] ?? []
+        #expect(nics.compactMap { $0["mac"] as? String } == DomainLab.macs, "\(nics)")
+        #expect(nics.compactMap { $0["model"] as? String } == ["virtio", "e1000e"], "\(nics)")
+        #expect(hardware["agent"] as? Bool == true)
+
+        // The drill: the VM is the source's hardware on the isolated test network.
+        let drill = try lab.run(["test-failover", lab.machine, "--wait-for", "LIFEBOAT-READY", "--timeout", "4m"])
+        #expect(drill.status == 0, "\(drill.stderr)")
+        let drillXML = (try? sh(DomainLab.virsh + ["dumpxml", "lifeboat-test-" + lab.machine])) ?? ""
+        #expect(drillXML.contains("q35"), "machine type kept")
+        #expect(drillXML.contains("bus='sata'") && drillXML.contains("dev='sdb'"), "the data disk on SATA as sdb")
+        for mac in DomainLab.macs { #expect(drillXML.contains(mac), "MAC \(mac) kept") }
+        #expect(drillXML.contains("e1000e") && drillXML.contains("org.qemu.guest_agent.0"), "NIC model and agent channel kept")
+        #expect(!drillXML.contains(lab.network), "no NIC of the drill on the source's network: \(drillXML)")
+        try lab.check(["stop-test", lab.machine])
+
+        // The site is lost: the source domain destroyed and its definition gone.
+        try sh(DomainLab.virsh + ["destroy", lab.domain])
+        try sh(DomainLab.virsh + ["undefine", lab.domain, "--checkpoints-metadata"])
+        try lab.check(["configure", lab.machine, "--network", lab.network])
+        try lab.check(["failover", lab.machine, "--wait"])
+        let failedOverXML = (try? sh(DomainLab.virsh + ["dumpxml", lab.machine])) ?? ""
+        for mac in DomainLab.macs { #expect(failedOverXML.contains(mac), "the recovery VM keeps MAC \(mac)") }
+        try lab.check(["commit", lab.machine])
+        let status = Self.json("{\"s\":" + (try lab.check(["status", lab.machine, "--json"])) + "}")["s"] as? [[String: Any]] ?? []
+        #expect((status.first?["protected"] as? String)?.contains("the recovery VM: domain \(lab.machine)") == true, "\(status)")
+
+        // A write inside the recovery VM; the next point is of the recovery VM and holds it.
+        var wrote = false
+        for _ in 0..<120 where !wrote {
+            wrote = (try? lab.guest("echo written-after-commit > /data/marker && sync", in: lab.machine)) == 0
+            if !wrote { Thread.sleep(forTimeInterval: 1) }
+        }
+        #expect(wrote, "the recovery VM's agent answered")
+        let afterCommit = try lab.point()
+        #expect((afterCommit["hardware"] as? [String: Any])?["domain"] as? String == lab.machine, "points now read the recovery VM")
+        #expect(afterCommit["consistency"] as? String == "application-consistent", "\(afterCommit)")
+
+        // Failback: the original is defined again, its qcow2 written through, and it boots with the write.
+        try lab.check(["failback", lab.machine, "--start"])
+        #expect((try? sh(DomainLab.virsh + ["domstate", lab.domain])) != nil, "domain \(lab.domain) is defined again")
+        let format = Self.json(try sh(["qemu-img", "info", "-U", "--output=json", lab.image]))["format"] as? String
+        #expect(format == "qcow2", "the original stays qcow2")
+        #expect(lab.waitForConsole("LIFEBOAT-MARKER: written-after-commit", seconds: 180), "the original booted with the recovery VM's write: \(lab.console().suffix(400))")
+        let back = Self.json("{\"s\":" + (try lab.check(["status", lab.machine, "--json"])) + "}")["s"] as? [[String: Any]] ?? []
+        #expect(back.first?["protected"] as? String == "domain \(lab.domain)", "\(back)")
+        let again = try lab.point()
+        #expect((again["hardware"] as? [String: Any])?["domain"] as? String == lab.domain, "protection is back on the original")
+    }
+}
+}
