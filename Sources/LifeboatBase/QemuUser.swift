@@ -39,6 +39,26 @@ public enum QemuUser {
         return group.pointee.gr_gid
     }
 
+    /// Where libvirt keeps a domain's emulated TPM state (swtpm), by domain UUID.
+    public static func tpmStatePath(uuid: String) -> String {
+        "/var/lib/libvirt/swtpm/\(uuid.lowercased())/tpm2/tpm2-00.permall"
+    }
+
+    /// Puts a TPM state file where libvirt's swtpm for domain `uuid` reads it, owned by the
+    /// swtpm user (qemu.conf `swtpm_user`, else Debian's default tss).
+    public static func placeTPMState(_ bytes: [UInt8], uuid: String) throws {
+        let path = tpmStatePath(uuid: uuid)
+        let folder = (path as NSString).deletingLastPathComponent
+        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        try FileSystem.writeAtomically(bytes, to: path)
+        let name = setting("swtpm_user", config: "/etc/libvirt/qemu.conf") ?? "tss"
+        guard let user = getpwnam(name) else { return }
+        for item in [(folder as NSString).deletingLastPathComponent, folder, path] {
+            chown(item, user.pointee.pw_uid, user.pointee.pw_gid)
+        }
+        chmod(path, 0o600)
+    }
+
     /// QEMU's uid and gid, or nil when the user does not exist.
     public static func ids() -> (uid: uid_t, gid: gid_t)? {
         let name = userName()

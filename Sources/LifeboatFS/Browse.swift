@@ -310,7 +310,12 @@ public enum Browser {
         default: options = "ro"
         }
         var command = ["mount", "-t", type, "-o", options, device, target]
-        if !kernelSupports(type) {
+        if type == "ntfs" {
+            // Windows guests: the kernel's ntfs3 when it has it, else Debian's ntfs-3g (FUSE),
+            // read-only either way.
+            command = kernelSupports("ntfs3") ? ["mount", "-t", "ntfs3", "-o", "ro", device, target]
+                : ["ntfs-3g", "-o", "ro,norecover", device, target]
+        } else if !kernelSupports(type) {
             // Some kernels (VMs, containers) have no vfat: fusefat serves FAT from user space.
             guard type == "vfat" || type == "msdos" else {
                 throw LifeboatError(.unsupported, "this kernel cannot mount \(type) file systems")

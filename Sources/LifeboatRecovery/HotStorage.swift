@@ -67,6 +67,8 @@ public struct ServerRecord: Codable, Sendable {
     /// The libvirt domain the machine was before the failover (protect --domain), and its URI:
     /// after commit the recovery VM is the protected domain; failback makes this one it again.
     public var sourceDomain: String?
+    /// Failover: source network -> network, for a domain machine's NICs.
+    public var networkMap: [String: String]?
     public var sourceConnectURI: String?
 
     /// `ip` with its prefix.

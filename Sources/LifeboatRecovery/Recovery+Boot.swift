@@ -54,6 +54,7 @@ extension Recovery {
     @discardableResult
     func defineAndStart(name: String, type: String, vcpus: Int, memoryMiB: Int, title: String, description: String,
                         disks: [HotDisk], interfaces: [DomainParameters.Interface], console: String, point: RecoveryPoint? = nil,
+                        networkMap: [String: String] = [:],
                         watch: Bool = false, report: (String) -> Void = { _ in }) throws -> (domain: Domain, events: DomainEventWatch?) {
         if !FileSystem.exists(console) { _ = FileManager.default.createFile(atPath: console, contents: nil) }
         QemuUser.give(console, mode: 0o640)
@@ -67,11 +68,22 @@ extension Recovery {
                 QemuUser.give(path)
                 nvram = path
             }
+            // The TPM's state (keys sealed by the guest, BitLocker's among them) goes where
+            // libvirt's swtpm for this VM's UUID reads it.
+            var uuid: String? = nil
+            if let state = try repository.attachment(point, "tpm-state") {
+                uuid = UUID().uuidString.lowercased()
+                try QemuUser.placeTPMState(state, uuid: uuid!)
+            }
             let network = interfaces.first
-            let recovery = DomainDefinition.Recovery(
+            var recovery = DomainDefinition.Recovery(
                 name: name, title: title, description: description, type: type, vcpus: vcpus, memoryMiB: memoryMiB,
                 disks: Dictionary(uniqueKeysWithValues: disks.map { ($0.name, (file: $0.path, backing: $0.backing)) }),
-                network: { _, _ in (network?.network, network?.bridge) }, consoleLog: console, nvram: nvram)
+                network: { _, source in
+                    if let source, let mapped = networkMap[source] { return (mapped, nil) }
+                    return (network?.network, network?.bridge)
+                }, consoleLog: console, nvram: nvram)
+            recovery.uuid = uuid
             let (derived, dropped) = try definition.recoveryXML(recovery)
             xml = derived
             report("VM built from the definition of domain \(point.hardware?.domain ?? "?") kept with point \(point.id)"

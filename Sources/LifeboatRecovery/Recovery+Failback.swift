@@ -125,10 +125,16 @@ extension Recovery {
             return "domain \(source) is gone and no point keeps its definition: define it again (virsh define) on \(machine.disks.map(\.path).joined(separator: ", "))"
         }
         let definition = try DomainDefinition(xml: String(decoding: xml, as: UTF8.self))
-        if let nvram = definition.nvramPath, !FileSystem.exists(nvram), let variables = try repository.attachment(point, "nvram") {
+        // Where libvirt looks for the variables of a domain whose XML names no file: its default.
+        let nvramPath = definition.nvramPath ?? (point.hardware?.firmware == "uefi" ? "/var/lib/libvirt/qemu/nvram/\(source)_VARS.fd" : nil)
+        if let nvram = nvramPath, !FileSystem.exists(nvram), let variables = try repository.attachment(point, "nvram") {
             try FileSystem.makeDirectories(FileSystem.parent(of: nvram))
             try FileSystem.writeAtomically(variables, to: nvram)
             QemuUser.give(nvram)
+        }
+        if let uuid = definition.uuid, !FileSystem.exists(QemuUser.tpmStatePath(uuid: uuid)),
+           let state = try repository.attachment(point, "tpm-state") {
+            try QemuUser.placeTPMState(state, uuid: uuid)
         }
         report("defining domain \(source) again from the definition kept with point \(point.id)")
         let sources = Dictionary(uniqueKeysWithValues: machine.disks.map { ($0.name, $0.path) })

@@ -22,6 +22,9 @@ public struct FailoverOptions: Sendable {
     public var bridge: String?
     /// Copy bandwidth limit in bytes per second (nil: none).
     public var bandwidth: UInt64?
+    /// Source network -> production network, for the NICs of a machine protected with --domain
+    /// (a NIC whose network is not named goes to `network`).
+    public var networkMap: [String: String] = [:]
 
     public init(point: String? = nil, planned: Bool = false, force: Bool = false, vcpus: Int? = nil, memoryMiB: Int? = nil,
                 ip: String? = nil, network: String? = nil, bridge: String? = nil, bandwidth: UInt64? = nil) {
@@ -69,6 +72,12 @@ extension Recovery {
                 "a libvirt domain named \(name) already exists on this host (\(running ? "running" : "defined")): is it the source machine? Shut it down and undefine it (virsh undefine \(name)) before failing over here")
         }
         let virtType = try virtType(for: machine)
+        for (source, target) in options.networkMap.sorted(by: { $0.key < $1.key }) {
+            let found = try virt("looking up network \(target)") { try connection().network(named: target) }
+            guard found != nil else {
+                throw LifeboatError(.notFound, "network \(target) (given for \(source) in --network-map) does not exist on this host: create it (virsh net-define) or map \(source) to another network")
+            }
+        }
 
         let point: RecoveryPoint
         if options.planned {
@@ -94,6 +103,7 @@ extension Recovery {
         record.rememberSource(machine)
         record.bridge = options.bridge ?? (options.network == nil ? machine.bridge : nil)
         record.network = record.bridge == nil ? (options.network ?? machine.network ?? Self.productionNetworkName) : nil
+        record.networkMap = options.networkMap.isEmpty ? nil : options.networkMap
         record.phase = "starting"
         try hot.save(record)
         do {
@@ -153,7 +163,8 @@ extension Recovery {
         try defineAndStart(name: name, type: record.virtType ?? "qemu", vcpus: record.vcpus ?? 1, memoryMiB: record.memoryMiB ?? 512,
                            title: "lifeboat recovery VM of \(name)",
                            description: "Failover of \(name) from recovery point \(record.point ?? "?"). Managed by lifeboat: see lifeboat status \(name)",
-                           disks: record.disks, interfaces: [interface], console: console, point: point, report: report)
+                           disks: record.disks, interfaces: [interface], console: console, point: point,
+                           networkMap: record.networkMap ?? [:], report: report)
     }
 
     /// Creates (when missing) and starts the production network; reserves the IP for the MAC.
@@ -284,9 +295,21 @@ extension Recovery {
         // (libvirt's backup API while it runs); the source domain is remembered for failback.
         var protected = record.disks.map(\.path).joined(separator: ", ")
         if machine.domain != nil, let vm = record.vm {
+            // Its raw hot disks get qcow2 images on top, at one instant while it runs: their dirty
+            // bitmaps make the recovery VM's points after the first incremental.
+            let domain = try virt("looking up the recovery VM \(vm)") { try connection().domain(named: vm) }
+            guard let domain else { throw LifeboatError(.notFound, "the recovery VM \(vm) is gone from libvirt: see lifeboat status \(name)") }
+            let live = try virt("reading the disks of \(vm)") { try DomainDisk.disks(inDomainXML: try domain.xml()) }
+            let overlays = live.filter { !$0.canHoldBitmaps }.map { (target: $0.target, file: hot.disksDirectory(name) + "/\($0.target).live.qcow2") }
+            if !overlays.isEmpty {
+                for overlay in overlays { unlink(overlay.file) }
+                try virt("putting qcow2 images on the hot disks of \(vm)") { try domain.addOverlays(overlays) }
+            }
+            let now = try virt("reading the disks of \(vm)") { try DomainDisk.disks(inDomainXML: try domain.xml()) }
+            machine.disks = now.map { MachineDisk(name: $0.target, path: $0.source, format: $0.format) }
             machine.domain = vm
             machine.connectURI = settings.connectURI
-            protected = "the recovery VM \(vm) (libvirt domain, its disks \(protected)); the next point is full, with dedup"
+            protected = "the recovery VM \(vm) (libvirt domain, its disks \(now.map(\.source).joined(separator: ", "))); the next point is full, with dedup, then incremental"
         }
         try repository.save(machine)
         record.state = .committed

@@ -164,6 +164,9 @@ public struct Replication: Sendable {
     private func incrementalBase(domain: Domain, checkpoints: [String], disks: [DomainDisk], previous: RecoveryPoint?,
                                  uuid: String?) -> (String?, String?) {
         guard let previous else { return (nil, "read in full: the first point of this domain") }
+        if let was = previous.hardware?.domain, was != domain.name {
+            return (nil, "read in full, with dedup: the first point of domain \(domain.name) (points came from domain \(was) before; protection follows the machine)")
+        }
         guard let checkpoint = previous.checkpoint else {
             return (nil, "read in full: the previous point \(previous.id) has no checkpoint to start from")
         }
@@ -326,7 +329,12 @@ public struct Replication: Sendable {
         guard let xml = try? domain.xml(inactive: true), let definition = try? DomainDefinition(xml: xml) else { return }
         details.hardware = definition.hardware
         details.attachments["domain.xml"] = Array(xml.utf8)
-        if let nvram = definition.nvramPath, let bytes = FileSystem.contents(nvram) { details.attachments["nvram"] = bytes }
+        // libvirt may name the NVRAM file only in the live XML (firmware chosen at start).
+        let nvram = definition.nvramPath ?? (try? domain.xml()).flatMap { try? DomainDefinition(xml: $0).nvramPath }
+        if let nvram, let bytes = FileSystem.contents(nvram) { details.attachments["nvram"] = bytes }
+        if definition.hardware.tpm != nil, let uuid = try? domain.uuid(), let state = FileSystem.contents(QemuUser.tpmStatePath(uuid: uuid)) {
+            details.attachments["tpm-state"] = state
+        }
     }
 
     /// A point of a disk-file machine (protect --disk) whose images are not all raw: the guests'

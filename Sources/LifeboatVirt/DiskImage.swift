@@ -40,7 +40,17 @@ public struct DiskImage: Sendable, Equatable {
         guard stat(path, &st) == 0 else {
             throw LifeboatError(.notFound, "\(what) \(path) does not exist: check the path")
         }
-        let block = st.st_mode & S_IFMT == S_IFBLK
+        let kind = st.st_mode & S_IFMT
+        if kind == S_IFDIR {
+            throw LifeboatError(.invalidArgument, "\(what) \(path) is a directory: give an image file (raw or qcow2) or a block device")
+        }
+        guard kind == S_IFREG || kind == S_IFBLK else {
+            throw LifeboatError(.invalidArgument, "\(what) \(path) is neither a regular file nor a block device")
+        }
+        guard access(path, R_OK) == 0 else {
+            throw LifeboatError(.io, "\(what) \(path) is not readable: run as root or fix its permissions")
+        }
+        let block = kind == S_IFBLK
         let format = block ? "raw" : declared
         if let format, !formats.contains(format) {
             throw unsupported(path, format: format, what: what)

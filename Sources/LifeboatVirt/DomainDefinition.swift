@@ -69,6 +69,11 @@ public struct DomainDefinition {
             video: first("/domain/devices/video/model")?.attribute(forName: "type")?.stringValue)
     }
 
+    /// The domain's UUID, if the definition gives one.
+    public var uuid: String? {
+        first("/domain/uuid")?.stringValue?.trimmingCharacters(in: .whitespacesAndNewlines).nilIfEmpty
+    }
+
     /// The NVRAM file of a UEFI guest, if the definition names one.
     public var nvramPath: String? {
         first("/domain/os/nvram")?.stringValue?.trimmingCharacters(in: .whitespacesAndNewlines).nilIfEmpty
@@ -104,6 +109,8 @@ public struct DomainDefinition {
         public var consoleLog: String
         /// The copy of the point's NVRAM variables for this VM (UEFI guests).
         public var nvram: String?
+        /// The VM's UUID (nil: libvirt makes one); given when its TPM state was placed for it.
+        public var uuid: String?
 
         public init(name: String, title: String, description: String, type: String, vcpus: Int?, memoryMiB: Int?,
                     disks: [String: (file: String, backing: String?)],
@@ -140,6 +147,7 @@ public struct DomainDefinition {
             children(domain, name).forEach(remove)
         }
         set("name", recovery.name, in: domain)
+        if let uuid = recovery.uuid { set("uuid", uuid, in: domain) }
         set("title", recovery.title, in: domain)
         set("description", recovery.description, in: domain)
         if let memory = recovery.memoryMiB {
@@ -150,7 +158,8 @@ public struct DomainDefinition {
                 domain.addChild(element)
             }
         }
-        if let vcpus = recovery.vcpus {
+        if let vcpus = recovery.vcpus, vcpus != hardware.vcpus {
+            // Another count than the source's: its sockets/cores/threads no longer add up.
             set("vcpu", String(vcpus), in: domain)
             for cpu in children(domain, "cpu") { children(cpu, "topology").forEach(remove) }
         }
@@ -163,6 +172,9 @@ public struct DomainDefinition {
             }
             for nvram in children(os, "nvram") {
                 if let path = recovery.nvram { nvram.stringValue = path } else { remove(nvram) }
+            }
+            if let path = recovery.nvram, children(os, "nvram").isEmpty {
+                os.addChild(XMLElement(name: "nvram", stringValue: path))
             }
         }
         // CPU: the host's CPU cannot be passed through under software emulation.

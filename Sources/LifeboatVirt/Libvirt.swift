@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(FoundationXML)
+import FoundationXML
+#endif
 import LifeboatBase
 internal import CVirt
 
@@ -376,6 +379,25 @@ public final class Domain: @unchecked Sendable {
         if shallow { flags |= UInt32(VIR_DOMAIN_BLOCK_COPY_SHALLOW.rawValue) }
         if reuseExisting { flags |= UInt32(VIR_DOMAIN_BLOCK_COPY_REUSE_EXT.rawValue) }
         try check("starting the block copy of \(name) \(disk)", virDomainBlockCopy(handle, disk, destinationXML, params, count, flags))
+    }
+
+    /// Puts a new, empty qcow2 image on top of each of `disks` (target -> new file) at one instant
+    /// while the guest runs (an external disk-only snapshot without metadata): the guest writes
+    /// into the new images from then on, and their dirty bitmaps can track changes.
+    /// The corresponding C function is `virDomainSnapshotCreateXML`.
+    public func addOverlays(_ disks: [(target: String, file: String)]) throws {
+        let elements = disks.map { disk in
+            DomainDisk.element("disk", ["name": disk.target, "snapshot": "external"], [
+                DomainDisk.element("driver", ["type": "qcow2"]), DomainDisk.element("source", ["file": disk.file]),
+            ])
+        }
+        let xml = DomainDisk.element("domainsnapshot", [:], [DomainDisk.element("disks", [:], elements)]).xmlString
+        let flags = UInt32(VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY.rawValue | VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA.rawValue
+            | VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC.rawValue)
+        guard let snapshot = virDomainSnapshotCreateXML(handle, xml, flags) else {
+            throw LibvirtError.last("putting qcow2 images on the disks of \(name)")
+        }
+        virDomainSnapshotFree(snapshot)
     }
 
     /// Starts an active block commit: the top image of `disk` is merged into its backing file

@@ -32,11 +32,16 @@ extension Lifeboat {
         @Option(help: "Production libvirt network (default: the machine's, else lifeboat-prod made from the template).")
         var network: String?
         @Option(help: "Production host bridge instead of a libvirt network.") var bridge: String?
+        @Option(name: .customLong("network-map"), help: ArgumentHelp("SOURCE=TARGET: the NICs of a --domain machine on source network SOURCE join TARGET (repeat; the others join --network).", valueName: "SOURCE=TARGET"))
+        var networkMap: [String] = []
         @Option(help: "Limit the copy into hot storage to this many MiB/s; fractions such as 0.5 too (default or 0: no limit).") var bandwidth: Double?
         @Flag(help: "Wait for finalisation, showing progress.") var wait = false
         @OptionGroup var output: OutputOptions
 
         func validate() throws {
+            for pair in networkMap where pair.split(separator: "=").count != 2 {
+                throw ValidationError("--network-map takes SOURCE=TARGET (two network names), not '\(pair)'")
+            }
             if force && !planned { throw ValidationError("--force only goes with --planned") }
             if network != nil && bridge != nil { throw ValidationError("give --network or --bridge, not both") }
             if let bandwidth, !(bandwidth.isFinite && bandwidth >= 0) { throw ValidationError("--bandwidth is in MiB/s: give 0 (no limit) or more") }
@@ -55,8 +60,12 @@ extension Lifeboat {
                 return try PlanRun.conclude(report, json: output.json)
             }
             let name = name!
-            let options = FailoverOptions(point: point, planned: planned, force: force, vcpus: vcpus, memoryMiB: memory, ip: ip,
+            var options = FailoverOptions(point: point, planned: planned, force: force, vcpus: vcpus, memoryMiB: memory, ip: ip,
                                           network: network, bridge: bridge, bandwidth: bandwidth.flatMap { $0 > 0 ? max(1, UInt64(min($0, 0x1p40) * 1048576)) : nil })
+            options.networkMap = Dictionary(networkMap.map { pair in
+                let parts = pair.split(separator: "=").map(String.init)
+                return (parts[0], parts[1])
+            }) { $1 }
             let started = Date()
             let record = try recovery.failover(name, options) { line in
                 if Terminal.isInteractive && !output.json { Terminal.writeError("\(line)\n") }

@@ -40,6 +40,34 @@ struct BrowseTests {
         #expect(!processRunning("lifeboat mount \(demo.scratch.path)"))
     }
 
+    @Test("NTFS (a Windows guest's partition, made by mkntfs): browsed read-only, through ntfs-3g when the kernel has no ntfs3; unbrowse leaves nothing")
+    func ntfsPartition() throws {
+        let scratch = Scratch()
+        let part = scratch.file("part.img"), disk = scratch.file("win.raw"), file = scratch.file("m.txt")
+        try sh(["truncate", "-s", "32M", part])
+        _ = try? sh(["mkntfs", "-q", "-F", "-f", "-L", "WIN", "-p", "2048", "-H", "255", "-S", "63", part])
+        try "written in windows\n".write(toFile: file, atomically: true, encoding: .utf8)
+        try sh(["ntfscp", "-f", part, file, "marker.txt"])
+        try sh(["truncate", "-s", "40M", disk])
+        try sh(["sh", "-c", "printf 'label: dos\\nstart=1MiB, size=32MiB, type=7\\n' | sfdisk -q \(disk)"])
+        try sh(["dd", "if=\(part)", "of=\(disk)", "bs=1M", "seek=1", "conv=notrunc", "status=none"])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        try repo.protect(Machine(name: "win", disks: Repository.diskNames(for: [disk])))
+        _ = try repo.backup("win")
+        let loopsBefore = loopDevices()
+        let dir = scratch.file("browse")
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: false)
+        let result = try CLI.run(["browse", "win", dir, "--repo", repo.root])
+        #expect(result.status == 0, "\(result.stderr)")
+        #expect(result.stdout.contains("(ntfs)"), "\(result.stdout)")
+        #expect(try String(contentsOfFile: "\(dir)/win/p1/marker.txt", encoding: .utf8) == "written in windows\n")
+        #expect(!FileManager.default.createFile(atPath: "\(dir)/win/p1/new.txt", contents: Data("x".utf8)), "read-only")
+        let unbrowse = try CLI.run(["unbrowse", dir])
+        #expect(unbrowse.status == 0, "\(unbrowse.stderr)")
+        #expect(!Mounts.all().contains { $0.mountpoint.hasPrefix(dir + "/") })
+        #expect(loopDevices() == loopsBefore)
+    }
+
     @Test("LVM: linear logical volumes are mounted without device-mapper, others reported; two disks with the same volume group name do not clash")
     func logicalVolumes() throws {
         let scratch = Scratch()

@@ -44,7 +44,7 @@ struct FaithfulRecoveryTests {
         #expect((try? sh(["cmp", raw, out])) != nil, "the restored disk equals the guest's bytes (\(files))")
     }
 
-    @Test("a q35 domain with a SATA disk and two NICs: points keep its definition; the drill VM is that machine; failover after the site is lost, commit, a write in the recovery VM, its points; failback defines the original again and it boots with that write")
+    @Test("a UEFI q35 domain booting from virtio-scsi, a SATA disk, two NICs, agent, TPM: points keep its definition and NVRAM; the drill VM is that machine; failover after the site is lost, commit, a write in the recovery VM, its points; failback defines the original again and it boots with that write")
     func faithfulDomainRoundTrip() throws {
         let lab = try DomainLab("faithful", hardware: true)
         defer {
@@ -64,7 +64,12 @@ struct FaithfulRecoveryTests {
         #expect((hardware["machine"] as? String)?.contains("q35") == true, "\(hardware)")
         let disks = hardware["disks"] as? [[String: Any]] ?? []
         #expect(disks.contains { $0["target"] as? String == "sdb" && $0["bus"] as? String == "sata" }, "\(disks)")
-        #expect(disks.contains { $0["target"] as? String == "vda" && $0["bootOrder"] as? Int == 1 }, "\(disks)")
+        #expect(disks.contains { $0["target"] as? String == "sda" && $0["bus"] as? String == "scsi" && $0["bootOrder"] as? Int == 1 }, "\(disks)")
+        #expect(hardware["firmware"] as? String == "uefi" && hardware["tpm"] as? String == "tpm-crb 2.0", "\(hardware)")
+        let pointFolder = lab.repo + "/machines/\(lab.machine)/points/\(first["id"] as? String ?? "?")"
+        for file in ["domain.xml", "nvram", "tpm-state"] {
+            #expect(FileManager.default.fileExists(atPath: pointFolder + "/" + file), "the point keeps \(file)")
+        }
         let nics = hardware["nics"] as? [[String: Any]] ?? []
         #expect(nics.compactMap { $0["mac"] as? String } == DomainLab.macs, "\(nics)")
         #expect(nics.compactMap { $0["model"] as? String } == ["virtio", "e1000e"], "\(nics)")
@@ -74,7 +79,8 @@ struct FaithfulRecoveryTests {
         let drill = try lab.run(["test-failover", lab.machine, "--wait-for", "LIFEBOAT-READY", "--timeout", "4m"])
         #expect(drill.status == 0, "\(drill.stderr)")
         let drillXML = (try? sh(DomainLab.virsh + ["dumpxml", "lifeboat-test-" + lab.machine])) ?? ""
-        #expect(drillXML.contains("q35"), "machine type kept")
+        #expect(drillXML.contains("q35") && drillXML.contains("OVMF") && drillXML.contains("<nvram"), "machine type, UEFI loader and NVRAM kept")
+        #expect(drillXML.contains("bus='scsi'") && drillXML.contains("dev='sda'") && drillXML.contains("tpm-crb"), "boot disk on SCSI as sda, TPM")
         #expect(drillXML.contains("bus='sata'") && drillXML.contains("dev='sdb'"), "the data disk on SATA as sdb")
         for mac in DomainLab.macs { #expect(drillXML.contains(mac), "MAC \(mac) kept") }
         #expect(drillXML.contains("e1000e") && drillXML.contains("org.qemu.guest_agent.0"), "NIC model and agent channel kept")
@@ -83,9 +89,13 @@ struct FaithfulRecoveryTests {
 
         // The site is lost: the source domain destroyed and its definition gone.
         try sh(DomainLab.virsh + ["destroy", lab.domain])
-        try sh(DomainLab.virsh + ["undefine", lab.domain, "--checkpoints-metadata"])
+        try sh(DomainLab.virsh + ["undefine", lab.domain, "--checkpoints-metadata", "--nvram"])
         try lab.check(["configure", lab.machine, "--network", lab.network])
-        try lab.check(["failover", lab.machine, "--wait"])
+        let unmapped = try lab.run(["failover", lab.machine, "--network-map", "\(lab.network)=lbnowhere"])
+        #expect(unmapped.status != 0 && unmapped.stderr.contains("network lbnowhere") && unmapped.stderr.split(separator: "\n").count == 1,
+                "a network map naming a missing network: one line: \(unmapped.stderr)")
+        #expect(try lab.check(["status", lab.machine, "--json"]).contains("\"Standby\""), "nothing changed")
+        try lab.check(["failover", lab.machine, "--wait", "--network-map", "\(lab.network)=\(lab.network)"])
         let failedOverXML = (try? sh(DomainLab.virsh + ["dumpxml", lab.machine])) ?? ""
         for mac in DomainLab.macs { #expect(failedOverXML.contains(mac), "the recovery VM keeps MAC \(mac)") }
         try lab.check(["commit", lab.machine])
@@ -102,6 +112,9 @@ struct FaithfulRecoveryTests {
         let afterCommit = try lab.point()
         #expect((afterCommit["hardware"] as? [String: Any])?["domain"] as? String == lab.machine, "points now read the recovery VM")
         #expect(afterCommit["consistency"] as? String == "application-consistent", "\(afterCommit)")
+        #expect((afterCommit["note"] as? String)?.contains("protection follows the machine") == true, "the first point after commit says why it is full: \(afterCommit)")
+        let next = try lab.point()
+        #expect(next["readMode"] as? String == "incremental", "the recovery VM's disks are qcow2 now: its next point is incremental: \(next)")
 
         // Failback: the original is defined again, its qcow2 written through, and it boots with the write.
         try lab.check(["failback", lab.machine, "--start"])

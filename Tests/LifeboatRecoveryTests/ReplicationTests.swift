@@ -19,8 +19,9 @@ final class DomainLab {
     var environment: [String: String] { ["LIFEBOAT_REPO": repo, "LIFEBOAT_HOT": hot] }
     static let virsh = ["virsh", "-q", "-c", "qemu:///system"]
 
-    /// With `hardware`: a q35 machine with a second (data) disk on SATA and two NICs with fixed
-    /// MACs (virtio and e1000e) on an isolated network of the lab's own.
+    /// With `hardware`: a UEFI (OVMF, secure boot off) q35 machine booting from virtio-scsi
+    /// (sda), a second (data) disk on SATA (sdb), two NICs with fixed MACs (virtio and e1000e) on
+    /// an isolated network of the lab's own, and an emulated TPM 2.0 (swtpm).
     let hardware: Bool
     var network: String { "lbsrc-\(getpid())" }
     static let macs = ["52:54:00:5a:00:01", "52:54:00:5a:00:02"]
@@ -31,7 +32,7 @@ final class DomainLab {
         domain = "lbsrc-\(name)-\(getpid())"
         machine = "\(name)-\(getpid())"
         let raw = scratch.file("source.raw")
-        try DemoDisk.make(raw, marker: "replicated \(name)")
+        try DemoDisk.make(raw, marker: "replicated \(name)", uefi: hardware)
         try sh(["qemu-img", "convert", "-O", "qcow2", raw, image])
         unlink(raw)
         try sh(["chown", "libvirt-qemu:libvirt-qemu", image])
@@ -44,6 +45,7 @@ final class DomainLab {
             try sh(Self.virsh + ["net-define", scratch.file("net.xml")])
             try sh(Self.virsh + ["net-start", network])
             extra = """
+                <controller type='scsi' model='virtio-scsi'/><tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>
                 <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='\(scratch.file("data.qcow2"))'/><target dev='sdb' bus='sata'/></disk>
                 <interface type='network'><source network='\(network)'/><mac address='\(Self.macs[0])'/><model type='virtio'/></interface>
                 <interface type='network'><source network='\(network)'/><mac address='\(Self.macs[1])'/><model type='e1000e'/></interface>
@@ -51,8 +53,8 @@ final class DomainLab {
         }
         let xml = """
             <domain type='qemu'><name>\(domain)</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>
-            <os><type arch='x86_64' machine='\(hardware ? "q35" : "pc")'>hvm</type></os><features><acpi/></features>
-            <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='\(image)'/><target dev='vda' bus='virtio'/><boot order='1'/></disk>\(extra)
+            <os\(hardware ? " firmware='efi'" : "")><type arch='x86_64' machine='\(hardware ? "q35" : "pc")'>hvm</type>\(hardware ? "<firmware><feature enabled='no' name='secure-boot'/></firmware>" : "")</os><features><acpi/></features>
+            <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='\(image)'/><target dev='\(hardware ? "sda" : "vda")' bus='\(hardware ? "scsi" : "virtio")'/><boot order='1'/></disk>\(extra)
             <serial type='file'><source path='\(consoleLog)'/><target port='0'/></serial>\(channel)</devices></domain>
             """
         try xml.write(toFile: scratch.file("domain.xml"), atomically: true, encoding: .utf8)
@@ -62,7 +64,7 @@ final class DomainLab {
 
     deinit {
         _ = try? sh(Self.virsh + ["destroy", domain])
-        _ = try? sh(Self.virsh + ["undefine", domain, "--checkpoints-metadata"])
+        _ = try? sh(Self.virsh + ["undefine", domain, "--checkpoints-metadata", "--nvram"])
         if hardware {
             _ = try? sh(Self.virsh + ["net-destroy", network])
             _ = try? sh(Self.virsh + ["net-undefine", network])

@@ -169,8 +169,9 @@ public struct ShellError: Error, CustomStringConvertible {
 public enum DemoDisk {
     public static let dataOffset = 64 << 20
 
-    public static func make(_ path: String, marker: String) throws {
-        try sh([packageRoot + "/scripts/make-demo-disk", path, "--marker", marker])
+    /// With `uefi`: a GPT disk with an EFI system partition (syslinux-efi), booted by OVMF.
+    public static func make(_ path: String, marker: String, uefi: Bool = false) throws {
+        try sh([packageRoot + "/scripts/make-demo-disk", path, "--marker", marker] + (uefi ? ["--uefi"] : []))
     }
 
     public static func setMarker(_ path: String, _ marker: String) throws {
