@@ -17,6 +17,11 @@ public struct MachineSettings: Sendable {
     public var description: String?
     public var virtType: String?
     public var bootPattern: String?
+    /// bios or uefi; machine type (pc, q35 …); disk bus (virtio, sata, scsi): for disk-file
+    /// machines (a domain's recovery VM has its domain's).
+    public var firmware: String?
+    public var machineType: String?
+    public var diskBus: String?
     public var network: String?
     public var bridge: String?
     public var every: String?
@@ -43,6 +48,14 @@ public struct MachineSettings: Sendable {
         if let gateway, !gateway.isEmpty, IPv4(gateway) == nil { throw bad("--gateway \(gateway) is not an IPv4 address") }
         if let virtType, !virtType.isEmpty { _ = try VirtType.parse(virtType, what: "--virt-type") }
         if let bootPattern { _ = try Recovery.bootPattern(bootPattern, what: "--boot-pattern") }
+        if let firmware, !firmware.isEmpty, !["bios", "uefi"].contains(firmware) { throw bad("--firmware takes bios or uefi, not \(firmware)") }
+        if let diskBus, !diskBus.isEmpty, !["virtio", "sata", "scsi"].contains(diskBus) {
+            throw bad("--disk-bus takes virtio, sata or scsi, not \(diskBus)")
+        }
+        if let machineType, !machineType.isEmpty,
+           !machineType.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "." || $0 == "_") }) {
+            throw bad("--machine \(machineType) is not a QEMU machine type like pc, q35 or pc-q35-7.2")
+        }
         if let network, let bridge, !network.isEmpty, !bridge.isEmpty { throw bad("give --network or --bridge, not both") }
         for (flag, value) in [("--rpo", rpo), ("--every", every), ("--keep-within", keepWithin)] {
             if let value, !value.isEmpty, (try? DurationText.parse(value)) == nil {
@@ -71,6 +84,9 @@ public struct MachineSettings: Sendable {
         machine.description = optional(description, machine.description)
         machine.virtType = optional(virtType, machine.virtType)
         machine.bootPattern = optional(bootPattern, machine.bootPattern)
+        machine.firmware = optional(firmware, machine.firmware)
+        machine.machineType = optional(machineType, machine.machineType)
+        machine.diskBus = optional(diskBus, machine.diskBus)
         machine.network = optional(network, machine.network)
         machine.bridge = optional(bridge, machine.bridge)
         if network?.isEmpty == false { machine.bridge = nil }

@@ -17,9 +17,11 @@ extension Recovery {
         try FileSystem.makeDirectories(folder)
         chmod(folder, 0o755)
         // A point that keeps its domain's definition names its disks by their targets there (sda,
-        // vdb …), and the recovery VM keeps them; other points' disks become vda, vdb … in order.
+        // vdb …), and the recovery VM keeps them; other points' disks become vda, vdb … (sda … on
+        // the machine's --disk-bus sata or scsi) in order.
+        let bus = (try? repository.machine(name))?.diskBus
         return try point.disks.enumerated().map { index, disk in
-            let target = point.hardware != nil ? disk.name : Self.target(index)
+            let target = point.hardware != nil ? disk.name : Self.target(index, bus: bus)
             let backing = "\(mount)/\(name)/\(point.id)/\(disk.name).raw"
             guard FileSystem.exists(backing) else {
                 throw LifeboatError(.notFound, "the FUSE mount \(mount) does not serve \(backing): is it a mount of another repository?")
@@ -54,7 +56,7 @@ extension Recovery {
     @discardableResult
     func defineAndStart(name: String, type: String, vcpus: Int, memoryMiB: Int, title: String, description: String,
                         disks: [HotDisk], interfaces: [DomainParameters.Interface], console: String, point: RecoveryPoint? = nil,
-                        networkMap: [String: String] = [:],
+                        networkMap: [String: String] = [:], machine: Machine? = nil,
                         watch: Bool = false, report: (String) -> Void = { _ in }) throws -> (domain: Domain, events: DomainEventWatch?) {
         if !FileSystem.exists(console) { _ = FileManager.default.createFile(atPath: console, contents: nil) }
         QemuUser.give(console, mode: 0o640)
@@ -90,10 +92,16 @@ extension Recovery {
                    + (point.hardware.map { ": " + $0.summary } ?? ""))
             if !dropped.isEmpty { report("left out (host-only or not available here): " + dropped.joined(separator: "; ")) }
         } else {
-            let parameters = DomainParameters(
+            // A disk-file machine: the template, with the machine's firmware, machine type and disk bus.
+            var parameters = DomainParameters(
                 name: name, type: type, vcpus: vcpus, memoryMiB: memoryMiB, title: title, description: description,
-                disks: disks.map { .init(target: $0.target, file: $0.path, format: $0.path.hasSuffix(".raw") ? "raw" : "qcow2", backingFile: $0.backing) },
+                disks: disks.map {
+                    .init(target: $0.target, bus: $0.target.hasPrefix("sd") ? machine?.diskBus ?? "sata" : "virtio", file: $0.path,
+                          format: $0.path.hasSuffix(".raw") ? "raw" : "qcow2", backingFile: $0.backing)
+                },
                 interfaces: interfaces, consoleLog: console)
+            parameters.machine = machine?.machineType ?? "pc"
+            parameters.uefi = machine?.firmware == "uefi"
             xml = try virt("rendering the domain") { try settings.templates.render(Templates.domain, parameters) }
         }
         let connection = try connection()

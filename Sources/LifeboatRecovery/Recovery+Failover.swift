@@ -164,7 +164,7 @@ extension Recovery {
                            title: "lifeboat recovery VM of \(name)",
                            description: "Failover of \(name) from recovery point \(record.point ?? "?"). Managed by lifeboat: see lifeboat status \(name)",
                            disks: record.disks, interfaces: [interface], console: console, point: point,
-                           networkMap: record.networkMap ?? [:], report: report)
+                           networkMap: record.networkMap ?? [:], machine: try? repository.machine(name), report: report)
     }
 
     /// Creates (when missing) and starts the production network; reserves the IP for the MAC.

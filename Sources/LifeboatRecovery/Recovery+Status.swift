@@ -118,6 +118,13 @@ extension Recovery {
             return status
         }
         reconcile(&status, record: record, connection: connection!)
+        // The worst day starts here: the domain being protected is gone (its site was lost).
+        if let domain = machine.domain, status.state == .standby || status.state == .committed,
+           machine.connectURI == nil || machine.connectURI == settings.connectURI,
+           let lookup = try? connection!.domain(named: domain), lookup == nil {
+            status.problems.append("domain \(domain), which \(machine.name)'s points read, is gone from libvirt at \(settings.connectURI): "
+                + "fail over (lifeboat failover \(machine.name)) or define it again")
+        }
         return status
     }
 

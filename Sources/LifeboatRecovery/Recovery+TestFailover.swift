@@ -121,7 +121,7 @@ extension Recovery {
                 name: domainName, type: virtType, vcpus: vcpus, memoryMiB: memory, title: "lifeboat drill of \(name)",
                 description: "Test failover of \(name) from recovery point \(point.id) (\(ISO8601DateFormatter().string(from: point.time))), drill \(drillID). Remove with: lifeboat stop-test \(name)",
                 disks: record.disks, interfaces: [.init(network: Self.testNetworkName, mac: mac)], console: consoleLog, point: point,
-                watch: true, report: report)
+                machine: machine, watch: true, report: report)
         } catch {
             drill.result = .failed
             drill.reason = "\(error)"
@@ -260,7 +260,8 @@ extension Recovery {
         return nil
     }
 
-    static func target(_ index: Int) -> String {
-        "vd" + String(UnicodeScalar(UInt8(97 + index % 26)))
+    /// The guest device name of disk `index` on `bus`: vda … on virtio, sda … on sata and scsi.
+    static func target(_ index: Int, bus: String? = nil) -> String {
+        (bus == nil || bus == "virtio" ? "vd" : "sd") + String(UnicodeScalar(UInt8(97 + index % 26)))
     }
 }

@@ -60,6 +60,11 @@ public struct Machine: Codable, Sendable, Equatable {
     public var virtType: String?
     /// Regular expression on the serial console that says the machine has booted (nil: a login prompt).
     public var bootPattern: String?
+    /// The recovery VM of a disk-file machine: firmware (bios, uefi), machine type (pc, q35 …) and
+    /// disk bus (virtio, sata, scsi); nil: bios, pc, virtio. A domain machine's come from its definition.
+    public var firmware: String?
+    public var machineType: String?
+    public var diskBus: String?
     /// Production network: a libvirt network name (nil: one made from the production template).
     public var network: String?
     /// Production host bridge, instead of a libvirt network.

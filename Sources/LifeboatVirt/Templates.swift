@@ -144,6 +144,12 @@ public struct DomainParameters: Sendable {
     public var graphics: Bool
     /// True under kvm (the template then asks for a `host-model` CPU). Set from `type`.
     public var kvm: Bool
+    /// QEMU machine type (pc, q35 …).
+    public var machine: String = "pc"
+    /// UEFI firmware (OVMF, secure boot off) instead of BIOS.
+    public var uefi: Bool = false
+    /// A virtio-scsi controller for disks on the scsi bus. Set from the disks.
+    public var scsi: Bool
 
     public init(name: String, type: String, vcpus: Int, memoryMiB: Int, title: String, description: String,
                 disks: [Disk], interfaces: [Interface], consoleLog: String, graphics: Bool = true) {
@@ -155,6 +161,7 @@ public struct DomainParameters: Sendable {
         self.title = title
         self.description = description
         self.disks = disks
+        self.scsi = disks.contains { $0.bus == "scsi" }
         self.interfaces = interfaces
         self.consoleLog = consoleLog
         self.graphics = graphics

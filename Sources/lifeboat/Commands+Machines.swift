@@ -164,6 +164,10 @@ struct ServerSettingsOptions: ParsableArguments {
     @Option(help: "Free text.") var description: String?
     @Option(help: "Domain type of its recovery VM: kvm, qemu or auto.") var virtType: String?
     @Option(help: "Regular expression on the serial console meaning 'booted' (default: a login prompt).") var bootPattern: String?
+    @Option(help: "Firmware of the recovery VM of a --disk machine: bios or uefi (OVMF, secure boot off; default bios).") var firmware: String?
+    @Option(help: "Machine type of the recovery VM of a --disk machine: pc, q35 … (default pc).") var machine: String?
+    @Option(help: "Bus of the recovery VM's disks for a --disk machine: virtio, sata or scsi (default virtio; Windows guests installed on SATA need sata).")
+    var diskBus: String?
     @Option(help: "Production libvirt network for failover.") var network: String?
     @Option(help: "Production host bridge for failover (instead of a libvirt network).") var bridge: String?
     @Option(help: "The replication service takes a point this often, e.g. 15m (default: half the RPO).") var every: String?
@@ -189,6 +193,9 @@ struct ServerSettingsOptions: ParsableArguments {
         settings.description = description
         settings.virtType = virtType
         settings.bootPattern = bootPattern
+        settings.firmware = firmware
+        settings.machineType = machine
+        settings.diskBus = diskBus
         settings.network = network
         settings.bridge = bridge
         settings.every = every

@@ -44,6 +44,62 @@ struct FaithfulRecoveryTests {
         #expect((try? sh(["cmp", raw, out])) != nil, "the restored disk equals the guest's bytes (\(files))")
     }
 
+    @Test("a disk-file machine of a UEFI guest on SCSI: --firmware uefi --machine q35 --disk-bus scsi, its drill boots; bad values refused, naming the option")
+    func diskMachineHardware() throws {
+        let lab = try DrillLab(["efi"])
+        let name = lab.machines[0]
+        let disk = lab.scratch.file("efi.raw")
+        try DemoDisk.make(disk, marker: "uefi disk file", uefi: true)
+        for (flag, value) in [("--firmware", "coreboot"), ("--disk-bus", "ide"), ("--machine", "q35;x")] {
+            let refused = try lab.run(["protect", name, "--disk", disk, flag, value])
+            // A usage error: its first line names the option and what it takes (the usage follows).
+            #expect(refused.status != 0 && refused.stderr.split(separator: "\n").first?.contains(flag) == true, "\(refused.stderr)")
+        }
+        try lab.check(["protect", name, "--disk", disk, "--memory", "256", "--firmware", "uefi", "--machine", "q35", "--disk-bus", "scsi"])
+        try lab.check(["backup", name])
+        let (status, drill, stderr) = try lab.drillJSON([name, "--wait-for", "LIFEBOAT-READY", "--timeout", "4m"])
+        #expect(status == 0 && drill["result"] as? String == "passed", "\(stderr) \(lab.console(drill).suffix(600))")
+        let xml = (try? sh(["virsh", "-q", "-c", "qemu:///system", "dumpxml", "lifeboat-test-" + name])) ?? ""
+        #expect(xml.contains("q35") && xml.contains("OVMF") && xml.contains("bus='scsi'") && xml.contains("dev='sda'"), "\(xml)")
+        #expect(lab.console(drill).contains("LIFEBOAT-MARKER: uefi disk file"))
+        try lab.check(["stop-test", name])
+    }
+
+    @Test("a qcow2 domain's and a raw domain's planned failover: the final point is the guest's bytes (the virtual size), the recovery VM boots", arguments: [false, true])
+    func plannedFailoverOfDomain(raw: Bool) throws {
+        let lab = try DomainLab(raw ? "plannedraw" : "planned", raw: raw)
+        let network = "lbplan-\(getpid())"
+        try "<network><name>\(network)</name><bridge stp='on' delay='0'/></network>".write(toFile: lab.scratch.file("net.xml"), atomically: true, encoding: .utf8)
+        try sh(DomainLab.virsh + ["net-define", lab.scratch.file("net.xml")])
+        try sh(DomainLab.virsh + ["net-start", network])
+        defer {
+            _ = try? lab.run(["cancel-failover", lab.machine, "--yes"])
+            _ = try? sh(DomainLab.virsh + ["destroy", lab.machine])
+            _ = try? sh(DomainLab.virsh + ["undefine", lab.machine])
+            _ = try? sh(DomainLab.virsh + ["net-destroy", network])
+            _ = try? sh(DomainLab.virsh + ["net-undefine", network])
+        }
+        try lab.start()
+        try lab.check(["protect", lab.machine, "--domain", lab.domain])
+        let running = try lab.point()
+        #expect(running["readMode"] as? String == "full")
+        if raw { #expect((running["note"] as? String)?.contains("cannot hold a dirty bitmap") == true, "\(running)") }
+        try sh(DomainLab.virsh + ["destroy", lab.domain])   // the source is shut down for a planned failover
+        try lab.check(["failover", lab.machine, "--planned", "--wait", "--network", network])
+        let points = (try? JSONSerialization.jsonObject(with: Data(try lab.check(["points", lab.machine, "--json"]).utf8))) as? [[String: Any]] ?? []
+        let final = points.last ?? [:]
+        #expect(points.count == 2 && (final["note"] as? String)?.contains("shut off") == true, "the planned failover took its final point: \(final)")
+        #expect(((final["disks"] as? [[String: Any]])?.first?["size"] as? Int) == 256 << 20, "the guest's 256 MiB, not the image file: \(final)")
+        let console = lab.hot + "/\(lab.machine)/console.log"
+        let deadline = Date().addingTimeInterval(180)
+        var booted = false
+        while !booted && Date() < deadline {
+            booted = ((try? String(contentsOfFile: console, encoding: .isoLatin1)) ?? "").contains("LIFEBOAT-MARKER: replicated")
+            if !booted { Thread.sleep(forTimeInterval: 0.5) }
+        }
+        #expect(booted, "the recovery VM booted from the final point")
+    }
+
     @Test("a UEFI q35 domain booting from virtio-scsi, a SATA disk, two NICs, agent, TPM: points keep its definition and NVRAM; the drill VM is that machine; failover after the site is lost, commit, a write in the recovery VM, its points; failback defines the original again and it boots with that write")
     func faithfulDomainRoundTrip() throws {
         let lab = try DomainLab("faithful", hardware: true)

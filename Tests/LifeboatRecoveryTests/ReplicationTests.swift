@@ -14,7 +14,7 @@ final class DomainLab {
     let machine: String
     var repo: String { scratch.file("repo") }
     var hot: String { scratch.file("hot") }
-    var image: String { scratch.file(domain + ".qcow2") }
+    var image: String { scratch.file(domain + (rawImage ? ".raw" : ".qcow2")) }
     var consoleLog: String { scratch.file("console.log") }
     var environment: [String: String] { ["LIFEBOAT_REPO": repo, "LIFEBOAT_HOT": hot] }
     static let virsh = ["virsh", "-q", "-c", "qemu:///system"]
@@ -23,18 +23,23 @@ final class DomainLab {
     /// (sda), a second (data) disk on SATA (sdb), two NICs with fixed MACs (virtio and e1000e) on
     /// an isolated network of the lab's own, and an emulated TPM 2.0 (swtpm).
     let hardware: Bool
+    let rawImage: Bool
     var network: String { "lbsrc-\(getpid())" }
     static let macs = ["52:54:00:5a:00:01", "52:54:00:5a:00:02"]
 
-    init(_ name: String, agent: Bool = true, hardware: Bool = false) throws {
+    /// With `raw`: the image stays a raw file (no changed-block tracking: every point reads in full).
+    init(_ name: String, agent: Bool = true, hardware: Bool = false, raw rawImage: Bool = false) throws {
         self.hardware = hardware
+        self.rawImage = rawImage
         chmod(scratch.path, 0o755)   // QEMU (libvirt-qemu) must reach the image and the console log
         domain = "lbsrc-\(name)-\(getpid())"
         machine = "\(name)-\(getpid())"
         let raw = scratch.file("source.raw")
         try DemoDisk.make(raw, marker: "replicated \(name)", uefi: hardware)
-        try sh(["qemu-img", "convert", "-O", "qcow2", raw, image])
-        unlink(raw)
+        if rawImage { try FileManager.default.moveItem(atPath: raw, toPath: image) } else {
+            try sh(["qemu-img", "convert", "-O", "qcow2", raw, image])
+            unlink(raw)
+        }
         try sh(["chown", "libvirt-qemu:libvirt-qemu", image])
         let channel = agent ? "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>" : ""
         var extra = ""
@@ -54,7 +59,7 @@ final class DomainLab {
         let xml = """
             <domain type='qemu'><name>\(domain)</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>
             <os\(hardware ? " firmware='efi'" : "")><type arch='x86_64' machine='\(hardware ? "q35" : "pc")'>hvm</type>\(hardware ? "<firmware><feature enabled='no' name='secure-boot'/></firmware>" : "")</os><features><acpi/></features>
-            <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='\(image)'/><target dev='\(hardware ? "sda" : "vda")' bus='\(hardware ? "scsi" : "virtio")'/><boot order='1'/></disk>\(extra)
+            <devices><disk type='file' device='disk'><driver name='qemu' type='\(rawImage ? "raw" : "qcow2")'/><source file='\(image)'/><target dev='\(hardware ? "sda" : "vda")' bus='\(hardware ? "scsi" : "virtio")'/><boot order='1'/></disk>\(extra)
             <serial type='file'><source path='\(consoleLog)'/><target port='0'/></serial>\(channel)</devices></domain>
             """
         try xml.write(toFile: scratch.file("domain.xml"), atomically: true, encoding: .utf8)
