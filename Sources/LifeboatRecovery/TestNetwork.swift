@@ -10,15 +10,9 @@ extension Recovery {
 
     /// The subnet of an existing network, read from its XML.
     static func subnet(ofNetworkXML xml: String) -> Interface4? {
-        guard let range = xml.range(of: "<ip [^>]*>", options: .regularExpression) else { return nil }
-        let tag = String(xml[range])
-        func attribute(_ name: String) -> String? {
-            guard let match = tag.range(of: "\(name)='[^']*'", options: .regularExpression) else { return nil }
-            return String(tag[match].dropFirst(name.count + 2).dropLast())
-        }
-        guard let address = attribute("address").flatMap(IPv4.init) else { return nil }
-        if let prefix = attribute("prefix").flatMap(Int.init) { return Interface4(address: address, prefix: prefix) }
-        guard let mask = attribute("netmask").flatMap(IPv4.init) else { return nil }
+        guard let ip = LibvirtXML.networkAddress(xml), let address = IPv4(ip.address) else { return nil }
+        if let prefix = ip.prefix { return Interface4(address: address, prefix: prefix) }
+        guard let mask = ip.netmask.flatMap(IPv4.init) else { return nil }
         return Interface4(address: address, prefix: mask.value.nonzeroBitCount)
     }
 
@@ -95,8 +89,7 @@ extension Recovery {
     }
 
     static func hostEntry(mac: String, ip: IPv4?, machine: String) -> String {
-        let host = machine.replacingOccurrences(of: "_", with: "-")
-        return "<host mac='\(mac)'" + (ip.map { " ip='\($0)'" } ?? "") + " name='\(host)'/>"
+        LibvirtXML.dhcpHost(mac: mac, ip: ip?.description, name: machine.replacingOccurrences(of: "_", with: "-"))
     }
 
     /// DHCP hands out the upper quarter of the subnet (reservations may sit anywhere).

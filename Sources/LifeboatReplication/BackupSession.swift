@@ -51,14 +51,8 @@ final class BackupSession {
 
     /// The `<domainbackup>` of a pull-mode backup of `disks` (incremental from a checkpoint).
     func backupXML(disks: [DomainDisk], incrementalFrom base: String?) -> String {
-        var xml = "<domainbackup mode='pull'>"
-        if let base { xml += "<incremental>\(Replication.xmlEscaped(base))</incremental>" }
-        xml += "<server transport='unix' socket='\(Replication.xmlEscaped(socket))'/><disks>"
-        for disk in disks {
-            xml += "<disk name='\(disk.target)' backup='yes' type='file'>"
-                + "<scratch file='\(Replication.xmlEscaped(scratchDirectory + "/" + disk.target + ".scratch"))'/></disk>"
-        }
-        return xml + "</disks></domainbackup>"
+        LibvirtXML.pullBackup(socket: socket, disks: disks.map { ($0.target, scratchDirectory + "/" + $0.target + ".scratch") },
+                              incrementalFrom: base)
     }
 
     /// From here on `end` thaws the guest, aborts the backup job and deletes `checkpoint` (unless

@@ -283,14 +283,8 @@ public struct Replication: Sendable {
     }
 
     static func checkpointXML(name: String, machine: String, disks: [DomainDisk]) -> String {
-        "<domaincheckpoint><name>\(name)</name><description>lifeboat recovery point of \(xmlEscaped(machine)): "
-            + "the next point reads what changed since</description><disks>"
-            + disks.map { "<disk name='\($0.target)' checkpoint='bitmap'/>" }.joined() + "</disks></domaincheckpoint>"
-    }
-
-    static func xmlEscaped(_ text: String) -> String {
-        text.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "'", with: "&apos;")
-            .replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;")
+        LibvirtXML.checkpoint(name: name, description: "lifeboat recovery point of \(machine): the next point reads what changed since",
+                              targets: disks.map(\.target))
     }
 
     /// Sorted, disjoint ranges from possibly adjacent ones.

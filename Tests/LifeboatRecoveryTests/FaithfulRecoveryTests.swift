@@ -44,6 +44,25 @@ struct FaithfulRecoveryTests {
         #expect((try? sh(["cmp", raw, out])) != nil, "the restored disk equals the guest's bytes (\(files))")
     }
 
+    @Test("a block device (a loop device) as a --disk: raw, never probed; its point restores byte-identical")
+    func blockDeviceDisk() throws {
+        let scratch = Scratch()
+        let env = ["LIFEBOAT_REPO": scratch.file("repo"), "LIFEBOAT_HOT": scratch.file("hot")]
+        let file = scratch.file("dev.raw")
+        try DemoDisk.make(file, marker: "on a block device")
+        let device = try sh(["losetup", "-f", "--show", file]).trimmingCharacters(in: .whitespacesAndNewlines)
+        defer { _ = try? sh(["losetup", "-d", device]) }
+        #expect(try CLI.run(["init"], environment: env).status == 0)
+        let protected = try CLI.run(["protect", "blk", "--disk", device], environment: env)
+        #expect(protected.status == 0, "\(protected.stderr)")
+        let backup = try CLI.run(["backup", "blk"], environment: env)
+        #expect(backup.status == 0, "\(backup.stderr)")
+        let restored = try CLI.run(["restore", "blk", "--to", scratch.file("out")], environment: env)
+        #expect(restored.status == 0, "\(restored.stderr)")
+        let files = (try? FileManager.default.contentsOfDirectory(atPath: scratch.file("out"))) ?? []
+        #expect((try? sh(["cmp", file, scratch.file("out") + "/" + (files.first ?? "?")])) != nil, "restored byte-identical (\(files))")
+    }
+
     @Test("a disk-file machine of a UEFI guest on SCSI: --firmware uefi --machine q35 --disk-bus scsi, its drill boots; bad values refused, naming the option")
     func diskMachineHardware() throws {
         let lab = try DrillLab(["efi"])

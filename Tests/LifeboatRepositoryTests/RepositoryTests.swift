@@ -151,6 +151,43 @@ struct BackupRestoreTests {
         #expect(Disk.contents(scratch.file("r.raw")) == Disk.contents(disk))
     }
 
+    @Test("a point's definition files are sealed in an encrypted repository: no plaintext, read back whole, a changed or moved file is named damaged")
+    func sealedAttachments() throws {
+        let scratch = Scratch()
+        let repo = try Repository.create(at: scratch.file("repo"), password: "correct horse")
+        try Disk.make(scratch.file("vda.raw"), size: 1 << 20, writes: [])
+        try repo.protect(Machine(name: "vm", disks: [MachineDisk(name: "vda", path: scratch.file("vda.raw"))]))
+        final class Zeros: BlockReader {
+            func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int) throws -> Int {
+                buffer.initializeMemory(as: UInt8.self, repeating: 0)
+                return buffer.count
+            }
+        }
+        let xml = Array("<domain><name>secret-payroll-db</name><devices/></domain>".utf8)
+        var details = PointDetails(consistency: "consistent", readMode: "full")
+        details.attachments = ["domain.xml": xml, "nvram": [1, 2, 3]]
+        let capture = DiskCapture(name: "vda", origin: "zeros", size: 1 << 20, ranges: [], base: nil) { Zeros() }
+        let first = try repo.backup("vm", captures: [capture], details: details)
+        let second = try repo.backup("vm", captures: [capture], details: details)
+        let folder = scratch.file("repo") + "/machines/vm/points/"
+        let stored = Disk.contents(folder + first.id + "/domain.xml")
+        #expect(!stored.isEmpty && !stored.windows(ofCount: 6).contains { $0.elementsEqual(Array("secret".utf8)) })
+        let reopened = try Repository.open(at: scratch.file("repo")) { "correct horse" }
+        #expect(try reopened.attachment(first, "domain.xml") == xml)
+        #expect(try reopened.attachment(first, "nvram") == [1, 2, 3])
+        #expect(try reopened.attachment(first, "tpm-state") == nil)
+        // Another point's file put in its place does not authenticate: it is bound to its point.
+        try FileManager.default.removeItem(atPath: folder + first.id + "/domain.xml")
+        try FileManager.default.copyItem(atPath: folder + second.id + "/domain.xml", toPath: folder + first.id + "/domain.xml")
+        #expect(throws: LifeboatError.self) { _ = try reopened.attachment(first, "domain.xml") }
+        var changed = Disk.contents(folder + second.id + "/nvram")
+        changed[changed.count - 1] ^= 1
+        try Data(changed).write(to: URL(fileURLWithPath: folder + second.id + "/nvram"))
+        do { _ = try reopened.attachment(second, "nvram"); Issue.record("a changed file was read") } catch let error as LifeboatError {
+            #expect(error.message.contains("vm/\(second.id)/nvram") && error.message.contains("altered"))
+        }
+    }
+
     @Test("encrypted chunks hold no plaintext; the right password reads them, a wrong one fails cleanly")
     func encryption() throws {
         let scratch = Scratch()

@@ -74,6 +74,23 @@ struct DomainDefinitionTests {
         #expect(dropped.contains { $0.contains("hostdev") } && dropped.contains { $0.contains("cdrom sdc") } && dropped.contains { $0.contains("host-passthrough") })
     }
 
+    @Test("backup, checkpoint, DHCP host and network address documents are XML: quotes, ampersands and brackets stay text")
+    func smallDocuments() throws {
+        func values(_ xml: String, _ path: String) throws -> [String] {
+            try XMLDocument(xmlString: xml).nodes(forXPath: path).compactMap(\.stringValue)
+        }
+        let backup = LibvirtXML.pullBackup(socket: "/run/it's <x>&y/nbd.sock", disks: [("sda", "/hot/a'b/sda.scratch")], incrementalFrom: "cp-1")
+        #expect(try values(backup, "/domainbackup/server/@socket") == ["/run/it's <x>&y/nbd.sock"])
+        #expect(try values(backup, "/domainbackup/incremental") == ["cp-1"] && values(backup, "/domainbackup/disks/disk/scratch/@file") == ["/hot/a'b/sda.scratch"])
+        let checkpoint = LibvirtXML.checkpoint(name: "lifeboat-1", description: "point of <web> & 'db'", targets: ["vda", "sdb"])
+        #expect(try values(checkpoint, "/domaincheckpoint/description") == ["point of <web> & 'db'"])
+        #expect(try values(checkpoint, "/domaincheckpoint/disks/disk/@name") == ["vda", "sdb"])
+        let host = LibvirtXML.dhcpHost(mac: "52:54:00:00:00:01", ip: nil, name: "web-1")
+        #expect(try values(host, "/host/@ip").isEmpty && values(host, "/host/@name") == ["web-1"])
+        let network = LibvirtXML.networkAddress("<network><name>n</name><ip address=\"10.1.2.1\" netmask='255.255.255.0'/></network>")
+        #expect(network?.address == "10.1.2.1" && network?.netmask == "255.255.255.0" && network?.prefix == nil)
+    }
+
     @Test("a recovery host without the source's UEFI firmware: one line saying to install it")
     func missingFirmware() throws {
         let definition = try DomainDefinition(xml: Self.source(loader: "/nonexistent/OVMF_CODE_4M.fd"))
