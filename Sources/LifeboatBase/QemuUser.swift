@@ -40,14 +40,29 @@ public enum QemuUser {
     }
 
     /// Where libvirt keeps a domain's emulated TPM state (swtpm), by domain UUID.
-    public static func tpmStatePath(uuid: String) -> String {
-        "/var/lib/libvirt/swtpm/\(uuid.lowercased())/tpm2/tpm2-00.permall"
+    /// nil for anything but a UUID (the UUID may come from a stored definition: no path from it).
+    public static func tpmStatePath(uuid: String) -> String? {
+        let hex = uuid.lowercased()
+        guard hex.count == 36, hex.allSatisfy({ $0 == "-" || $0.isHexDigit }), UUID(uuidString: hex) != nil else { return nil }
+        return "/var/lib/libvirt/swtpm/\(hex)/tpm2/tpm2-00.permall"
+    }
+
+    /// Where libvirt keeps UEFI variables files: a stored definition's NVRAM is written back only there.
+    public static let nvramFolder = "/var/lib/libvirt/qemu/nvram"
+
+    /// True for a file directly in `nvramFolder` with a plain name (no traversal, no other folder).
+    public static func isNVRAMPath(_ path: String) -> Bool {
+        let name = (path as NSString).lastPathComponent
+        return (path as NSString).deletingLastPathComponent == nvramFolder && !name.hasPrefix(".")
+            && name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || "-_.".contains($0)) }
     }
 
     /// Puts a TPM state file where libvirt's swtpm for domain `uuid` reads it, owned by the
     /// swtpm user (qemu.conf `swtpm_user`, else Debian's default tss).
     public static func placeTPMState(_ bytes: [UInt8], uuid: String) throws {
-        let path = tpmStatePath(uuid: uuid)
+        guard let path = tpmStatePath(uuid: uuid) else {
+            throw LifeboatError(.invalidArgument, "\(uuid) is not a domain UUID: the TPM state was not placed")
+        }
         let folder = (path as NSString).deletingLastPathComponent
         try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
         try FileSystem.writeAtomically(bytes, to: path)

@@ -69,6 +69,9 @@ public struct ServerRecord: Codable, Sendable {
     public var sourceDomain: String?
     /// Failover: source network -> network, for a domain machine's NICs.
     public var networkMap: [String: String]?
+    /// Failback: its --to targets and --start, kept so that a resumed failback does the same.
+    public var failbackTargets: [String: String]?
+    public var failbackStart: Bool?
     public var sourceConnectURI: String?
 
     /// `ip` with its prefix.
@@ -243,8 +246,7 @@ extension ServerRecord {
     /// Remembers what the machine was before its failover: disk paths and formats, its domain.
     mutating func rememberSource(_ machine: Machine) {
         sourceDisks = Dictionary(uniqueKeysWithValues: machine.disks.map { ($0.name, $0.path) })
-        let formats = machine.disks.compactMap { disk in disk.format.map { (disk.name, $0) } }
-        sourceFormats = formats.isEmpty ? nil : Dictionary(uniqueKeysWithValues: formats)
+        sourceFormats = Dictionary(uniqueKeysWithValues: machine.disks.map { ($0.name, $0.format ?? "raw") })
         sourceDomain = machine.domain
         sourceConnectURI = machine.connectURI
     }

@@ -72,11 +72,8 @@ extension Recovery {
             }
             // The TPM's state (keys sealed by the guest, BitLocker's among them) goes where
             // libvirt's swtpm for this VM's UUID reads it.
-            var uuid: String? = nil
-            if let state = try repository.attachment(point, "tpm-state") {
-                uuid = UUID().uuidString.lowercased()
-                try QemuUser.placeTPMState(state, uuid: uuid!)
-            }
+            let tpmState = try repository.attachment(point, "tpm-state")
+            let uuid = tpmState == nil ? nil : UUID().uuidString.lowercased()
             let network = interfaces.first
             var recovery = DomainDefinition.Recovery(
                 name: name, title: title, description: description, type: type, vcpus: vcpus, memoryMiB: memoryMiB,
@@ -88,6 +85,7 @@ extension Recovery {
             recovery.uuid = uuid
             let (derived, dropped) = try definition.recoveryXML(recovery)
             xml = derived
+            if let tpmState, let uuid { try QemuUser.placeTPMState(tpmState, uuid: uuid) }   // once the VM will be defined
             report("VM built from the definition of domain \(point.hardware?.domain ?? "?") kept with point \(point.id)"
                    + (point.hardware.map { ": " + $0.summary } ?? ""))
             if !dropped.isEmpty { report("left out (host-only or not available here): " + dropped.joined(separator: "; ")) }

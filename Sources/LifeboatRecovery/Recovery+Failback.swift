@@ -30,6 +30,11 @@ extension Recovery {
         let (lock, opened) = try beginTransition(.failback, name)
         defer { withExtendedLifetime(lock) {} }
         var record = opened
+        // A failback resumed after a crash goes on with the targets and --start it began with.
+        let targets = targets.isEmpty ? record.failbackTargets ?? [:] : targets
+        let start = start || record.failbackStart == true
+        record.failbackTargets = targets.isEmpty ? nil : targets
+        record.failbackStart = start ? true : nil
         var machine = try repository.machine(name)
         let originals = record.sourceDisks ?? Dictionary(uniqueKeysWithValues: machine.disks.map { ($0.name, $0.path) })
         for key in targets.keys where originals[key] == nil {
@@ -78,33 +83,56 @@ extension Recovery {
             let given = targets[disk.name]
             let target = given ?? originals[disk.name] ?? disk.path
             report("writing \(disk.name) back onto \(target)")
-            let (result, format) = try writeBack(last, disk: disk, to: target, format: given == nil ? record.sourceFormats?[disk.name] : nil)
+            // The original's format as recorded at failover, never guessed from the bytes the guest
+            // wrote (a --to target gets the original's format too).
+            let (result, format) = try writeBack(last, disk: disk, to: target, format: record.sourceFormats?[disk.name] ?? "raw")
             restores.append(result)
             formats[disk.name] = format
         }
         machine.disks = machine.disks.map { disk in
             MachineDisk(name: disk.name, path: targets[disk.name] ?? originals[disk.name] ?? disk.path, format: formats[disk.name])
         }
-        // The recovery VM goes first: the original domain may have the machine's name.
-        try tearDown(name, record: record)
-        var defined: String? = nil
         if let source = record.sourceDomain {
             machine.domain = source
             machine.connectURI = record.sourceConnectURI
-            defined = try defineOriginal(source, machine: machine, report: report)
         }
-        try repository.save(machine)
+        try repository.save(machine)   // the data is home: the machine is the original's again
+        // The recovery VM goes first: the original domain may have the machine's name. Defining
+        // and starting the original are reported when they fail, not undone: the data is home.
+        try tearDown(name, record: record)
+        var notes: [String] = []
+        var existed = true
+        if let source = record.sourceDomain {
+            do {
+                if let defined = try defineOriginal(source, machine: machine, formats: formats, from: record, last: last, report: report) {
+                    notes.append(defined)
+                    existed = false
+                }
+            } catch {
+                notes.append("domain \(source) could not be defined again (\(error)): define it with virsh define")
+            }
+        }
         if start, let source = machine.domain {
-            report("starting domain \(source)")
-            let found = try replication.domain(of: machine).1
-            try virt("starting domain \(source)") { try found.start() }
+            if !targets.isEmpty && existed {
+                notes.append("domain \(source) was not started: its definition still names its own disks, not the --to targets")
+            } else {
+                report("starting domain \(source)")
+                do {
+                    let found = try replication.domain(of: machine).1
+                    try virt("starting domain \(source)") { try found.start() }
+                    notes.append("domain \(source) started")
+                } catch {
+                    notes.append("domain \(source) did not start (\(error))")
+                }
+            }
         }
+        for note in notes { report(note) }
         let result = FailbackReport(machine: name, points: points, restores: restores)
         var detail = String(
             format: "written back onto %@: %lld bytes written of %lld (%.2f%%); the source is live again",
             restores.map(\.path).joined(separator: ", "), Int64(result.bytesWritten), Int64(result.diskBytes),
             result.diskBytes > 0 ? 100 * Double(result.bytesWritten) / Double(result.diskBytes) : 0)
-        if let defined { detail += "; " + defined }
+        for note in notes { detail += "; " + note }
         if let source = machine.domain { detail += "; domain \(source) is protected again (its next point is full, with dedup)" }
         try backToStandby(name, event: "failed-back", point: last.id, detail: detail)
         return result
@@ -113,12 +141,20 @@ extension Recovery {
     /// Defines the source domain again when it is gone from libvirt (the site was lost), from the
     /// newest point that keeps its definition, on the written-back disks; its UEFI variables too.
     /// - Returns: what was done, in words; nil when the domain is still defined.
-    func defineOriginal(_ source: String, machine: Machine, report: (String) -> Void) throws -> String? {
+    func defineOriginal(_ source: String, machine: Machine, formats: [String: String], from record: ServerRecord, last: RecoveryPoint,
+                        report: (String) -> Void) throws -> String? {
         let uri = machine.connectURI ?? settings.connectURI
         let connection = try virt("connecting to \(uri)") { try Connection(uri: uri) }
         if try virt("looking up domain \(source)", { try connection.domain(named: source) }) != nil { return nil }
-        let kept = try repository.points(machine.name).reversed().lazy.compactMap { point -> (RecoveryPoint, [UInt8])? in
-            guard point.hardware?.domain == source, let xml = try? self.repository.attachment(point, "domain.xml") else { return nil }
+        // The source's own definition: a point of the domain the failover came from (same UUID),
+        // never one of the recovery VM, which may carry the same name.
+        let all = try repository.points(machine.name)
+        let failedOverFrom = all.first { $0.id == record.point }
+        let kept = all.reversed().lazy.compactMap { point -> (RecoveryPoint, [UInt8])? in
+            guard point.hardware?.domain == source,
+                  failedOverFrom?.domainUUID == nil || point.domainUUID == failedOverFrom?.domainUUID,
+                  record.pointTime == nil || point.time <= record.pointTime!,
+                  let xml = try? self.repository.attachment(point, "domain.xml") else { return nil }
             return (point, xml)
         }.first
         guard let (point, xml) = kept else {
@@ -126,18 +162,23 @@ extension Recovery {
         }
         let definition = try DomainDefinition(xml: String(decoding: xml, as: UTF8.self))
         // Where libvirt looks for the variables of a domain whose XML names no file: its default.
-        let nvramPath = definition.nvramPath ?? (point.hardware?.firmware == "uefi" ? "/var/lib/libvirt/qemu/nvram/\(source)_VARS.fd" : nil)
-        if let nvram = nvramPath, !FileSystem.exists(nvram), let variables = try repository.attachment(point, "nvram") {
+        // The path comes from the stored definition: written only inside libvirt's NVRAM folder.
+        let nvramPath = definition.nvramPath ?? (point.hardware?.firmware == "uefi" ? QemuUser.nvramFolder + "/\(source)_VARS.fd" : nil)
+        // The newest variables and TPM state are the recovery VM's (its last point), else the source's.
+        if let nvram = nvramPath, !QemuUser.isNVRAMPath(nvram) {
+            report("the UEFI variables of \(source) were not written back: \(nvram) is outside \(QemuUser.nvramFolder)")
+        } else if let nvram = nvramPath, !FileSystem.exists(nvram),
+                  let variables = try repository.attachment(last, "nvram") ?? repository.attachment(point, "nvram") {
             try FileSystem.makeDirectories(FileSystem.parent(of: nvram))
             try FileSystem.writeAtomically(variables, to: nvram)
             QemuUser.give(nvram)
         }
-        if let uuid = definition.uuid, !FileSystem.exists(QemuUser.tpmStatePath(uuid: uuid)),
-           let state = try repository.attachment(point, "tpm-state") {
+        if let uuid = definition.uuid, let path = QemuUser.tpmStatePath(uuid: uuid), !FileSystem.exists(path),
+           let state = try repository.attachment(last, "tpm-state") ?? repository.attachment(point, "tpm-state") {
             try QemuUser.placeTPMState(state, uuid: uuid)
         }
         report("defining domain \(source) again from the definition kept with point \(point.id)")
-        let sources = Dictionary(uniqueKeysWithValues: machine.disks.map { ($0.name, $0.path) })
+        let sources = Dictionary(uniqueKeysWithValues: machine.disks.map { ($0.name, (path: $0.path, format: formats[$0.name] ?? $0.format ?? "raw")) })
         _ = try virt("defining domain \(source)") { try connection.defineDomain(xml: definition.withDiskSources(sources)) }
         return "domain \(source) defined again from the definition kept with point \(point.id)"
     }
@@ -145,19 +186,18 @@ extension Recovery {
     /// Writes one disk of `point` back onto `path` as guest bytes in the image's own format: a raw
     /// file or block device directly, a qcow2 image through qemu-nbd (made anew when it is gone);
     /// only chunks that differ are written.
-    /// - Returns: what was written, and the format (nil: raw).
-    func writeBack(_ point: RecoveryPoint, disk: PointDisk, to path: String, format declared: String?) throws -> (RestoreResult, String?) {
-        let format: String
+    /// - Returns: what was written, and the format.
+    func writeBack(_ point: RecoveryPoint, disk: PointDisk, to path: String, format declared: String) throws -> (RestoreResult, String) {
+        let format = declared
         if FileSystem.exists(path) {
-            format = try DiskImage.inspect(path, declared: declared, what: "disk \(disk.name)'s original").format
+            _ = try DiskImage.inspect(path, declared: declared, what: "disk \(disk.name)'s original")
         } else {
-            format = declared ?? "raw"
             if format == "qcow2" {
                 try FileSystem.makeDirectories(FileSystem.parent(of: path))
                 try DiskImage.createQcow2(path, size: disk.size)
             }
         }
-        guard format == "qcow2" else { return (try repository.restore(point, disk: disk.name, to: path), nil) }
+        guard format == "qcow2" else { return (try repository.restore(point, disk: disk.name, to: path), format) }
         let image = try DiskImage.inspect(path, declared: format)
         let folder = settings.runDirectory + "/failback-" + point.machine
         try FileSystem.makeDirectories(folder)

@@ -288,7 +288,7 @@ extension Recovery {
         if record.sourceDisks == nil { record.rememberSource(machine) }
         for index in machine.disks.indices {
             if let disk = record.disks.first(where: { $0.name == machine.disks[index].name }) {
-                machine.disks[index] = MachineDisk(name: disk.name, path: disk.path, format: disk.path.hasSuffix(".qcow2") ? "qcow2" : nil)
+                machine.disks[index] = MachineDisk(name: disk.name, path: disk.path, format: disk.path.hasSuffix(".qcow2") ? "qcow2" : "raw")
             }
         }
         // Protection follows the machine: a domain machine's points now come from the recovery VM

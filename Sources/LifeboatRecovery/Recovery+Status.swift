@@ -119,9 +119,11 @@ extension Recovery {
         }
         reconcile(&status, record: record, connection: connection!)
         // The worst day starts here: the domain being protected is gone (its site was lost).
+        func gone(_ domain: String) -> Bool {
+            do { return try connection!.domain(named: domain) == nil } catch { return false }
+        }
         if let domain = machine.domain, status.state == .standby || status.state == .committed,
-           machine.connectURI == nil || machine.connectURI == settings.connectURI,
-           let lookup = try? connection!.domain(named: domain), lookup == nil {
+           machine.connectURI == nil || machine.connectURI == settings.connectURI, gone(domain) {
             status.problems.append("domain \(domain), which \(machine.name)'s points read, is gone from libvirt at \(settings.connectURI): "
                 + "fail over (lifeboat failover \(machine.name)) or define it again")
         }

@@ -45,6 +45,13 @@ final class BackupSession {
 
     /// A killed lifeboat left these: they belong to no running job now.
     static func removeLeftovers(scratch: String, sockets: String) {
+        // qemu-nbd servers a killed point left (they would keep the images locked).
+        for file in (try? FileSystem.list(sockets)) ?? [] where file.hasSuffix(".pid") {
+            if let text = try? String(contentsOfFile: sockets + "/" + file, encoding: .utf8),
+               let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 1 {
+                kill(pid, SIGKILL)
+            }
+        }
         FileSystem.removeTree(scratch)
         FileSystem.removeTree(sockets)
     }

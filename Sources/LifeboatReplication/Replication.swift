@@ -326,7 +326,8 @@ public struct Replication: Sendable {
         // libvirt may name the NVRAM file only in the live XML (firmware chosen at start).
         let nvram = definition.nvramPath ?? (try? domain.xml()).flatMap { try? DomainDefinition(xml: $0).nvramPath }
         if let nvram, let bytes = FileSystem.contents(nvram) { details.attachments["nvram"] = bytes }
-        if definition.hardware.tpm != nil, let uuid = try? domain.uuid(), let state = FileSystem.contents(QemuUser.tpmStatePath(uuid: uuid)) {
+        if definition.hardware.tpm != nil, let uuid = try? domain.uuid(), let path = QemuUser.tpmStatePath(uuid: uuid),
+           let state = FileSystem.contents(path) {
             details.attachments["tpm-state"] = state
         }
     }
@@ -397,8 +398,9 @@ public final class NBDBlockDevice: BlockWriter {
         }
     }
 
-    deinit {
-        try? connection.flush()
-        connection.close()
+    public func flush() throws {
+        do { try connection.flush() } catch { throw LifeboatError(.io, "\(error)") }
     }
+
+    deinit { connection.close() }
 }

@@ -35,7 +35,7 @@ public struct MachineDisk: Codable, Sendable, Equatable {
     public init(name: String, path: String, format: String? = nil) {
         self.name = name
         self.path = path
-        self.format = format == "raw" ? nil : format
+        self.format = format
     }
 
     /// True when the file's bytes are the guest's bytes.

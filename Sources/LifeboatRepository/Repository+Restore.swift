@@ -146,6 +146,7 @@ extension Repository {
                 do { try file.write(UnsafeRawBufferPointer(out), at: offset) } catch { throw LifeboatError.io(error, "cannot write", path) }
                 written.add(length, ordering: .relaxed)
             }
+            do { try file.flush() } catch { throw LifeboatError.io(error, "cannot flush", path) }
         }
         return written.load(ordering: .relaxed)
     }
@@ -155,6 +156,12 @@ extension Repository {
 public protocol BlockWriter: BlockReader {
     /// Writes all of `buffer` at `offset`.
     func write(_ buffer: UnsafeRawBufferPointer, at offset: Int) throws
+    /// Makes every write so far durable (a file is synced by the caller: nothing to do).
+    func flush() throws
+}
+
+extension BlockWriter {
+    public func flush() throws {}
 }
 
 /// A file or block device as a restore target; whole 4 KiB blocks go through `direct` (the same

@@ -30,9 +30,9 @@ public struct DiskImage: Sendable, Equatable {
         self.isBlockDevice = isBlockDevice
     }
 
-    /// Reads an image's format and virtual size with `qemu-img info` (a block device is raw and
-    /// never probed: a guest could have written any header into it). `declared` is the format the
-    /// domain XML gives, trusted over a probe.
+    /// Reads an image's format and virtual size with `qemu-img info`. `declared` (the domain XML's,
+    /// the one recorded at protect) is trusted and never probed; without it a block device is raw
+    /// and a file is probed (at protect only: a guest could write any header into its disk).
     /// - Throws: one line naming the disk and what to do: it cannot be read, or its format is one
     ///   Lifeboat does not handle.
     public static func inspect(_ path: String, declared: String? = nil, what: String = "disk") throws -> DiskImage {
@@ -51,7 +51,7 @@ public struct DiskImage: Sendable, Equatable {
             throw LifeboatError(.io, "\(what) \(path) is not readable: run as root or fix its permissions")
         }
         let block = kind == S_IFBLK
-        let format = block ? "raw" : declared
+        let format = declared ?? (block ? "raw" : nil)
         if let format, !formats.contains(format) {
             throw unsupported(path, format: format, what: what)
         }
@@ -123,6 +123,7 @@ public final class ImageExport: @unchecked Sendable {
               let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)) else { return }
         kill(pid, SIGTERM)
         for _ in 0..<300 where kill(pid, 0) == 0 { usleep(20_000) }
+        if kill(pid, 0) == 0 { kill(pid, SIGKILL) }   // it flushed what it was asked to (flush is explicit)
         unlink(pidFile)
         unlink(socket)
     }

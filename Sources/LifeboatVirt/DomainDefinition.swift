@@ -74,6 +74,9 @@ public struct DomainDefinition {
         first("/domain/uuid")?.stringValue?.trimmingCharacters(in: .whitespacesAndNewlines).nilIfEmpty
     }
 
+    /// Where a recovery VM's firmware may come from.
+    public static let firmwareFolders = ["/usr/share/OVMF/", "/usr/share/qemu/", "/usr/share/seabios/", "/usr/share/edk2/", "/usr/share/AAVMF/"]
+
     /// The NVRAM file of a UEFI guest, if the definition names one.
     public var nvramPath: String? {
         first("/domain/os/nvram")?.stringValue?.trimmingCharacters(in: .whitespacesAndNewlines).nilIfEmpty
@@ -86,9 +89,9 @@ public struct DomainDefinition {
         case "KiB", "k": return value >> 10
         case "MiB", "M": return value
         case "GiB", "G": return value << 10
-        case "KB": return value * 1000 >> 20
-        case "MB": return value * 1_000_000 >> 20
-        case "GB": return value * 1_000_000_000 >> 20
+        case "KB": return (value * 1000) >> 20
+        case "MB": return (value * 1_000_000) >> 20
+        case "GB": return (value * 1_000_000_000) >> 20
         default: return value >> 10
         }
     }
@@ -143,8 +146,14 @@ public struct DomainDefinition {
         }
         domain.removeAttribute(forName: "id")
         domain.addAttribute(XMLNode.attribute(withName: "type", stringValue: recovery.type) as! XMLNode)
-        for name in ["uuid", "title", "description", "metadata", "seclabel", "resource", "numatune", "cputune", "genid"] {
-            children(domain, name).forEach(remove)
+        // Only what describes the guest's hardware stays (an allowlist): anything else, QEMU
+        // pass-through (qemu:commandline) and host tuning included, is dropped and named.
+        let kept: Set<String> = ["name", "memory", "currentMemory", "vcpu", "os", "features", "cpu", "clock", "on_poweroff",
+                                 "on_reboot", "on_crash", "pm", "devices", "iothreads"]
+        let quiet: Set<String> = ["uuid", "title", "description", "metadata", "seclabel", "genid"]
+        for element in domain.children?.compactMap({ $0 as? XMLElement }) ?? [] where !kept.contains(element.name ?? "") {
+            if !quiet.contains(element.name ?? "") { dropped.append("<\(element.name ?? "?")> (host-specific)") }
+            remove(element)
         }
         set("name", recovery.name, in: domain)
         if let uuid = recovery.uuid { set("uuid", uuid, in: domain) }
@@ -165,10 +174,22 @@ public struct DomainDefinition {
         }
         // Firmware: the loader must exist here; the NVRAM is the point's copy.
         if let os = children(domain, "os").first {
-            if let loader = children(os, "loader").first, let path = loader.stringValue?.trimmingCharacters(in: .whitespacesAndNewlines), !path.isEmpty,
-               !FileManager.default.fileExists(atPath: path) {
-                throw LifeboatError(.unsupported,
-                    "this recovery host has no UEFI firmware \(path), which the machine boots with: install it (apt install ovmf) and try again")
+            for element in os.children?.compactMap({ $0 as? XMLElement }) ?? []
+            where !["type", "loader", "nvram", "boot", "bootmenu", "smbios", "bios", "firmware"].contains(element.name ?? "") {
+                dropped.append("<os><\(element.name ?? "?")> (a host file: direct kernel boot, ACPI tables)")
+                remove(element)
+            }
+            if let loader = children(os, "loader").first, let path = loader.stringValue?.trimmingCharacters(in: .whitespacesAndNewlines), !path.isEmpty {
+                // Firmware is read from the system's firmware folders only, never from a path a
+                // stored definition chose.
+                guard Self.firmwareFolders.contains(where: { path.hasPrefix($0) }), !path.contains("/../") else {
+                    throw LifeboatError(.invalidArgument,
+                        "the machine's firmware \(path) is outside the system firmware folders (\(Self.firmwareFolders.joined(separator: ", "))): lifeboat will not boot a VM from it")
+                }
+                guard FileManager.default.fileExists(atPath: path) else {
+                    throw LifeboatError(.unsupported,
+                        "this recovery host has no UEFI firmware \(path), which the machine boots with: install it (apt install ovmf) and try again")
+                }
             }
             for nvram in children(os, "nvram") {
                 if let path = recovery.nvram { nvram.stringValue = path } else { remove(nvram) }
@@ -191,10 +212,46 @@ public struct DomainDefinition {
         guard let devices = children(domain, "devices").first else {
             throw LifeboatError(.damaged, "the stored domain definition has no <devices>")
         }
-        children(devices, "emulator").forEach(remove)
+        // Devices: an allowlist too (memory devices backed by host files, vsock, host input,
+        // redirection, shared folders, passthrough of any kind are dropped and named).
+        let devicesKept: Set<String> = ["disk", "controller", "interface", "channel", "tpm", "video", "input", "memballoon", "rng",
+                                        "watchdog", "panic", "hub", "serial", "console", "graphics"]
+        for element in devices.children?.compactMap({ $0 as? XMLElement }) ?? [] where !devicesKept.contains(element.name ?? "") {
+            if element.name != "emulator" {
+                dropped.append("\(element.name ?? "?") \(element.attribute(forName: "type")?.stringValue ?? element.attribute(forName: "model")?.stringValue ?? "")"
+                    .trimmingCharacters(in: .whitespaces))
+            }
+            remove(element)
+        }
+        for input in children(devices, "input") where !["mouse", "keyboard", "tablet"].contains(input.attribute(forName: "type")?.stringValue ?? "") {
+            dropped.append("input \(input.attribute(forName: "type")?.stringValue ?? "?") (host input)")
+            remove(input)
+        }
+        for tpm in children(devices, "tpm") where tpm.elements(forName: "backend").first?.attribute(forName: "type")?.stringValue != "emulator" {
+            dropped.append("TPM passthrough (the host's TPM)")
+            remove(tpm)
+        }
+        for rng in children(devices, "rng") where rng.elements(forName: "backend").first?.attribute(forName: "model")?.stringValue != "random" {
+            dropped.append("rng \(rng.elements(forName: "backend").first?.attribute(forName: "model")?.stringValue ?? "?") (a host source)")
+            remove(rng)
+        }
+        for channel in children(devices, "channel") {
+            let isAgent = channel.elements(forName: "target").first?.attribute(forName: "name")?.stringValue == "org.qemu.guest_agent.0"
+            if !isAgent {
+                dropped.append("channel \(channel.elements(forName: "target").first?.attribute(forName: "name")?.stringValue ?? "?")")
+                remove(channel)
+            } else {
+                channel.addAttribute(XMLNode.attribute(withName: "type", stringValue: "unix") as! XMLNode)
+            }
+        }
         for disk in children(devices, "disk") {
             let device = disk.attribute(forName: "device")?.stringValue ?? "disk"
             let target = children(disk, "target").first?.attribute(forName: "dev")?.stringValue ?? "?"
+            if device == "lun" {
+                dropped.append("lun \(target) (SCSI passthrough of a host device)")
+                remove(disk)
+                continue
+            }
             guard device == "disk" else {
                 if !children(disk, "source").isEmpty { dropped.append("\(device) \(target): its medium (a host file)") }
                 children(disk, "source").forEach(remove)
@@ -229,17 +286,13 @@ public struct DomainDefinition {
             }
             let sourceNetwork = children(nic, "source").first?.attribute(forName: "network")?.stringValue
             let (network, bridge) = recovery.network(index, sourceNetwork)
-            for name in ["source", "target", "alias", "virtualport", "bandwidth", "vlan", "ip", "route", "link"] { children(nic, name).forEach(remove) }
+            for element in nic.children?.compactMap({ $0 as? XMLElement }) ?? []
+            where !["mac", "model", "address", "boot", "driver", "mtu"].contains(element.name ?? "") {
+                remove(element)
+            }
             nic.addAttribute(XMLNode.attribute(withName: "type", stringValue: network != nil ? "network" : "bridge") as! XMLNode)
             let source = network.map { DomainDisk.element("source", ["network": $0]) } ?? DomainDisk.element("source", ["bridge": bridge ?? "virbr0"])
             nic.insertChild(source, at: 0)
-        }
-        for name in ["hostdev", "redirdev", "smartcard", "filesystem", "shmem", "parallel", "sound", "audio"] {
-            for element in children(devices, name) {
-                dropped.append("\(name) \(element.attribute(forName: "type")?.stringValue ?? element.attribute(forName: "mode")?.stringValue ?? "")"
-                    .trimmingCharacters(in: .whitespaces))
-                remove(element)
-            }
         }
         // The serial console goes to lifeboat's log (the boot line is read there); graphics on loopback.
         (children(devices, "serial") + children(devices, "console") + children(devices, "graphics")).forEach(remove)
@@ -258,14 +311,16 @@ public struct DomainDefinition {
 
     /// The definition with its disks' sources changed (failback onto other paths than the
     /// original ones), for defining the original domain again.
-    public func withDiskSources(_ sources: [String: String]) -> String {
+    public func withDiskSources(_ sources: [String: (path: String, format: String)]) -> String {
         guard let copy = try? XMLDocument(xmlString: xml), let domain = copy.rootElement() else { return xml }
         for disk in domain.elements(forName: "devices").first?.elements(forName: "disk") ?? [] {
             guard let target = disk.elements(forName: "target").first?.attribute(forName: "dev")?.stringValue,
-                  let path = sources[target], let source = disk.elements(forName: "source").first else { continue }
-            source.removeAttribute(forName: "dev")
-            source.addAttribute(XMLNode.attribute(withName: "file", stringValue: path) as! XMLNode)
-            disk.addAttribute(XMLNode.attribute(withName: "type", stringValue: "file") as! XMLNode)
+                  let given = sources[target], let source = disk.elements(forName: "source").first else { continue }
+            let block = FileSystem.isBlockDevice(given.path)
+            source.removeAttribute(forName: block ? "file" : "dev")
+            source.addAttribute(XMLNode.attribute(withName: block ? "dev" : "file", stringValue: given.path) as! XMLNode)
+            disk.addAttribute(XMLNode.attribute(withName: "type", stringValue: block ? "block" : "file") as! XMLNode)
+            disk.elements(forName: "driver").first?.addAttribute(XMLNode.attribute(withName: "type", stringValue: given.format) as! XMLNode)
         }
         return copy.xmlString(options: [.nodePrettyPrint])
     }

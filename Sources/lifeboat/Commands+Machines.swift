@@ -81,8 +81,8 @@ extension Lifeboat {
             } else {
                 var disks = Repository.diskNames(for: disks.map { $0.hasPrefix("/") ? $0 : FileManager.default.currentDirectoryPath + "/" + $0 })
                 for index in disks.indices {
+                    // Probed once, here, and kept: never guessed again from bytes a guest wrote.
                     disks[index].format = try DiskImage.inspect(disks[index].path).format
-                    if disks[index].format == "raw" { disks[index].format = nil }
                 }
                 machine = Machine(name: name, disks: disks, macs: [MachineSettings.randomMAC()])
             }

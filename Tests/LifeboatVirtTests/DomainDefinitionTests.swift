@@ -9,7 +9,7 @@ import Testing
 struct DomainDefinitionTests {
     static func source(loader: String) -> String {
         """
-        <domain type='kvm'><name>web1</name><uuid>0b9c3a52-0000-4000-8000-000000000001</uuid><memory unit='KiB'>2097152</memory>
+        <domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>web1</name><uuid>0b9c3a52-0000-4000-8000-000000000001</uuid><memory unit='KiB'>2097152</memory>
         <vcpu placement='static'>2</vcpu><cputune><vcpupin vcpu='0' cpuset='3'/></cputune>
         <os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type><loader readonly='yes' type='pflash'>\(loader)</loader>
         <nvram>/var/lib/libvirt/qemu/nvram/web1_VARS.fd</nvram></os>
@@ -25,7 +25,10 @@ struct DomainDefinitionTests {
           <channel type='unix'><source mode='bind' path='/run/agent.sock'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
           <tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>
           <serial type='pty'/><graphics type='spice' listen='0.0.0.0'/><video><model type='qxl'/></video>
-        </devices></domain>
+          <input type='evdev'><source dev='/dev/input/event0'/></input><input type='tablet' bus='usb'/>
+          <memory model='nvdimm'><source><path>/etc/shadow</path></source><target><size unit='KiB'>1024</size></target></memory>
+        </devices>
+        <qemu:commandline><qemu:arg value='-netdev'/><qemu:arg value='user,id=escape'/></qemu:commandline></domain>
         """
     }
 
@@ -42,9 +45,7 @@ struct DomainDefinitionTests {
 
     @Test("the recovery VM keeps the hardware, points disks at the overlays and NICs at chosen networks, drops host-only parts and names them")
     func recoveryXML() throws {
-        let loader = FileManager.default.temporaryDirectory.path + "/lb-loader-\(getpid()).fd"
-        FileManager.default.createFile(atPath: loader, contents: Data([0]))
-        defer { try? FileManager.default.removeItem(atPath: loader) }
+        let loader = "/usr/share/OVMF/OVMF_CODE_4M.fd"   // Debian's ovmf (scripts/setup installs it)
         let definition = try DomainDefinition(xml: Self.source(loader: loader))
         let recovery = DomainDefinition.Recovery(
             name: "lifeboat-test-web1", title: "drill", description: "a <drill> & more", type: "qemu", vcpus: 2, memoryMiB: 2048,
@@ -72,6 +73,12 @@ struct DomainDefinitionTests {
         #expect(values("/domain/devices/serial/source/@path") == ["/hot/console.log"])
         #expect(values("/domain/devices/graphics/@listen") == ["127.0.0.1"] && values("/domain/description") == ["a <drill> & more"])
         #expect(dropped.contains { $0.contains("hostdev") } && dropped.contains { $0.contains("cdrom sdc") } && dropped.contains { $0.contains("host-passthrough") })
+        // Nothing that reaches the host stays: QEMU pass-through, host files as memory, host input.
+        #expect(!xml.contains("commandline") && !xml.contains("escape") && !xml.contains("/etc/shadow") && !xml.contains("evdev"), "\(xml)")
+        #expect(values("/domain/devices/input/@type") == ["tablet"])
+        #expect(dropped.contains { $0.contains("qemu:commandline") } && dropped.contains { $0.contains("memory nvdimm") })
+        // Firmware only from the system's firmware folders.
+        #expect(throws: (any Error).self) { _ = try DomainDefinition(xml: Self.source(loader: "/tmp/evil.fd")).recoveryXML(recovery) }
     }
 
     @Test("backup, checkpoint, DHCP host and network address documents are XML: quotes, ampersands and brackets stay text")
@@ -93,12 +100,12 @@ struct DomainDefinitionTests {
 
     @Test("a recovery host without the source's UEFI firmware: one line saying to install it")
     func missingFirmware() throws {
-        let definition = try DomainDefinition(xml: Self.source(loader: "/nonexistent/OVMF_CODE_4M.fd"))
+        let definition = try DomainDefinition(xml: Self.source(loader: "/usr/share/OVMF/OVMF_MISSING_4M.fd"))
         let recovery = DomainDefinition.Recovery(name: "x", title: "", description: "", type: "qemu", vcpus: nil, memoryMiB: nil,
                                                  disks: [:], network: { _, _ in ("n", nil) }, consoleLog: "/c", nvram: nil)
         #expect(throws: (any Error).self) { _ = try definition.recoveryXML(recovery) }
         do { _ = try definition.recoveryXML(recovery) } catch {
-            #expect("\(error)".contains("no UEFI firmware /nonexistent/OVMF_CODE_4M.fd") && "\(error)".contains("apt install ovmf"))
+            #expect("\(error)".contains("no UEFI firmware /usr/share/OVMF/OVMF_MISSING_4M.fd") && "\(error)".contains("apt install ovmf"))
             #expect(!"\(error)".contains("\n"))
         }
     }
