@@ -144,6 +144,27 @@ package enum FileSystem {
         try? PosixFile(path: path, flags: O_RDONLY).readAll()
     }
 
+    /// Refuses, in one line naming `what` and what to do, a disk path that is missing, a folder,
+    /// neither a file nor a block device, or unreadable. - Returns: true for a block device.
+    @discardableResult
+    package static func checkDisk(_ path: String, what: String = "disk") throws -> Bool {
+        var st = stat()
+        guard stat(path, &st) == 0 else {
+            throw LifeboatError(.notFound, "\(what) \(path) does not exist: give the path of an image file (raw or qcow2) or a block device")
+        }
+        let kind = st.st_mode & S_IFMT
+        if kind == S_IFDIR {
+            throw LifeboatError(.invalidArgument, "\(what) \(path) is a directory: give an image file (raw or qcow2) or a block device")
+        }
+        guard kind == S_IFREG || kind == S_IFBLK else {
+            throw LifeboatError(.invalidArgument, "\(what) \(path) is neither a regular file nor a block device")
+        }
+        guard access(path, R_OK) == 0 else {
+            throw LifeboatError(.io, "\(what) \(path) is not readable: run as root or fix its permissions")
+        }
+        return kind == S_IFBLK
+    }
+
     package static func isBlockDevice(_ path: String) -> Bool {
         var st = stat()
         return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFBLK

@@ -471,20 +471,5 @@ public final class Repository: Sendable {
 
 /// Checks on a disk path before reading it.
 enum DiskSource {
-    static func check(path: String) throws {
-        var st = stat()
-        guard stat(path, &st) == 0 else {
-            throw LifeboatError(.notFound, "disk \(path) does not exist: give the path of a raw image file or block device")
-        }
-        let kind = st.st_mode & S_IFMT
-        if kind == S_IFDIR {
-            throw LifeboatError(.invalidArgument, "disk \(path) is a directory: give a raw image file or block device")
-        }
-        guard kind == S_IFREG || kind == S_IFBLK else {
-            throw LifeboatError(.invalidArgument, "disk \(path) is neither a regular file nor a block device")
-        }
-        guard access(path, R_OK) == 0 else {
-            throw LifeboatError(.io, "disk \(path) is not readable: run as root or fix its permissions")
-        }
-    }
+    static func check(path: String) throws { _ = try FileSystem.checkDisk(path) }
 }

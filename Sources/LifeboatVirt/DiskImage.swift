@@ -36,21 +36,7 @@ public struct DiskImage: Sendable, Equatable {
     /// - Throws: one line naming the disk and what to do: it cannot be read, or its format is one
     ///   Lifeboat does not handle.
     public static func inspect(_ path: String, declared: String? = nil, what: String = "disk") throws -> DiskImage {
-        var st = stat()
-        guard stat(path, &st) == 0 else {
-            throw LifeboatError(.notFound, "\(what) \(path) does not exist: check the path")
-        }
-        let kind = st.st_mode & S_IFMT
-        if kind == S_IFDIR {
-            throw LifeboatError(.invalidArgument, "\(what) \(path) is a directory: give an image file (raw or qcow2) or a block device")
-        }
-        guard kind == S_IFREG || kind == S_IFBLK else {
-            throw LifeboatError(.invalidArgument, "\(what) \(path) is neither a regular file nor a block device")
-        }
-        guard access(path, R_OK) == 0 else {
-            throw LifeboatError(.io, "\(what) \(path) is not readable: run as root or fix its permissions")
-        }
-        let block = kind == S_IFBLK
+        let block = try FileSystem.checkDisk(path, what: what)
         let format = declared ?? (block ? "raw" : nil)
         if let format, !formats.contains(format) {
             throw unsupported(path, format: format, what: what)

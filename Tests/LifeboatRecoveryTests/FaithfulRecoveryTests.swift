@@ -12,9 +12,10 @@ struct FaithfulRecoveryTests {
         (try? JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any]) ?? [:]
     }
 
-    @Test("a qcow2 --disk machine: its points hold the guest's bytes (the virtual size), restored equal to the raw image; a vmdk is refused in one line")
+    @Test("a qcow2 --disk machine: its points hold the guest's bytes (the virtual size), restored equal to the raw image, and its drill boots; a vmdk is refused in one line")
     func qcow2DiskMachine() throws {
         let scratch = Scratch()
+        chmod(scratch.path, 0o755)   // QEMU (libvirt-qemu) reaches hot storage here
         let env = ["LIFEBOAT_REPO": scratch.file("repo"), "LIFEBOAT_HOT": scratch.file("hot")]
         let raw = scratch.file("web.raw"), image = scratch.file("web.qcow2")
         try DemoDisk.make(raw, marker: "qcow2 machine")
@@ -42,6 +43,11 @@ struct FaithfulRecoveryTests {
         let files = (try? FileManager.default.contentsOfDirectory(atPath: scratch.file("out"))) ?? []
         let out = scratch.file("out") + "/" + (files.first ?? "?")
         #expect((try? sh(["cmp", raw, out])) != nil, "the restored disk equals the guest's bytes (\(files))")
+        // And it boots: a drill of the qcow2 machine's point.
+        defer { _ = try? CLI.run(["stop-test", "web"], environment: env) }
+        let drill = try CLI.run(["test-failover", "web", "--memory", "256", "--wait-for", "LIFEBOAT-MARKER: qcow2 machine", "--timeout", "3m"],
+                                environment: env)
+        #expect(drill.status == 0 && drill.stdout.contains("PASSED"), "\(drill.stdout) \(drill.stderr)")
     }
 
     @Test("a block device (a loop device) as a --disk: raw, never probed; its point restores byte-identical")
