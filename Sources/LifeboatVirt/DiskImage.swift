@@ -20,9 +20,6 @@ public struct DiskImage: Sendable, Equatable {
     /// The formats Lifeboat reads and writes (through qemu-nbd when not raw).
     public static let formats: Set<String> = ["raw", "qcow2"]
 
-    /// True when the file's bytes are the guest's bytes.
-    public var isRaw: Bool { format == "raw" }
-
     public init(path: String, format: String, virtualSize: Int, isBlockDevice: Bool = false) {
         self.path = path
         self.format = format
@@ -81,7 +78,6 @@ public struct DiskImage: Sendable, Equatable {
 /// read (and, when writable, written) whatever its format. Stopped by `stop()` or deinit.
 public final class ImageExport: @unchecked Sendable {
     // @unchecked: all stored properties are constants.
-    public let image: DiskImage
     public let socket: String
     public let export: String
     private let pidFile: String
@@ -89,7 +85,6 @@ public final class ImageExport: @unchecked Sendable {
     /// Starts qemu-nbd for `image` with its socket and pid file in `folder` (QEMU's user need not
     /// reach it: qemu-nbd runs as root).
     public init(_ image: DiskImage, name: String, in folder: String, writable: Bool = false) throws {
-        self.image = image
         self.export = name
         socket = folder + "/\(name).sock"
         pidFile = folder + "/\(name).pid"
