@@ -7,6 +7,7 @@ let package = Package(
     products: [
         .executable(name: "lifeboat", targets: ["lifeboat"]),
         .library(name: "LifeboatBase", targets: ["LifeboatBase"]),
+        .library(name: "LifeboatS3", targets: ["LifeboatS3"]),
         .library(name: "LifeboatRepository", targets: ["LifeboatRepository"]),
         .library(name: "LifeboatFS", targets: ["LifeboatFS"]),
         .library(name: "LifeboatVirt", targets: ["LifeboatVirt"]),
@@ -30,6 +31,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-certificates", from: "1.21.1"),
         .package(url: "https://github.com/apple/swift-asn1", from: "1.7.4"),
         .package(url: "https://github.com/apple/swift-http-types", from: "1.8.0"),
+        .package(url: "https://github.com/swift-server/async-http-client", from: "1.37.0"),
     ],
     targets: [
         // C libraries from Debian, through pkg-config. Nothing but a module map and a shim header.
@@ -46,9 +48,17 @@ let package = Package(
             ]
         ),
         .target(
+            name: "LifeboatS3",
+            dependencies: [
+                "LifeboatBase",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]
+        ),
+        .target(
             name: "LifeboatRepository",
             dependencies: [
-                "LifeboatBase", "CZstd",
+                "LifeboatBase", "LifeboatS3", "CZstd",
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "_CryptoExtras", package: "swift-crypto"),
                 .product(name: "SystemPackage", package: "swift-system"),
@@ -114,7 +124,7 @@ let package = Package(
         .executableTarget(
             name: "lifeboat",
             dependencies: [
-                "LifeboatBase", "LifeboatRepository", "LifeboatFS", "LifeboatVirt", "LifeboatRecovery", "LifeboatReplication", "LifeboatService",
+                "LifeboatBase", "LifeboatS3", "LifeboatRepository", "LifeboatFS", "LifeboatVirt", "LifeboatRecovery", "LifeboatReplication", "LifeboatService",
                 "LifeboatConsole",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -127,7 +137,7 @@ let package = Package(
         ),
         .testTarget(
             name: "LifeboatRepositoryTests",
-            dependencies: ["LifeboatBase", "LifeboatRepository", "LifeboatTestSupport", .product(name: "Crypto", package: "swift-crypto")]
+            dependencies: ["LifeboatBase", "LifeboatRepository", "LifeboatS3", "LifeboatTestSupport", .product(name: "Crypto", package: "swift-crypto")]
         ),
         .testTarget(
             name: "LifeboatFSTests",

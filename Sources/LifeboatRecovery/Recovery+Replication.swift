@@ -161,6 +161,16 @@ public struct RPOStatus: Codable, Sendable {
     public var rpoSeconds: Int?
     /// True when the newest point is younger than the RPO (or no RPO is set).
     public var compliant: Bool
+    /// The off-site copy (`lifeboat sync`): where, its newest point's time, and the same RPO
+    /// rule applied to it (nil when the machine is not synced anywhere or has no RPO).
+    public var offsiteTarget: String?
+    public var offsitePointTime: Date?
+    public var offsiteCompliant: Bool?
+    /// Why the last sync of the machine failed, when it did.
+    public var offsiteError: String?
+
+    /// Within the RPO here and, when copied off-site, there too.
+    public var compliantEverywhere: Bool { compliant && offsiteCompliant != false }
 }
 
 /// The one RPO rule (status, `status --check`, the metrics and the console all use it): a
@@ -182,8 +192,11 @@ extension Recovery {
         try repository.machines().map { machine in
             let last = (try? repository.points(machine.name))?.last
             let compliant = RPORule.evaluate(rpoSeconds: machine.rpoSeconds, lastPointTime: last?.time, now: now).compliant ?? true
+            let offsite = repository.offsiteCopy(machine.name)
             return RPOStatus(machine: machine.name, lastPoint: last?.id, lastPointTime: last?.time, rpoSeconds: machine.rpoSeconds,
-                             compliant: compliant)
+                             compliant: compliant, offsiteTarget: offsite?.target, offsitePointTime: offsite?.newestPointTime,
+                             offsiteCompliant: offsite.flatMap { RPORule.evaluate(rpoSeconds: machine.rpoSeconds, lastPointTime: $0.newestPointTime, now: now).compliant },
+                             offsiteError: offsite?.lastError)
         }
     }
 }

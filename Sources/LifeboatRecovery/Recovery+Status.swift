@@ -36,6 +36,11 @@ public struct ServerStatus: Codable, Sendable {
     /// What the machine's points read now, in words: the source domain, the recovery VM after
     /// commit, the disk files, or nothing while failed over and not committed.
     public var protected: String?
+    /// The off-site copy as the last `lifeboat sync` of the machine left it (nil: never synced).
+    public var offsite: OffsiteCopy?
+    /// Seconds since the newest point at the off-site target was taken: the off-site RPO's measure.
+    public var offsiteAge: Double?
+    public var offsiteRPOCompliant: Bool?
     /// Things that do not match the state, each with what to do.
     public var problems: [String]
 }
@@ -112,6 +117,14 @@ extension Recovery {
                 + (replication.lastError ?? "?") + (replication.nextAttempt.map { "; next attempt at \(Timestamp.format($0))" } ?? ""))
         }
         (status.rpoRatio, status.rpoCompliant) = RPORule.evaluate(rpoSeconds: machine.rpoSeconds, lastPointTime: last?.time, now: now)
+        if let offsite = repository.offsiteCopy(machine.name) {
+            status.offsite = offsite
+            status.offsiteAge = offsite.newestPointTime.map { now.timeIntervalSince($0) }
+            status.offsiteRPOCompliant = RPORule.evaluate(rpoSeconds: machine.rpoSeconds, lastPointTime: offsite.newestPointTime, now: now).compliant
+            if let error = offsite.lastError {
+                status.problems.append("the last sync of \(machine.name) to \(offsite.target) failed: \(error)")
+            }
+        }
         if let libvirtProblem {
             status.vmState = status.vm == nil ? nil : "unknown"
             if status.state != .standby { status.problems.append(libvirtProblem) }

@@ -21,6 +21,7 @@ extension Repository {
     /// - Throws: `.busy` when another backup of the machine runs; `.noSpace` when the repository fills up.
     public func backup(_ name: String, progress: ProgressMeter = ProgressMeter(), now: Date = Date(),
                        sources overrides: [String: String] = [:]) throws -> RecoveryPoint {
+        try requireLocal("backup")
         let machine = try self.machine(name)
         let chunkSize = self.chunkSize(of: machine)
         progress.setLimit((machine.bandwidth ?? 0) << 20)
@@ -82,6 +83,7 @@ extension Repository {
     ///     visible; throwing there (the source's job vanished, say) leaves no point.
     public func backup(_ name: String, captures: [DiskCapture], details: PointDetails, progress: ProgressMeter = ProgressMeter(),
                        now: Date = Date(), checkBeforeCommit: () throws -> Void = {}) throws -> RecoveryPoint {
+        try requireLocal("backup")
         let machine = try self.machine(name)
         let chunkSize = self.chunkSize(of: machine)
         progress.setLimit((machine.bandwidth ?? 0) << 20)

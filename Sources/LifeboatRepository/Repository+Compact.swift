@@ -71,6 +71,7 @@ extension Repository {
     /// after it is durable, and the references of a batch are recorded (for `gc`) before its
     /// chunks go in place: a killed compact leaves every chunk readable, old or new.
     public func compact(_ options: CompactOptions = CompactOptions(), progress: ProgressMeter = ProgressMeter()) throws -> CompactResult {
+        try requireLocal("compact")
         let started = Date()
         guard CompactOptions.levels.contains(options.level) else {
             throw LifeboatError(.invalidArgument, "invalid compact level \(options.level): use a zstd level from 1 to 22")

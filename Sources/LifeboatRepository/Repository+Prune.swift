@@ -26,6 +26,7 @@ extension Repository {
     /// Deletes the machine's recovery points that no rule of `policy` keeps. Their chunks stay
     /// until `gc`. Each point disappears at once (one rename) and is then deleted.
     public func prune(_ machine: String, policy: RetentionPolicy, dryRun: Bool = false) throws -> PruneResult {
+        try requireLocal("prune")
         guard !policy.isEmpty else {
             throw LifeboatError(.invalidArgument, "prune needs at least one --keep-* rule, or every point would go")
         }
@@ -86,6 +87,7 @@ extension Repository {
     /// used too. Any unreadable index or catalogue stops it before it deletes anything.
     /// - Parameter waiting: called once if gc has to wait for running backups.
     public func gc(dryRun: Bool = false, waiting: () -> Void = {}) throws -> GCResult {
+        try requireLocal("gc")
         var lock = try repositoryLock(.exclusive, wait: false)
         if lock == nil {
             waiting()

@@ -1,5 +1,6 @@
 import Foundation
 import LifeboatBase
+import LifeboatS3
 import Synchronization
 import SystemPackage
 #if canImport(Glibc)
@@ -39,14 +40,27 @@ public final class Repository: Sendable {
     let store: any ChunkStore
     let keys: RepositoryKeys?
     let dictionaries: DictionaryShelf
+    /// The bucket this repository is read from (its manifests are mirrored at `root`); nil for a local one.
+    public let remote: ObjectRepository?
 
-    private init(root: String, config: RepositoryConfig, keys: RepositoryKeys?) {
+    init(root: String, config: RepositoryConfig, keys: RepositoryKeys?, store: (any ChunkStore)? = nil, remote: ObjectRepository? = nil) {
         self.root = root
         self.config = config
         self.keys = keys
+        self.remote = remote
         self.dictionaries = DictionaryShelf(root: root + "/dictionaries", keys: keys)
         self.codec = ChunkCodec(compression: config.compression, frameSize: config.frameSize, keys: keys, dictionaries: dictionaries)
-        self.store = LocalChunkStore(root: root + "/chunks")
+        self.store = store ?? LocalChunkStore(root: root + "/chunks")
+    }
+
+    /// What the user calls this repository: its folder, or its s3:// address.
+    public var name: String { remote?.description ?? root }
+
+    /// Refuses work that changes the repository when it is an off-site copy in a bucket.
+    func requireLocal(_ what: String) throws {
+        if let remote {
+            throw LifeboatError(.unsupported, "\(remote.description) is an off-site copy that lifeboat only reads: \(what) works on a local repository, whose points 'lifeboat sync --to \(remote.description)' copies there")
+        }
     }
 
     /// Creates an empty repository at `root` (the folder may exist if empty).
@@ -55,16 +69,20 @@ public final class Repository: Sendable {
     ///   - chunkSize: fixed chunk size in bytes, a power of two between 4 KiB and 16 MiB.
     /// - Throws: `.alreadyExists` when a repository or other files are there.
     public static func create(at root: String, password: String? = nil, chunkSize: Int = defaultChunkSize,
-                              frameSize: Int? = nil, compressionLevel: Int = defaultCompressionLevel) throws -> Repository {
+                              frameSize: Int? = nil, compressionLevel: Int = defaultCompressionLevel,
+                              remote: ObjectRepository? = nil) throws -> Repository {
         try checkChunkSize(chunkSize, from: 4096)
         let frameSize = frameSize ?? min(chunkSize, defaultFrameSize)
         guard frameSize >= 4096, frameSize <= chunkSize, frameSize & (frameSize - 1) == 0 else {
             throw LifeboatError(.invalidArgument, "invalid frame size \(frameSize): use a power of two from 4096 up to the chunk size")
         }
-        if FileSystem.exists(root + "/config.json") {
+        if let remote {
+            if try remote.configBytes() != nil {
+                throw LifeboatError(.alreadyExists, "a repository already exists at \(remote.description)")
+            }
+        } else if FileSystem.exists(root + "/config.json") {
             throw LifeboatError(.alreadyExists, "a repository already exists at \(root)")
-        }
-        if FileSystem.exists(root) {
+        } else if FileSystem.exists(root) {
             guard FileSystem.isDirectory(root) else {
                 throw LifeboatError(.invalidArgument, "\(root) exists and is not a directory: choose another --repo")
             }
@@ -94,6 +112,10 @@ public final class Repository: Sendable {
         }
         let config = RepositoryConfig(format: format, id: UUID().uuidString.lowercased(), chunkSize: chunkSize, frameSize: frameSize,
                                       compression: compression, encryption: wrapping)
+        if let remote {
+            try remote.client.put(remote.key("config.json"), Array(try JSONEncoder.lifeboat.encode(config)))
+            return try open(remote: remote) { password }
+        }
         try LocalChunkStore.create(root: root + "/chunks")
         try FileSystem.makeDirectory(root + "/machines")
         // config.json last: a folder without it is not a repository yet.
@@ -106,31 +128,38 @@ public final class Repository: Sendable {
     /// - Throws: `.notFound` when there is no repository; `.authentication` on a wrong password.
     public static func open(at root: String, password: () throws -> String? = { nil }) throws -> Repository {
         let configPath = root + "/config.json"
+        if S3Location.isS3(root) {
+            throw LifeboatError(.invalidArgument, "\(root) is in object storage: pass --s3-endpoint (or set $LIFEBOAT_S3_ENDPOINT) and S3 credentials")
+        }
         guard FileSystem.exists(root) else {
             throw LifeboatError(.notFound, "no repository at \(root): create one with 'lifeboat init' or pass --repo")
         }
         guard FileSystem.exists(configPath) else {
             throw LifeboatError(.notFound, "\(root) is not a Lifeboat repository (no config.json): check --repo or $LIFEBOAT_REPO")
         }
+        let config = try decodeConfig(try PosixFile.openForReading(configPath, what: "repository config").readAll(), name: configPath)
+        return Repository(root: root, config: config, keys: try keys(config, name: root, password: password))
+    }
+
+    static func decodeConfig(_ bytes: [UInt8], name: String) throws -> RepositoryConfig {
         let config: RepositoryConfig
         do {
-            config = try JSONDecoder.lifeboat.decode(RepositoryConfig.self, from: Data(try PosixFile.openForReading(configPath, what: "repository config").readAll()))
-        } catch let error as LifeboatError {
-            throw error
+            config = try JSONDecoder.lifeboat.decode(RepositoryConfig.self, from: Data(bytes))
         } catch {
-            throw LifeboatError(.damaged, "\(configPath) is not a valid repository config: \(error)")
+            throw LifeboatError(.damaged, "\(name) is not a valid repository config: \(error)")
         }
         guard (1...format).contains(config.format) else {
-            throw LifeboatError(.unsupported, "repository format \(config.format) at \(root) is newer than this lifeboat understands: upgrade lifeboat")
+            throw LifeboatError(.unsupported, "repository format \(config.format) at \(name) is newer than this lifeboat understands: upgrade lifeboat")
         }
-        var keys: RepositoryKeys? = nil
-        if let wrapping = config.encryption {
-            guard let password = try password() else {
-                throw LifeboatError(.authentication, "repository \(root) is encrypted: set $LIFEBOAT_PASSWORD or pass --password-file")
-            }
-            keys = RepositoryKeys(master: try wrapping.unwrap(password: password))
+        return config
+    }
+
+    static func keys(_ config: RepositoryConfig, name: String, password: () throws -> String?) throws -> RepositoryKeys? {
+        guard let wrapping = config.encryption else { return nil }
+        guard let password = try password() else {
+            throw LifeboatError(.authentication, "repository \(name) is encrypted: set $LIFEBOAT_PASSWORD or pass --password-file")
         }
-        return Repository(root: root, config: config, keys: keys)
+        return RepositoryKeys(master: try wrapping.unwrap(password: password))
     }
 
     // MARK: Paths
@@ -153,6 +182,7 @@ public final class Repository: Sendable {
     /// Registers a machine. Disk names are made unique from the paths' file names.
     /// - Throws: `.alreadyExists` when the name is taken; `.invalidArgument` for a bad name or disk.
     public func protect(_ machine: Machine) throws {
+        try requireLocal("protect")
         try Machine.validate(name: machine.name)
         guard !machine.disks.isEmpty else {
             throw LifeboatError(.invalidArgument, "machine \(machine.name) needs at least one --disk PATH")
@@ -189,6 +219,7 @@ public final class Repository: Sendable {
 
     /// Rewrites a machine's settings.
     public func save(_ machine: Machine) throws {
+        try requireLocal("saving a machine")
         try FileSystem.writeAtomically(Array(try JSONEncoder.lifeboat.encode(machine)), to: machinePath(machine.name) + "/machine.json")
     }
 
@@ -226,6 +257,7 @@ public final class Repository: Sendable {
     /// Forgets a machine. Refuses while recovery points exist unless `purge` (then they go too;
     /// their chunks stay until `gc`).
     public func unprotect(_ name: String, purge: Bool) throws {
+        try requireLocal("unprotect")
         _ = try machine(name)
         let points = try self.points(name)
         if !points.isEmpty && !purge {

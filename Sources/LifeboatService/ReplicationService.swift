@@ -19,8 +19,12 @@ public struct ReplicationServiceOptions: Sendable {
     public var gcEvery: TimeInterval = 86_400
     /// zstd level of that compact (nil: no compact).
     public var compactLevel: Int? = CompactOptions.defaultLevel
+    /// Where each machine's new points are copied after each point (nil: nowhere).
+    public var syncTo: ObjectRepository?
 
-    public init(once: Bool = false, jobs: Int = 1, gcEvery: TimeInterval = 86_400, compactLevel: Int? = CompactOptions.defaultLevel) {
+    public init(once: Bool = false, jobs: Int = 1, gcEvery: TimeInterval = 86_400, compactLevel: Int? = CompactOptions.defaultLevel,
+                syncTo: ObjectRepository? = nil) {
+        self.syncTo = syncTo
         self.once = once
         self.jobs = jobs
         self.gcEvery = gcEvery
@@ -111,6 +115,20 @@ public final class ReplicationService: Service, Sendable {
         logger.info("replication service stopped")
     }
 
+    /// Copies the machine's new points off-site; a failure is recorded for status and logged,
+    /// and the next point's sync sends what this one did not.
+    private func sync(_ name: String, to target: ObjectRepository) {
+        do {
+            let result = try recovery.repository.sync(to: target, machines: [name])
+            logger.info("synced off-site", metadata: ["machine": "\(name)", "target": "\(target.description)", "points": "\(result.points.count)",
+                                                       "bytes": "\(result.bytes)", "seconds": "\(String(format: "%.2f", result.seconds))"])
+        } catch {
+            recovery.repository.recordOffsiteFailure(name, target: target.description, error: "\(error)")
+            logger.error("off-site sync failed", metadata: ["machine": "\(name)", "target": "\(target.description)", "error": "\(error)"])
+        }
+        metrics.update(from: recovery)
+    }
+
     private func runningCount() -> Int { state.withLock { $0.running.count } }
 
     /// Starts a point of `name` on a thread of its own.
@@ -124,6 +142,7 @@ public final class ReplicationService: Service, Sendable {
                 logger.info("point taken", metadata: ["machine": "\(name)", "point": "\(point.id)", "mode": "\(point.readMode ?? "full")",
                                                       "consistency": "\(point.consistency)", "bytesRead": "\(point.bytesRead)",
                                                       "seconds": "\(String(format: "%.2f", point.seconds))"])
+                if let target = options.syncTo { sync(name, to: target) }
             } else {
                 logger.error("point failed", metadata: ["machine": "\(name)", "error": "\(outcome.error ?? "?")",
                                                         "failures": "\(outcome.state.failures)",
@@ -205,6 +224,12 @@ public final class ReplicationMetrics: Sendable {
     static var lastPointTime: MetricNameDescriptor { metric("last_point_timestamp", "seconds", "Time of the machine's newest recovery point") }
     static var rpo: MetricNameDescriptor { metric("rpo", "seconds", "The machine's recovery point objective") }
     static var compliant: MetricNameDescriptor { metric("rpo", "compliant", "1 when the newest point is within the RPO, else 0") }
+    static var offsitePointTime: MetricNameDescriptor {
+        metric("offsite_last_point_timestamp", "seconds", "Time of the machine's newest recovery point at its off-site copy")
+    }
+    static var offsiteCompliant: MetricNameDescriptor {
+        metric("offsite_rpo", "compliant", "1 when the newest point at the off-site copy is within the RPO, else 0")
+    }
     static var duration: MetricNameDescriptor { metric("backup_duration", "seconds", "Seconds the machine's last point took") }
     static var bytesRead: MetricNameDescriptor { metric("backup_bytes_read", "total", "Bytes read from the machine's disks by points") }
     static var failures: MetricNameDescriptor { metric("backup_failures", "total", "Failed points") }
@@ -230,6 +255,12 @@ public final class ReplicationMetrics: Sendable {
             if let rpo = status.rpoSeconds {
                 registry.makeGauge(descriptor: Self.rpo, labels: labels).set(to: Double(rpo))
                 registry.makeGauge(descriptor: Self.compliant, labels: labels).set(to: status.compliant ? 1 : 0)
+            }
+            if let time = status.offsitePointTime {
+                registry.makeGauge(descriptor: Self.offsitePointTime, labels: labels).set(to: time.timeIntervalSince1970)
+            }
+            if let compliant = status.offsiteCompliant {
+                registry.makeGauge(descriptor: Self.offsiteCompliant, labels: labels).set(to: compliant ? 1 : 0)
             }
         }
     }

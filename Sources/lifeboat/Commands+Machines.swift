@@ -28,8 +28,8 @@ extension Lifeboat {
                 password = given
             }
             let repo = try Repository.create(at: repository.path, password: password, chunkSize: chunkSize,
-                                             frameSize: frameSize, compressionLevel: compressionLevel)
-            print("created \(repo.config.isEncrypted ? "encrypted " : "")repository \(repo.root) (chunk size \(Format.bytes(chunkSize)))")
+                                             frameSize: frameSize, compressionLevel: compressionLevel, remote: try repository.remote)
+            print("created \(repo.config.isEncrypted ? "encrypted " : "")repository \(repo.name) (chunk size \(Format.bytes(chunkSize)))")
         }
     }
 

@@ -3,6 +3,7 @@ import Foundation
 import LifeboatBase
 import LifeboatReplication
 import LifeboatRepository
+import LifeboatS3
 import LifeboatVirt
 
 extension Lifeboat {
@@ -120,6 +121,40 @@ extension Lifeboat {
                     + (report.isClean ? "no damage" : "\(report.damagedChunks.count) damaged chunk(s), \(report.damagedPoints.count + report.damagedFiles.count) damaged point or repository file(s)"))
             }
             if !report.isClean { throw ExitCode(3) }
+        }
+    }
+
+    struct Sync: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Copy recovery points to an off-site repository in S3 object storage (only the chunks it lacks).",
+            discussion: "The target is created with this repository's keys when it does not exist yet. A stopped sync resends only the pack it was writing; a point is visible at the target once all it needs is there.")
+        @OptionGroup var repository: RepositoryOptions
+        @Option(help: "The target: s3://BUCKET/PREFIX (the --s3-* options say how to reach it).") var to: String
+        @Argument(help: "Machines to copy (default: all).") var machines: [String] = []
+        @Option(help: "MiB per second the sync may send (default: no limit).") var bandwidth: Double?
+        @Option(help: "Write packs and points under S3 Object Lock (compliance mode) for so many days.") var objectLock: Int?
+        /// Pack size in bytes (tests make several packs of little data).
+        @Option(help: .hidden) var packSize = Repository.packSize
+        @OptionGroup var output: OutputOptions
+
+        func validate() throws {
+            if let bandwidth, bandwidth <= 0 { throw ValidationError("--bandwidth must be a positive number of MiB per second") }
+            if let objectLock, objectLock <= 0 { throw ValidationError("--object-lock must be a positive number of days") }
+            guard S3Location.isS3(to) else {
+                throw ValidationError("--to must be an s3://BUCKET/PREFIX address (a local copy: copy the repository folder)")
+            }
+        }
+
+        func run() throws {
+            let repo = try repository.open()
+            let target = try repository.s3.repository(to)
+            let progress = ProgressMeter(limit: Int((bandwidth ?? 0) * 1_048_576))
+            let result = try Terminal.withProgress("sync", progress) {
+                try repo.sync(to: target, machines: machines, objectLockDays: objectLock, progress: progress, packSize: packSize)
+            }
+            if output.json { return try JSON.print(result) }
+            let rate = result.seconds > 0 ? Format.bytes(Int(Double(result.bytes) / result.seconds)) + "/s" : "-"
+            print("synced \(result.points.count) point(s) to \(result.target) (\(result.pointsAlreadyThere) already there): \(result.chunks) chunk(s), \(Format.bytes(result.bytes)) in \(result.packs) pack(s), \(String(format: "%.1f", result.seconds)) s, \(rate); \(result.requests.puts) PUT, \(result.requests.gets) GET, \(result.requests.lists) LIST")
         }
     }
 

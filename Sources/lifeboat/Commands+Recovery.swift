@@ -149,11 +149,19 @@ extension Lifeboat {
                 let recovery = try self.recovery.recovery(repository)
                 let statuses = try recovery.replicationStatus().filter { name == nil || $0.machine == name }
                 if output.json { try JSON.print(statuses) }
-                let breached = statuses.filter { !$0.compliant }
+                let breached = statuses.filter { !$0.compliantEverywhere }
                 if !output.json {
                     for status in breached {
-                        let age = status.lastPointTime.map { DurationText.format(Date().timeIntervalSince($0)) + " old" } ?? "no point"
-                        print("\(status.machine): RPO \(DurationText.format(Double(status.rpoSeconds ?? 0))) breached (newest point \(age))")
+                        let rpo = DurationText.format(Double(status.rpoSeconds ?? 0))
+                        if !status.compliant {
+                            let age = status.lastPointTime.map { DurationText.format(Date().timeIntervalSince($0)) + " old" } ?? "no point"
+                            print("\(status.machine): RPO \(rpo) breached (newest point \(age))")
+                        }
+                        if status.offsiteCompliant == false {
+                            let age = status.offsitePointTime.map { DurationText.format(Date().timeIntervalSince($0)) + " old" } ?? "no point there"
+                            print("\(status.machine): off-site RPO \(rpo) breached at \(status.offsiteTarget ?? "?") (newest point there \(age))"
+                                + (status.offsiteError.map { "; last sync failed: \($0)" } ?? ""))
+                        }
                     }
                     if breached.isEmpty { print("every machine is within its RPO (\(statuses.count) machine(s))") }
                 }
@@ -175,6 +183,11 @@ extension Lifeboat {
             }
             print(Format.table(["MACHINE", "LAST POINT", "AGE", "RPO", "STATE", "VM", "NETWORK", "IP"], rows))
             for status in statuses {
+                if let offsite = status.offsite {
+                    let age = status.offsiteAge.map { DurationText.format($0) + " old" } ?? "none yet"
+                    let rpo = status.offsiteRPOCompliant.map { $0 ? ", within the RPO" : ", RPO BREACHED" } ?? ""
+                    print("\(status.machine): off-site at \(offsite.target): newest point \(offsite.newestPoint ?? "-") (\(age)\(rpo))")
+                }
                 if let progress = status.finalisation { print("\(status.machine): " + Finalising.line(progress)) }
                 if let transition = status.transition { print("\(status.machine): \(transition)") }
                 if let plan = status.plan { print("\(status.machine): \(plan)") }

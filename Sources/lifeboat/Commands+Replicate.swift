@@ -28,8 +28,11 @@ extension Lifeboat {
         @Option(help: "Also serve the web console and API on ADDR:PORT, as 'lifeboat console --listen' (default: $LIFEBOAT_CONSOLE, else none).")
         var console: String?
         @OptionGroup var tls: ConsoleTLSOptions
+        @Option(help: "After each point, copy the machine's new points to this off-site repository (s3://BUCKET/PREFIX, as 'lifeboat sync --to').")
+        var syncTo: String?
 
         func validate() throws {
+            if let syncTo, !syncTo.hasPrefix("s3://") { throw ValidationError("--sync-to must be an s3://BUCKET/PREFIX address") }
             if jobs < 1 { throw ValidationError("--jobs must be at least 1") }
             if let metrics = metricsAddress, Self.address(metrics) == nil {
                 throw ValidationError("--metrics \(metrics) is not ADDR:PORT like 127.0.0.1:9470")
@@ -61,7 +64,8 @@ extension Lifeboat {
             let service = ReplicationService(
                 recovery: recovery, replication: replication,
                 options: ReplicationServiceOptions(once: once, jobs: jobs, gcEvery: try DurationText.parse(gcEvery),
-                                                   compactLevel: compactLevel == 0 ? nil : compactLevel),
+                                                   compactLevel: compactLevel == 0 ? nil : compactLevel,
+                                                   syncTo: try syncTo.map { try repository.s3.repository($0) }),
                 metrics: metricsRegistry, logger: logger)
             // The service ends by itself after --once (or a shutdown signal): then the group ends too.
             var services: [ServiceGroupConfiguration.ServiceConfiguration] = [

@@ -29,7 +29,7 @@ struct Lifeboat: ParsableCommand {
         abstract: "Disaster recovery for Linux/KVM: deduplicated recovery points in a cold repository.",
         subcommands: [
             Init.self, Protect.self, Configure.self, Machines.self, Unprotect.self, Backup.self, BackupGuardCommand.self, Points.self,
-            Restore.self, Verify.self, Prune.self, GC.self, Compact.self, Mount.self, Unmount.self, Browse.self, Unbrowse.self,
+            Restore.self, Verify.self, Sync.self, Prune.self, GC.self, Compact.self, Mount.self, Unmount.self, Browse.self, Unbrowse.self,
             Replicate.self, TestFailover.self, StopTest.self, Status.self, Drills.self,
             Failover.self, Resume.self, Finalise.self, ChangePoint.self, CancelFailover.self, Commit.self, Failback.self, History.self,
             PlanCommand.self, Plans.self, Reports.self, ReportCommand.self,

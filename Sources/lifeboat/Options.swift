@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import LifeboatBase
 import LifeboatRepository
+import LifeboatS3
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -17,8 +18,15 @@ struct RepositoryOptions: ParsableArguments {
     /// The password is the first line of stdin (lifeboat's own daemons get it this way).
     @Flag(help: .hidden) var passwordStdin = false
 
+    @OptionGroup var s3: S3Options
+
     var path: String {
         repo ?? ProcessInfo.processInfo.environment["LIFEBOAT_REPO"] ?? "/var/lib/lifeboat/repo"
+    }
+
+    /// The bucket when the repository is an s3:// address, else nil.
+    var remote: ObjectRepository? {
+        get throws { S3Location.isS3(path) ? try s3.repository(path) : nil }
     }
 
     func open() throws -> Repository {
@@ -29,10 +37,11 @@ struct RepositoryOptions: ParsableArguments {
     /// daemon that must open it again: the user is asked once.
     func openKeepingPassword() throws -> (repository: Repository, password: String?) {
         var given: String? = nil
-        let repository = try Repository.open(at: path) {
+        let ask = {
             given = try password(confirm: false)
             return given
         }
+        let repository = try remote.map { try Repository.open(remote: $0, password: ask) } ?? Repository.open(at: path, password: ask)
         return (repository, given)
     }
 
@@ -53,6 +62,25 @@ struct RepositoryOptions: ParsableArguments {
             guard first == second else { throw LifeboatError(.invalidArgument, "the passwords do not match: try again") }
         }
         return first
+    }
+}
+
+/// How to reach a repository in object storage (`--repo s3://BUCKET/PREFIX`).
+struct S3Options: ParsableArguments {
+    @Option(name: .customLong("s3-endpoint"), help: "S3 endpoint URL (default: $LIFEBOAT_S3_ENDPOINT).")
+    var endpoint: String?
+    @Option(name: .customLong("s3-region"), help: "S3 region (default: $AWS_REGION, else us-east-1).")
+    var region: String?
+    @Option(name: .customLong("s3-addressing"), help: "path (http://HOST/BUCKET/KEY, the default) or virtual (http://BUCKET.HOST/KEY).")
+    var addressing: String?
+    @Option(name: .customLong("s3-credentials"), help: "AWS credentials file (else $AWS_ACCESS_KEY_ID and $AWS_SECRET_ACCESS_KEY).")
+    var credentials: String?
+    @Option(name: .customLong("cache-dir"), help: "Local folder for an S3 repository's indexes, manifests and chunks (default: /var/cache/lifeboat/s3/…).")
+    var cacheDir: String?
+
+    func repository(_ address: String) throws -> ObjectRepository {
+        let settings = try S3Settings.resolve(endpoint: endpoint, region: region, addressing: addressing, credentialsFile: credentials)
+        return try ObjectRepository(location: try S3Location(parsing: address), settings: settings, cacheRoot: cacheDir)
     }
 }
 

@@ -1,0 +1,201 @@
+import Crypto
+import Foundation
+import LifeboatBase
+import LifeboatS3
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Where one stored chunk sits in a pack object.
+struct PackLocation: Sendable, Equatable {
+    let pack: String
+    let offset: Int
+    let length: Int
+}
+
+/// A pack's index object: which chunks the pack holds and where (docs/FORMAT.md, "Object storage").
+///
+/// `LBPACK1\0` | entry count (u64 LE) | entries: chunk id (32) | offset (u64 LE) | stored length (u32 LE) |
+/// SHA-256 of everything before it.
+struct PackIndex: Sendable {
+    static let magic = Array("LBPACK1\0".utf8)
+    static let entrySize = 32 + 8 + 4
+    var entries: [(id: ChunkID, offset: Int, length: Int)] = []
+
+    func encoded() -> [UInt8] {
+        var bytes = Self.magic
+        bytes.reserveCapacity(16 + entries.count * Self.entrySize + 32)
+        withUnsafeBytes(of: UInt64(entries.count).littleEndian) { bytes += $0 }
+        for entry in entries {
+            bytes += entry.id.bytes
+            withUnsafeBytes(of: UInt64(entry.offset).littleEndian) { bytes += $0 }
+            withUnsafeBytes(of: UInt32(entry.length).littleEndian) { bytes += $0 }
+        }
+        bytes += SHA256.hash(data: bytes)
+        return bytes
+    }
+
+    init() {}
+
+    init(decoding bytes: [UInt8], name: String) throws {
+        let damaged = LifeboatError(.damaged, "pack index \(name) is damaged: remove it at the target and sync again")
+        guard bytes.count >= 16 + 32, Array(bytes[0..<8]) == Self.magic,
+              Array(SHA256.hash(data: bytes[0..<(bytes.count - 32)])) == Array(bytes[(bytes.count - 32)...]) else { throw damaged }
+        try bytes.withUnsafeBytes { raw in
+            let count = Int(UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self)))
+            guard count >= 0, 16 + count * Self.entrySize + 32 == raw.count else { throw damaged }
+            entries.reserveCapacity(count)
+            for i in 0..<count {
+                let at = 16 + i * Self.entrySize
+                let id = ChunkID(bytes: UnsafeRawBufferPointer(rebasing: raw[at..<(at + 32)]))
+                let offset = Int(UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: at + 32, as: UInt64.self)))
+                let length = Int(UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: at + 40, as: UInt32.self)))
+                entries.append((id, offset, length))
+            }
+        }
+    }
+}
+
+/// A repository kept in an S3 bucket under a prefix: the same manifests as a local repository
+/// under the same names, and chunks in pack objects (`packs/ab/HASH.pack`, each with its index
+/// `packs/ab/HASH.idx`) instead of one file each. Written by `Repository.sync`; read through a
+/// local mirror of its manifests (`Repository.open(remote:)`).
+public final class ObjectRepository: Sendable {
+    public let location: S3Location
+    public let client: S3Client
+    /// Local folder for what is kept between runs: the pack indexes, the manifests, fetched chunks.
+    public let cacheRoot: String
+
+    public init(location: S3Location, settings: S3Settings, cacheRoot: String? = nil) throws {
+        self.location = location
+        self.client = S3Client(settings: settings, bucket: location.bucket)
+        self.cacheRoot = cacheRoot ?? Self.defaultCacheRoot(location, settings)
+        try FileSystem.makeDirectories(self.cacheRoot + "/packs")
+    }
+
+    /// `/var/cache/lifeboat/s3/HASH`, one folder per endpoint, bucket and prefix.
+    static func defaultCacheRoot(_ location: S3Location, _ settings: S3Settings) -> String {
+        let name = SHA256.hash(data: Data("\(settings.endpoint)|\(location.bucket)|\(location.prefix)".utf8)).prefix(8)
+            .map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined()
+        let base = ProcessInfo.processInfo.environment["LIFEBOAT_CACHE"] ?? "/var/cache/lifeboat"
+        return base + "/s3/" + name
+    }
+
+    public var description: String { location.description }
+
+    func key(_ path: String) -> String { location.prefix + path }
+
+    /// The target's config.json, or nil when there is no repository there yet.
+    func configBytes() throws -> [UInt8]? { try client.get(key("config.json")) }
+
+    // MARK: Pack indexes
+
+    /// Every chunk the bucket's packs hold, from the cached pack indexes, after one listing of
+    /// `packs/` (1,000 names a request): indexes new at the target are fetched once, those gone
+    /// from it dropped. No request per chunk.
+    func loadPackIndexes() throws -> [ChunkID: PackLocation] {
+        let listed = try client.list(prefix: key("packs/"))
+        let packs = Set(listed.filter { $0.key.hasSuffix(".pack") }.map { String($0.key.dropFirst(location.prefix.count).dropLast(5)) })
+        let indexed = listed.filter { $0.key.hasSuffix(".idx") }.map { String($0.key.dropFirst(location.prefix.count).dropLast(4)) }
+        let cacheFolder = cacheRoot + "/packs"
+        let cached = Set(try FileSystem.list(cacheFolder))
+        var locations: [ChunkID: PackLocation] = [:]
+        for pack in indexed where packs.contains(pack) {
+            let cacheName = pack.replacingOccurrences(of: "/", with: "-")
+            let bytes: [UInt8]
+            if cached.contains(cacheName), let local = FileSystem.contents(cacheFolder + "/" + cacheName) {
+                bytes = local
+            } else {
+                guard let fetched = try client.get(key(pack + ".idx")) else { continue }
+                bytes = fetched
+                try FileSystem.writeAtomically(bytes, to: cacheFolder + "/" + cacheName)
+            }
+            for entry in try PackIndex(decoding: bytes, name: key(pack + ".idx")).entries {
+                locations[entry.id] = PackLocation(pack: pack, offset: entry.offset, length: entry.length)
+            }
+        }
+        let current = Set(indexed.map { $0.replacingOccurrences(of: "/", with: "-") })
+        for name in cached where !current.contains(name) { FileSystem.remove(cacheFolder + "/" + name) }
+        return locations
+    }
+
+    /// Writes a pack and then its index (a pack without an index is never read: a sync killed
+    /// between the two sends the pack's chunks again). Named by the SHA-256 of its bytes.
+    func putPack(_ bytes: [UInt8], index: PackIndex, retainUntil: Date?) throws -> String {
+        let hash = SignatureV4.payloadHash(bytes)
+        let pack = "packs/" + hash.prefix(2) + "/" + hash
+        try client.put(key(pack + ".pack"), bytes, retainUntil: retainUntil)
+        let indexBytes = index.encoded()
+        try client.put(key(pack + ".idx"), indexBytes, retainUntil: retainUntil)
+        try FileSystem.writeAtomically(indexBytes, to: cacheRoot + "/packs/" + pack.replacingOccurrences(of: "/", with: "-"))
+        return pack
+    }
+
+    /// One stored chunk, with one range GET.
+    func chunk(_ id: ChunkID, at location: PackLocation) throws -> [UInt8] {
+        guard let bytes = try client.get(key(location.pack + ".pack"), range: location.offset..<(location.offset + location.length)) else {
+            throw LifeboatError(.damaged, "chunk \(id.hex) is missing from the repository: its pack \(key(location.pack)).pack is gone")
+        }
+        return bytes
+    }
+}
+
+/// Chunks of an object repository, read with one range GET each. Chunks a reader opens (mounts
+/// read parts of them) are kept in a local cache folder; whole-chunk reads (restore, verify)
+/// are not. Read-only: everything that writes chunks refuses.
+final class PackChunkStore: ChunkStore {
+    let remote: ObjectRepository
+    let locations: [ChunkID: PackLocation]
+    let cache: String
+
+    init(remote: ObjectRepository, locations: [ChunkID: PackLocation]) throws {
+        self.remote = remote
+        self.locations = locations
+        self.cache = remote.cacheRoot + "/chunks"
+        try FileSystem.makeDirectories(cache)
+    }
+
+    private func cachePath(_ id: ChunkID) -> String { cache + "/" + id.hex }
+
+    private func location(_ id: ChunkID) throws -> PackLocation {
+        guard let location = locations[id] else {
+            throw LifeboatError(.damaged, "chunk \(id.hex) is missing from the repository at \(remote.description): no pack holds it")
+        }
+        return location
+    }
+
+    func contains(_ id: ChunkID) -> Bool { locations[id] != nil }
+
+    func all() throws -> Set<ChunkID> { Set(locations.keys) }
+
+    func read(_ id: ChunkID) throws -> [UInt8] {
+        if let cached = FileSystem.contents(cachePath(id)) { return cached }
+        return try remote.chunk(id, at: try location(id))
+    }
+
+    func readDirect(_ id: ChunkID, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        let bytes = try read(id)
+        guard bytes.count < buffer.count else { throw LifeboatError(.damaged, "chunk \(id.hex) is damaged: longer than a chunk") }
+        bytes.withUnsafeBytes { buffer.copyMemory(from: $0) }
+        return bytes.count
+    }
+
+    func open(_ id: ChunkID) throws -> PosixFile {
+        let path = cachePath(id)
+        if let file = try? PosixFile(path: path, flags: O_RDONLY) { return file }
+        let bytes = try remote.chunk(id, at: try location(id))
+        try FileSystem.writeAtomically(bytes, to: path)
+        return try PosixFile.openForReading(path, what: "cached chunk")
+    }
+
+    private func readOnly() -> LifeboatError {
+        LifeboatError(.unsupported, "\(remote.description) is an off-site copy and lifeboat only reads it: change a local repository and run 'lifeboat sync'")
+    }
+
+    func write(_ id: ChunkID, _ bytes: UnsafeRawBufferPointer) throws { throw readOnly() }
+    func remove(_ id: ChunkID) throws -> Int { throw readOnly() }
+    func sync() throws { throw readOnly() }
+    func stage(_ id: ChunkID, _ bytes: UnsafeRawBufferPointer) throws -> String { throw readOnly() }
+    func replace(_ id: ChunkID, with staged: String) throws { throw readOnly() }
+}

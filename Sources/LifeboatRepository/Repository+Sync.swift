@@ -1,0 +1,275 @@
+import Foundation
+import LifeboatBase
+import LifeboatS3
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What `sync` sent.
+public struct SyncResult: Codable, Sendable {
+    public var target: String
+    /// Points made visible at the target, as `MACHINE/ID`.
+    public var points: [String] = []
+    /// Points the target had already.
+    public var pointsAlreadyThere = 0
+    public var chunks = 0
+    /// Stored bytes of the chunks sent (as the source keeps them: compressed, encrypted).
+    public var bytes = 0
+    public var packs = 0
+    public var requests = S3Counts()
+    public var seconds = 0.0
+}
+
+/// Where a machine's points were last copied off-site, and the newest one there
+/// (`machines/NAME/offsite.json`, written by sync at the source; status and the metrics read it).
+public struct OffsiteCopy: Codable, Sendable, Equatable {
+    public var target: String
+    public var newestPoint: String?
+    public var newestPointTime: Date?
+    /// When a sync last finished for this machine.
+    public var syncedAt: Date?
+    /// Why the last sync failed, when it did (cleared by the next that works).
+    public var lastError: String?
+    public var failedAt: Date?
+}
+
+extension Repository {
+    func offsitePath(_ machine: String) -> String { machinePath(machine) + "/offsite.json" }
+
+    /// The machine's off-site copy as the last sync left it; nil when it was never synced.
+    public func offsiteCopy(_ machine: String) -> OffsiteCopy? {
+        guard let bytes = FileSystem.contents(offsitePath(machine)) else { return nil }
+        return try? JSONDecoder.lifeboat.decode(OffsiteCopy.self, from: Data(bytes))
+    }
+
+    /// Records that a sync of the machine to `target` failed (the newest point there stays as known).
+    public func recordOffsiteFailure(_ machine: String, target: String, error: String, now: Date = Date()) {
+        var copy = offsiteCopy(machine) ?? OffsiteCopy(target: target)
+        if copy.target != target { copy = OffsiteCopy(target: target) }
+        copy.lastError = error
+        copy.failedAt = now
+        try? FileSystem.writeAtomically(Array((try? JSONEncoder.lifeboat.encode(copy)) ?? Data()), to: offsitePath(machine), syncDirectory: false)
+    }
+
+    /// 64 MiB: 16 packs and 16 pack indexes per GiB stored, 32 PUTs (docs/FORMAT.md, "Object storage").
+    public static let packSize = 64 << 20
+
+    // MARK: Reading a repository in a bucket
+
+    /// Opens the repository in a bucket for reading: its manifests are mirrored into
+    /// `remote.cacheRoot/mirror` (points new at the target fetched, points gone from it dropped;
+    /// a point appears only once its point.json is there), its chunks read from packs with range GETs.
+    public static func open(remote: ObjectRepository, password: () throws -> String? = { nil }) throws -> Repository {
+        guard let configBytes = try remote.configBytes() else {
+            throw LifeboatError(.notFound, "no repository at \(remote.description): copy points there with 'lifeboat sync --to \(remote.description)'")
+        }
+        let config = try decodeConfig(configBytes, name: remote.description + "config.json")
+        let keys = try keys(config, name: remote.description, password: password)
+        let mirror = remote.cacheRoot + "/mirror"
+        try FileSystem.makeDirectories(mirror + "/machines")
+        try FileSystem.writeAtomically(configBytes, to: mirror + "/config.json", syncDirectory: false)
+        try mirrorManifests(remote, into: mirror)
+        let store = try PackChunkStore(remote: remote, locations: try remote.loadPackIndexes())
+        return Repository(root: mirror, config: config, keys: keys, store: store, remote: remote)
+    }
+
+    private static func mirrorManifests(_ remote: ObjectRepository, into mirror: String) throws {
+        for folder in ["dictionaries", "compact"] {
+            for object in try remote.client.list(prefix: remote.key(folder + "/")) {
+                let path = mirror + "/" + object.key.dropFirst(remote.location.prefix.count)
+                if FileSystem.exists(path) { continue }
+                guard let bytes = try remote.client.get(object.key) else { continue }
+                try FileSystem.makeDirectories(FileSystem.parent(of: path))
+                try FileSystem.writeAtomically(bytes, to: path, syncDirectory: false)
+            }
+        }
+        // machines/NAME/machine.json, machines/NAME/points/ID/FILE
+        var machineFiles: Set<String> = []
+        var pointFiles: [String: [String]] = [:]
+        for object in try remote.client.list(prefix: remote.key("machines/")) {
+            let parts = object.key.dropFirst(remote.location.prefix.count).split(separator: "/").map(String.init)
+            if parts.count == 3, parts[2] == "machine.json" { machineFiles.insert(parts[1]) }
+            if parts.count == 5, parts[2] == "points" { pointFiles[parts[1] + "/" + parts[3], default: []].append(parts[4]) }
+        }
+        let visible = pointFiles.filter { $0.value.contains("point.json") }
+        for machine in try FileSystem.list(mirror + "/machines") where !machineFiles.contains(machine) {
+            FileSystem.removeTree(mirror + "/machines/" + machine)
+        }
+        for machine in machineFiles {
+            let folder = mirror + "/machines/" + machine
+            try FileSystem.makeDirectories(folder + "/points")
+            if let bytes = try remote.client.get(remote.key("machines/\(machine)/machine.json")) {
+                try FileSystem.writeAtomically(bytes, to: folder + "/machine.json", syncDirectory: false)
+            }
+            for point in try FileSystem.list(folder + "/points") where !point.hasPrefix(".") && visible[machine + "/" + point] == nil {
+                FileSystem.removeTree(folder + "/points/" + point)
+            }
+        }
+        for (name, files) in visible.sorted(by: { $0.key < $1.key }) {
+            let final = mirror + "/machines/" + name.replacingOccurrences(of: "/", with: "/points/")
+            guard machineFiles.contains(String(name.prefix { $0 != "/" })), !FileSystem.exists(final) else { continue }
+            let staging = FileSystem.parent(of: final) + "/" + FileSystem.temporaryName()
+            try FileSystem.makeDirectory(staging)
+            for file in files {
+                guard let bytes = try remote.client.get(remote.key("machines/" + name.replacingOccurrences(of: "/", with: "/points/") + "/" + file)) else { continue }
+                try FileSystem.writeAtomically(bytes, to: staging + "/" + file, syncDirectory: false)
+            }
+            try FileSystem.rename(staging, final)
+        }
+    }
+
+    // MARK: Sync
+
+    /// Copies points to a repository in a bucket: the chunks the target lacks, as stored
+    /// (encrypted chunks stay encrypted: the target has this repository's keys), in packs; then
+    /// each point's files, point.json last, so a point is visible there only once all it needs is.
+    /// A sync that is stopped resends only the pack it was writing: packs whose index arrived
+    /// are known from the target's listing the next time.
+    /// - Parameters:
+    ///   - machines: the machines to copy (empty: all).
+    ///   - objectLockDays: write packs and points under S3 Object Lock in compliance mode for so many days.
+    /// - Throws: `.invalidState` when the target was made with other keys.
+    public func sync(to target: ObjectRepository, machines names: [String] = [], objectLockDays: Int? = nil,
+                     progress: ProgressMeter = ProgressMeter(), packSize: Int = Repository.packSize) throws -> SyncResult {
+        try requireLocal("sync from a bucket")
+        let started = Date()
+        // One sync to a target at a time on this host (the replication service's syncs wait their turn).
+        guard let lock = try FileLock(path: target.cacheRoot + "/sync.lock", mode: .exclusive, wait: true) else {
+            throw LifeboatError(.busy, "another sync to \(target.description) is running on this host: wait for it to finish")
+        }
+        let sourceLock = try repositoryLock(.shared, wait: true)  // gc waits: no chunk vanishes mid-sync
+        defer { withExtendedLifetime((lock, sourceLock)) {} }
+        let retainUntil = objectLockDays.map { started.addingTimeInterval(Double($0) * 86400) }
+        try prepareTarget(target)
+        var result = SyncResult(target: target.description)
+        var locations = try target.loadPackIndexes()
+
+        for folder in ["dictionaries", "compact"] where FileSystem.exists(root + "/" + folder) {
+            let there = Set(try target.client.list(prefix: target.key(folder + "/")).map(\.key))
+            for name in try FileSystem.list(root + "/" + folder) where !name.hasPrefix(".") && !name.hasSuffix(".lock") {
+                let key = target.key(folder + "/" + name)
+                guard !there.contains(key), let bytes = FileSystem.contents(root + "/" + folder + "/" + name) else { continue }
+                try target.client.put(key, bytes, retainUntil: retainUntil)
+            }
+        }
+
+        // Which points are missing at the target, and which of their chunks.
+        let chosen = names.isEmpty ? try machines().map(\.name) : names
+        let references = Dictionary(grouping: try loadReferenceCatalogue(), by: \.source).mapValues { $0.map(\.target.chunk) }
+        var plan: [(RecoveryPoint, [ChunkID])] = []
+        var planned = Set<ChunkID>()
+        var total = 0
+        for name in chosen {
+            let machine = try self.machine(name)
+            let there = try target.visiblePoints(machine.name)
+            try uploadMachine(machine.name, to: target)
+            for point in try points(machine.name) {
+                if there.contains(point.id) { result.pointsAlreadyThere += 1; continue }
+                var chunks: [ChunkID] = []
+                var stack: [ChunkID] = []
+                for disk in point.disks { stack += try index(point, disk: disk.name).ids }
+                while let id = stack.popLast() {
+                    guard !id.isZero, locations[id] == nil, planned.insert(id).inserted else { continue }
+                    chunks.append(id)
+                    total += storedSize(id)
+                    stack += references[id] ?? []
+                }
+                plan.append((point, chunks))
+            }
+        }
+        progress.start(total: total)
+
+        // Packs fill across points; a point is published once the pack holding its last chunk is.
+        var pack: [UInt8] = []
+        var index = PackIndex()
+        var waiting: [RecoveryPoint] = []
+        func flush() throws {
+            if !index.entries.isEmpty {
+                let name = try target.putPack(pack, index: index, retainUntil: retainUntil)
+                for entry in index.entries { locations[entry.id] = PackLocation(pack: name, offset: entry.offset, length: entry.length) }
+                result.packs += 1
+                progress.add(pack.count)
+                pack.removeAll(keepingCapacity: true)
+                index = PackIndex()
+            }
+            for point in waiting {
+                try publish(point, to: target, retainUntil: retainUntil)
+                result.points.append(point.machine + "/" + point.id)
+            }
+            waiting.removeAll()
+        }
+        pack.reserveCapacity(packSize + (16 << 20))
+        for (point, chunks) in plan {
+            for id in chunks {
+                let stored = try store.read(id)
+                index.entries.append((id, pack.count, stored.count))
+                pack += stored
+                result.chunks += 1
+                result.bytes += stored.count
+                if pack.count >= packSize { try flush() }
+            }
+            waiting.append(point)
+        }
+        try flush()
+        for name in chosen {
+            let there = try target.visiblePoints(name)
+            let newest = try points(name).last { there.contains($0.id) }
+            let copy = OffsiteCopy(target: target.description, newestPoint: newest?.id, newestPointTime: newest?.time, syncedAt: Date())
+            try FileSystem.writeAtomically(Array(try JSONEncoder.lifeboat.encode(copy)), to: offsitePath(name), syncDirectory: false)
+        }
+        result.requests = target.client.requestCounts
+        result.seconds = Date().timeIntervalSince(started)
+        return result
+    }
+
+    /// Creates the target with this repository's config (its key material and chunk parameters)
+    /// when there is none; refuses one made with other keys.
+    private func prepareTarget(_ target: ObjectRepository) throws {
+        let local = try PosixFile.openForReading(root + "/config.json", what: "repository config").readAll()
+        guard let bytes = try target.configBytes() else {
+            try target.client.put(target.key("config.json"), local)
+            return
+        }
+        let there = try Self.decodeConfig(bytes, name: target.description + "config.json")
+        let encoder = JSONEncoder.lifeboat
+        guard (try? encoder.encode(there.encryption)) == (try? encoder.encode(config.encryption)) else {
+            throw LifeboatError(.invalidState, "the repository at \(target.description) was made with other keys than \(root): sync to a new prefix (sync creates it with this repository's keys)")
+        }
+    }
+
+    private func storedSize(_ id: ChunkID) -> Int {
+        guard let local = store as? LocalChunkStore else { return 0 }
+        var st = stat()
+        return stat(local.path(id), &st) == 0 ? Int(st.st_size) : 0
+    }
+
+    /// machine.json, when it differs from what this host last sent there.
+    private func uploadMachine(_ name: String, to target: ObjectRepository) throws {
+        let bytes = try PosixFile.openForReading(machinePath(name) + "/machine.json", what: "machine").readAll()
+        let sent = target.cacheRoot + "/sent-machine-" + name + ".json"
+        if FileSystem.contents(sent) == bytes { return }
+        try target.client.put(target.key("machines/\(name)/machine.json"), bytes)
+        try FileSystem.writeAtomically(bytes, to: sent, syncDirectory: false)
+    }
+
+    /// A point's files, point.json last: the point is visible from then on.
+    private func publish(_ point: RecoveryPoint, to target: ObjectRepository, retainUntil: Date?) throws {
+        let folder = pointPath(point.machine, point.id)
+        let files = try FileSystem.list(folder).filter { !$0.hasPrefix(".") && $0 != "point.json" }.sorted() + ["point.json"]
+        for file in files {
+            let bytes = try PosixFile.openForReading(folder + "/" + file, what: "point file").readAll()
+            try target.client.put(target.key("machines/\(point.machine)/points/\(point.id)/\(file)"), bytes, retainUntil: retainUntil)
+        }
+    }
+}
+
+extension ObjectRepository {
+    /// The machine's points visible at the target (those whose point.json is there).
+    func visiblePoints(_ machine: String) throws -> Set<String> {
+        let prefix = key("machines/\(machine)/points/")
+        return Set(try client.list(prefix: prefix).compactMap { object -> String? in
+            let rest = object.key.dropFirst(prefix.count).split(separator: "/")
+            return rest.count == 2 && rest[1] == "point.json" ? String(rest[0]) : nil
+        })
+    }
+}

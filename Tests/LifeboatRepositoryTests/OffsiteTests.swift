@@ -1,0 +1,219 @@
+import Foundation
+import LifeboatBase
+import LifeboatS3
+import Testing
+@testable import LifeboatRepository
+import LifeboatTestSupport
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The S3 store scripts/ceph-rgw started (scripts/test starts it): a real Ceph RGW on 127.0.0.1.
+struct ObjectStore {
+    let settings: S3Settings
+    let bucket: String
+    let environment: [String: String]
+
+    /// Fails the test, saying why, when no store was started.
+    static func get() throws -> ObjectStore {
+        let env = ProcessInfo.processInfo.environment
+        guard let endpoint = env["LIFEBOAT_S3_ENDPOINT"], let bucket = env["LIFEBOAT_S3_BUCKET"] else {
+            throw ShellError(description: "no S3 store for the off-site tests: run scripts/ceph-rgw start and eval \"$(scripts/ceph-rgw env)\" (scripts/test does)")
+        }
+        let settings = try S3Settings.resolve(endpoint: endpoint, region: nil, addressing: nil, credentialsFile: nil)
+        return ObjectStore(settings: settings, bucket: bucket, environment: [:])
+    }
+
+    /// A new, unused prefix in the bucket: `s3://BUCKET/test-RANDOM`.
+    func newAddress() -> String { "s3://\(bucket)/test-\(UInt64.random(in: 0...UInt64.max))" }
+
+    /// A fresh client (its request counts start at zero) with its own cache folder.
+    func target(_ address: String, cache: String) throws -> ObjectRepository {
+        try ObjectRepository(location: try S3Location(parsing: address), settings: settings, cacheRoot: cache)
+    }
+}
+
+@Suite("Off-site copies in S3 object storage (real Ceph RGW)", .serialized)
+struct OffsiteTests {
+    @Test("SigV4 signs AWS's published example request (GET with a range) to its published signature")
+    func signatureV4() {
+        let signer = SignatureV4(accessKey: "AKIAIOSFODNN7EXAMPLE", secretKey: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", region: "us-east-1")
+        let empty = SignatureV4.payloadHash([UInt8]())
+        #expect(empty == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+        let headers = signer.sign(method: "GET", path: "/test.txt", query: [],
+                                  headers: [("Host", "examplebucket.s3.amazonaws.com"), ("Range", "bytes=0-9")],
+                                  payloadHash: empty, date: Date(timeIntervalSince1970: 1369353600))
+        let authorization = headers.first { $0.0 == "authorization" }?.1 ?? ""
+        #expect(authorization.hasSuffix("Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"), "\(authorization)")
+        #expect(authorization.contains("SignedHeaders=host;range;x-amz-content-sha256;x-amz-date"))
+        #expect(SignatureV4.canonicalQuery([("prefix", "a b/c"), ("list-type", "2")]) == "list-type=2&prefix=a%20b%2Fc")
+    }
+
+    @Test("sync sends only what the target lacks; a second sync sends nothing; a 1%-changed point sends its new chunks; restore and verify at the target")
+    func syncIncremental() throws {
+        let store = try ObjectStore.get()
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        let size = 100 << 20
+        try Disk.make(disk, size: size, writes: [(0, Bytes.random(80 << 20, seed: 31))])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        try repo.protect(Machine(name: "web", disks: Repository.diskNames(for: [disk])))
+        let first = try repo.backup("web")
+        let address = store.newAddress()
+
+        let sent = try repo.sync(to: try store.target(address, cache: scratch.file("cache")))
+        #expect(sent.points == ["web/\(first.id)"])
+        #expect(sent.chunks == 80)
+        #expect(sent.packs == 2, "80 MiB in packs of 64 MiB")
+        // 2 packs and their indexes, config.json, machine.json, the point's three files.
+        #expect(sent.requests.puts == 2 * 2 + 2 + 3, "\(sent.requests)")
+        #expect(sent.requests.gets <= 2, "no request per chunk: \(sent.requests)")
+        #expect(repo.offsiteCopy("web")?.newestPoint == first.id)
+
+        let again = try repo.sync(to: try store.target(address, cache: scratch.file("cache")))
+        #expect(again.points.isEmpty && again.chunks == 0 && again.requests.puts == 0, "\(again)")
+
+        Disk.patch(disk, writes: [(7 << 20, Bytes.random(1 << 20, seed: 32))])   // 1% of the disk
+        let second = try repo.backup("web")
+        let incremental = try repo.sync(to: try store.target(address, cache: scratch.file("cache")))
+        #expect(incremental.points == ["web/\(second.id)"])
+        #expect(incremental.chunks == 1)
+        #expect(incremental.bytes <= second.storedBytes * 12 / 10, "sent \(incremental.bytes) for \(second.storedBytes) new stored bytes")
+        #expect(incremental.requests.puts == 2 + 3, "one pack, its index and the point's files: \(incremental.requests)")
+
+        // Read from the bucket through another cache folder, as another host would.
+        let remote = try Repository.open(remote: try store.target(address, cache: scratch.file("other-cache")))
+        #expect(try remote.points("web").map(\.id) == [first.id, second.id])
+        #expect(try remote.verify().isClean)
+        let out = scratch.file("out")
+        for point in [first, second] {
+            _ = try remote.restore(try remote.point("web", point.id), disk: "disk", to: out + "-" + point.id)
+        }
+        #expect(Disk.contents(out + "-" + second.id) == Disk.contents(disk))
+        #expect(Disk.contents(out + "-" + first.id) != Disk.contents(disk))
+        #expect(throws: LifeboatError.self) { try remote.backup("web") }
+    }
+
+    @Test("kill -9 mid-sync, then sync again: nothing that arrived is sent again, the point appears only at the end")
+    func killedSyncResumes() throws {
+        let store = try ObjectStore.get()
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        try Disk.make(disk, size: 96 << 20, writes: [(0, Bytes.random(96 << 20, seed: 41))])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        try repo.protect(Machine(name: "db", disks: Repository.diskNames(for: [disk])))
+        let point = try repo.backup("db")
+        let address = store.newAddress()
+        let cache = scratch.file("cache")
+        let args = ["sync", "--repo", repo.root, "--to", address, "--cache-dir", cache, "--pack-size", "\(8 << 20)", "--json"]
+        let child = CLI.start(args)
+        // Killed once some packs (8 MiB each) have arrived, well before the twelfth.
+        var arrived = 0
+        for _ in 0..<3000 where arrived < 3 {
+            arrived = (try? FileManager.default.contentsOfDirectory(atPath: cache + "/packs").filter { !$0.hasPrefix(".") }.count) ?? 0
+            usleep(5_000)
+        }
+        kill(child.processIdentifier, SIGKILL)
+        child.waitUntilExit()
+        #expect(arrived >= 3 && arrived < 12, "packs before the kill: \(arrived)")
+        let target = try store.target(address, cache: scratch.file("reader-cache"))
+        #expect(try target.visiblePoints("db").isEmpty, "a point is visible only once all its chunks are there")
+
+        let resumed = try CLI.run(args)
+        #expect(resumed.status == 0, "\(resumed.stderr)")
+        let result = try JSONDecoder.lifeboat.decode(SyncResult.self, from: Data(resumed.stdout.utf8))
+        let there = try target.loadPackIndexes().count
+        #expect(result.points == ["db/\(point.id)"])
+        #expect(result.chunks <= 96 - 8 * arrived, "resumed sync sent \(result.chunks) of 96 chunks after \(arrived) packs had arrived")
+        #expect(there >= 96)
+        let remote = try Repository.open(remote: target)
+        #expect(try remote.verify().isClean)
+        _ = try remote.restore(try remote.point("db", point.id), disk: "disk", to: scratch.file("out"))
+        #expect(Disk.contents(scratch.file("out")) == Disk.contents(disk))
+    }
+
+    @Test("an encrypted repository's chunks travel encrypted; a target made with other keys is refused in one line")
+    func encryptedSync() throws {
+        let store = try ObjectStore.get()
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        let marker = Array("LIFEBOAT-PLAINTEXT-MARKER-".utf8)
+        try Disk.make(disk, size: 8 << 20, writes: [(0, Array((0..<4000).flatMap { _ in marker }))])
+        let repo = try Repository.create(at: scratch.file("repo"), password: "secret one")
+        try repo.protect(Machine(name: "mail", disks: Repository.diskNames(for: [disk])))
+        let point = try repo.backup("mail")
+        let address = store.newAddress()
+        let target = try store.target(address, cache: scratch.file("cache"))
+        let result = try repo.sync(to: target)
+        #expect(result.chunks > 0)
+        for object in try target.client.list(prefix: target.location.prefix + "packs/") where object.key.hasSuffix(".pack") {
+            let bytes = try #require(try target.client.get(object.key))
+            #expect(!bytes.contains(marker), "plaintext in \(object.key)")
+        }
+        let remote = try Repository.open(remote: try store.target(address, cache: scratch.file("reader"))) { "secret one" }
+        _ = try remote.restore(try remote.point("mail", point.id), disk: "disk", to: scratch.file("out"))
+        #expect(Disk.contents(scratch.file("out")) == Disk.contents(disk))
+
+        // A target initialised on its own has other keys.
+        let other = store.newAddress()
+        let made = try CLI.run(["init", "--repo", other, "--encrypt", "--cache-dir", scratch.file("other")], environment: ["LIFEBOAT_PASSWORD": "secret two"])
+        #expect(made.status == 0, "\(made.stderr)")
+        let refused = try CLI.run(["sync", "--repo", repo.root, "--to", other, "--cache-dir", scratch.file("other")],
+                                  environment: ["LIFEBOAT_PASSWORD": "secret one"])
+        #expect(refused.status != 0)
+        #expect(refused.stderr.contains("was made with other keys"), "\(refused.stderr)")
+        #expect(refused.stderr.split(separator: "\n").count == 1, "\(refused.stderr)")
+    }
+
+    @Test("with --object-lock the store refuses to delete a locked version of a point's pack and manifest")
+    func objectLock() throws {
+        let store = try ObjectStore.get()
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        try Disk.make(disk, size: 4 << 20, writes: [(0, Bytes.random(4 << 20, seed: 51))])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        try repo.protect(Machine(name: "fs", disks: Repository.diskNames(for: [disk])))
+        let point = try repo.backup("fs")
+        let address = store.newAddress()
+        let synced = try CLI.run(["sync", "--repo", repo.root, "--to", address, "--object-lock", "1", "--cache-dir", scratch.file("cache")])
+        #expect(synced.status == 0, "\(synced.stderr)")
+        let target = try store.target(address, cache: scratch.file("cache"))
+        let pack = try #require(try target.client.list(prefix: target.location.prefix + "packs/").first { $0.key.hasSuffix(".pack") })
+        let manifest = target.location.prefix + "machines/fs/points/\(point.id)/point.json"
+        for key in [pack.key, manifest] {
+            let version = try #require(try target.client.versions(of: key).first, "\(key) has a version")
+            #expect(throws: LifeboatError.self, "deleting locked \(key)") { try target.client.delete(key, version: version) }
+            #expect(try target.client.get(key) != nil, "\(key) is still there")
+        }
+        let remote = try Repository.open(remote: try store.target(address, cache: scratch.file("reader")))
+        #expect(try remote.verify().isClean)
+    }
+
+    @Test("wrong keys, a missing bucket and an endpoint that is down: one line each, nothing sent")
+    func badTargets() throws {
+        let store = try ObjectStore.get()
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        try Disk.make(disk, size: 1 << 20, writes: [(0, Bytes.random(1 << 20, seed: 61))])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        try repo.protect(Machine(name: "one", disks: Repository.diskNames(for: [disk])))
+        _ = try repo.backup("one")
+        let cases: [(String, [String: String], String)] = [
+            (store.newAddress(), ["AWS_SECRET_ACCESS_KEY": "wrong"], "refused the credentials"),
+            ("s3://no-such-bucket-\(UInt32.random(in: 0...UInt32.max))/x", [:], "does not exist"),
+            (store.newAddress(), ["LIFEBOAT_S3_ENDPOINT": "http://127.0.0.1:9", "LIFEBOAT_S3_RETRY_SECONDS": "1"], "cannot be reached"),
+        ]
+        for (address, environment, expected) in cases {
+            let result = try CLI.run(["sync", "--repo", repo.root, "--to", address, "--cache-dir", scratch.file("cache")], environment: environment)
+            #expect(result.status != 0)
+            #expect(result.stderr.contains(expected), "\(result.stderr)")
+            #expect(result.stderr.split(separator: "\n").count == 1, "\(result.stderr)")
+        }
+    }
+}
+
+extension Array where Element == UInt8 {
+    func contains(_ needle: [UInt8]) -> Bool {
+        Data(self).range(of: Data(needle)) != nil
+    }
+}
