@@ -67,6 +67,12 @@ public final class ObjectRepository: Sendable {
     /// Local folder for what is kept between runs: the pack indexes, the manifests, fetched chunks.
     public let cacheRoot: String
 
+    /// What reading the bucket's manifests found wrong: altered, swapped or vanished points (verify reports them).
+    public var problems: [String] { found.withLock { $0 } }
+    private let found = Locked<[String]>([])
+
+    func report(_ problem: String) { found.withLock { $0.append(problem) } }
+
     public init(location: S3Location, settings: S3Settings, cacheRoot: String? = nil) throws {
         self.location = location
         self.client = S3Client(settings: settings, bucket: location.bucket)
@@ -85,6 +91,27 @@ public final class ObjectRepository: Sendable {
     public var description: String { location.description }
 
     func key(_ path: String) -> String { location.prefix + path }
+
+    // MARK: Manifests
+
+    /// A manifest as it is stored in the bucket: in an encrypted repository sealed with AES-256-GCM
+    /// under the repository key, bound to its key in the bucket (a manifest moved to another
+    /// point's name does not open); otherwise as it is.
+    static func seal(_ bytes: [UInt8], name: String, keys: RepositoryKeys?) throws -> [UInt8] {
+        guard let keys else { return bytes }
+        return Array(try AES.GCM.seal(bytes, using: keys.encryption, authenticating: Array("lifeboat-object:\(name)".utf8)).combined!)
+    }
+
+    /// - Throws: `.damaged` naming the object when it does not authenticate.
+    func unseal(_ stored: [UInt8], name: String, keys: RepositoryKeys?) throws -> [UInt8] {
+        guard let keys else { return stored }
+        do {
+            return Array(try AES.GCM.open(try AES.GCM.SealedBox(combined: stored), using: keys.encryption,
+                                          authenticating: Array("lifeboat-object:\(name)".utf8)))
+        } catch {
+            throw LifeboatError(.damaged, "\(location.description)\(name) is damaged or was altered (it does not authenticate under the repository key)")
+        }
+    }
 
     /// The target's config.json, or nil when there is no repository there yet.
     func configBytes() throws -> [UInt8]? { try client.get(key("config.json")) }

@@ -33,6 +33,13 @@ public struct OffsiteCopy: Codable, Sendable, Equatable {
     public var failedAt: Date?
 }
 
+/// point.json as it travels: the point and the point published before it at the target, so a
+/// point that vanishes from the bucket while a newer one names it is noticed (a roll-back).
+struct PointEnvelope: Codable {
+    var previous: String?
+    var point: Data
+}
+
 extension Repository {
     func offsitePath(_ machine: String) -> String { machinePath(machine) + "/offsite.json" }
 
@@ -68,13 +75,14 @@ extension Repository {
         let mirror = remote.cacheRoot + "/mirror"
         try FileSystem.makeDirectories(mirror + "/machines")
         try FileSystem.writeAtomically(configBytes, to: mirror + "/config.json", syncDirectory: false)
-        try mirrorManifests(remote, into: mirror)
+        try mirrorManifests(remote, into: mirror, keys: keys)
         let store = try PackChunkStore(remote: remote, locations: try remote.loadPackIndexes())
         return Repository(root: mirror, config: config, keys: keys, store: store, remote: remote)
     }
 
-    private static func mirrorManifests(_ remote: ObjectRepository, into mirror: String) throws {
-        for folder in ["dictionaries", "compact"] {
+    private static func mirrorManifests(_ remote: ObjectRepository, into mirror: String, keys: RepositoryKeys?) throws {
+        func fetch(_ name: String) throws -> [UInt8]? { try remote.client.get(remote.key(name)) }
+        for folder in ["dictionaries", "compact"] {   // sealed files of their own: as they are
             for object in try remote.client.list(prefix: remote.key(folder + "/")) {
                 let path = mirror + "/" + object.key.dropFirst(remote.location.prefix.count)
                 if FileSystem.exists(path) { continue }
@@ -83,38 +91,81 @@ extension Repository {
                 try FileSystem.writeAtomically(bytes, to: path, syncDirectory: false)
             }
         }
+        try FileSystem.makeDirectories(mirror + "/plans")
+        let plans = try remote.client.list(prefix: remote.key("plans/")).map { String($0.key.dropFirst(remote.location.prefix.count)) }
+        for name in plans {
+            do {
+                guard let stored = try fetch(name) else { continue }
+                try FileSystem.writeAtomically(try remote.unseal(stored, name: name, keys: keys), to: mirror + "/" + name, syncDirectory: false)
+            } catch let error as LifeboatError where error.code == .damaged { remote.report(error.message + ": the plan is left out") }
+        }
+        for file in try FileSystem.list(mirror + "/plans") where !file.hasPrefix(".") && !plans.contains("plans/" + file) {
+            FileSystem.remove(mirror + "/plans/" + file)
+        }
         // machines/NAME/machine.json, machines/NAME/points/ID/FILE
         var machineFiles: Set<String> = []
         var pointFiles: [String: [String]] = [:]
         for object in try remote.client.list(prefix: remote.key("machines/")) {
             let parts = object.key.dropFirst(remote.location.prefix.count).split(separator: "/").map(String.init)
             if parts.count == 3, parts[2] == "machine.json" { machineFiles.insert(parts[1]) }
-            if parts.count == 5, parts[2] == "points" { pointFiles[parts[1] + "/" + parts[3], default: []].append(parts[4]) }
+            if parts.count == 5, parts[2] == "points" { pointFiles[parts[1] + "/points/" + parts[3], default: []].append(parts[4]) }
         }
         let visible = pointFiles.filter { $0.value.contains("point.json") }
-        for machine in try FileSystem.list(mirror + "/machines") where !machineFiles.contains(machine) {
+        for machine in try FileSystem.list(mirror + "/machines") where !machine.hasPrefix(".") && !machineFiles.contains(machine) {
             FileSystem.removeTree(mirror + "/machines/" + machine)
         }
+        var usable: Set<String> = []
         for machine in machineFiles {
             let folder = mirror + "/machines/" + machine
-            try FileSystem.makeDirectories(folder + "/points")
-            if let bytes = try remote.client.get(remote.key("machines/\(machine)/machine.json")) {
-                try FileSystem.writeAtomically(bytes, to: folder + "/machine.json", syncDirectory: false)
+            do {
+                guard let stored = try fetch("machines/\(machine)/machine.json") else { continue }
+                try FileSystem.makeDirectories(folder + "/points")
+                try FileSystem.writeAtomically(try remote.unseal(stored, name: "machines/\(machine)/machine.json", keys: keys),
+                                               to: folder + "/machine.json", syncDirectory: false)
+                usable.insert(machine)
+            } catch let error as LifeboatError where error.code == .damaged {
+                remote.report(error.message + ": machine \(machine) is left out")
+                FileSystem.removeTree(folder)
+                continue
             }
-            for point in try FileSystem.list(folder + "/points") where !point.hasPrefix(".") && visible[machine + "/" + point] == nil {
+            for point in try FileSystem.list(folder + "/points") where !point.hasPrefix(".") && visible["\(machine)/points/\(point)"] == nil {
+                remote.report("point \(point) of \(machine) was in \(remote.description) when this host last looked and is gone now: someone deleted it or rolled the bucket back")
                 FileSystem.removeTree(folder + "/points/" + point)
             }
         }
+        var previous: [String: String] = [:]   // "machine/points/ID" -> the point published before it
         for (name, files) in visible.sorted(by: { $0.key < $1.key }) {
-            let final = mirror + "/machines/" + name.replacingOccurrences(of: "/", with: "/points/")
-            guard machineFiles.contains(String(name.prefix { $0 != "/" })), !FileSystem.exists(final) else { continue }
-            let staging = FileSystem.parent(of: final) + "/" + FileSystem.temporaryName()
-            try FileSystem.makeDirectory(staging)
-            for file in files {
-                guard let bytes = try remote.client.get(remote.key("machines/" + name.replacingOccurrences(of: "/", with: "/points/") + "/" + file)) else { continue }
-                try FileSystem.writeAtomically(bytes, to: staging + "/" + file, syncDirectory: false)
+            let machine = String(name.prefix { $0 != "/" })
+            guard usable.contains(machine) else { continue }
+            let final = mirror + "/machines/" + name
+            do {
+                guard let stored = try fetch("machines/\(name)/point.json") else { continue }
+                let opened = try remote.unseal(stored, name: "machines/\(name)/point.json", keys: keys)
+                guard let envelope = try? JSONDecoder.lifeboat.decode(PointEnvelope.self, from: Data(opened)) else {
+                    throw LifeboatError(.damaged, "\(remote.description)machines/\(name)/point.json is damaged (not a point)")
+                }
+                previous[name] = envelope.previous
+                if FileSystem.exists(final) { continue }
+                let staging = FileSystem.parent(of: final) + "/" + FileSystem.temporaryName()
+                try FileSystem.makeDirectory(staging)
+                defer { FileSystem.removeTree(staging) }
+                for file in files where file != "point.json" {
+                    let key = "machines/\(name)/\(file)"
+                    guard let bytes = try fetch(key) else { continue }
+                    try FileSystem.writeAtomically(try remote.unseal(bytes, name: key, keys: keys), to: staging + "/" + file, syncDirectory: false)
+                }
+                try FileSystem.writeAtomically(Array(envelope.point), to: staging + "/point.json", syncDirectory: false)
+                try FileSystem.rename(staging, final)
+            } catch let error as LifeboatError where error.code == .damaged {
+                remote.report(error.message + ": the point is left out")
+                FileSystem.removeTree(final)
             }
-            try FileSystem.rename(staging, final)
+        }
+        for (name, before) in previous {
+            let machine = String(name.prefix { $0 != "/" })
+            if visible["\(machine)/points/\(before)"] == nil {
+                remote.report("point \(before) of \(machine) is missing from \(remote.description) while point \(name.split(separator: "/").last!) names it as the point before it: someone deleted it or rolled the bucket back")
+            }
         }
     }
 
@@ -153,15 +204,19 @@ extension Repository {
             }
         }
 
+        try uploadPlans(to: target)
+
         // Which points are missing at the target, and which of their chunks.
         let chosen = names.isEmpty ? try machines().map(\.name) : names
         let references = Dictionary(grouping: try loadReferenceCatalogue(), by: \.source).mapValues { $0.map(\.target.chunk) }
         var plan: [(RecoveryPoint, [ChunkID])] = []
         var planned = Set<ChunkID>()
         var total = 0
+        var newestThere: [String: String] = [:]
         for name in chosen {
             let machine = try self.machine(name)
             let there = try target.visiblePoints(machine.name)
+            newestThere[name] = there.max()   // ids are times: yyyymmdd-hhmmss
             try uploadMachine(machine.name, to: target)
             for point in try points(machine.name) {
                 if there.contains(point.id) { result.pointsAlreadyThere += 1; continue }
@@ -193,7 +248,8 @@ extension Repository {
                 index = PackIndex()
             }
             for point in waiting {
-                try publish(point, to: target, retainUntil: retainUntil)
+                try publish(point, previous: newestThere[point.machine], to: target, retainUntil: retainUntil)
+                newestThere[point.machine] = point.id
                 result.points.append(point.machine + "/" + point.id)
             }
             waiting.removeAll()
@@ -248,17 +304,37 @@ extension Repository {
         let bytes = try PosixFile.openForReading(machinePath(name) + "/machine.json", what: "machine").readAll()
         let sent = target.cacheRoot + "/sent-machine-" + name + ".json"
         if FileSystem.contents(sent) == bytes { return }
-        try target.client.put(target.key("machines/\(name)/machine.json"), bytes)
+        let key = "machines/\(name)/machine.json"
+        try target.client.put(target.key(key), try ObjectRepository.seal(bytes, name: key, keys: keys))
         try FileSystem.writeAtomically(bytes, to: sent, syncDirectory: false)
     }
 
-    /// A point's files, point.json last: the point is visible from then on.
-    private func publish(_ point: RecoveryPoint, to target: ObjectRepository, retainUntil: Date?) throws {
+    /// Recovery plans (plans/), each when it differs from what this host last sent there.
+    private func uploadPlans(to target: ObjectRepository) throws {
+        let folder = root + "/plans"
+        guard FileSystem.exists(folder) else { return }
+        try FileSystem.makeDirectories(target.cacheRoot + "/sent-plans")
+        for file in try FileSystem.list(folder) where !file.hasPrefix(".") {
+            guard let bytes = FileSystem.contents(folder + "/" + file) else { continue }
+            let sent = target.cacheRoot + "/sent-plans/" + file
+            if FileSystem.contents(sent) == bytes { continue }
+            try target.client.put(target.key("plans/" + file), try ObjectRepository.seal(bytes, name: "plans/" + file, keys: keys))
+            try FileSystem.writeAtomically(bytes, to: sent, syncDirectory: false)
+        }
+    }
+
+    /// A point's files, point.json last (in its envelope, naming the point published before it
+    /// there): the point is visible from then on.
+    private func publish(_ point: RecoveryPoint, previous: String?, to target: ObjectRepository, retainUntil: Date?) throws {
         let folder = pointPath(point.machine, point.id)
         let files = try FileSystem.list(folder).filter { !$0.hasPrefix(".") && $0 != "point.json" }.sorted() + ["point.json"]
         for file in files {
-            let bytes = try PosixFile.openForReading(folder + "/" + file, what: "point file").readAll()
-            try target.client.put(target.key("machines/\(point.machine)/points/\(point.id)/\(file)"), bytes, retainUntil: retainUntil)
+            var bytes = try PosixFile.openForReading(folder + "/" + file, what: "point file").readAll()
+            if file == "point.json" {
+                bytes = Array(try JSONEncoder.lifeboat.encode(PointEnvelope(previous: previous, point: Data(bytes))))
+            }
+            let key = "machines/\(point.machine)/points/\(point.id)/\(file)"
+            try target.client.put(target.key(key), try ObjectRepository.seal(bytes, name: key, keys: keys), retainUntil: retainUntil)
         }
     }
 }

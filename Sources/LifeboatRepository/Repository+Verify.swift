@@ -109,6 +109,6 @@ extension Repository {
         let damagedChunks = bad.map { DamagedChunk(id: $0.key.hex, reason: $0.value, usages: usages[$0.key] ?? []) }
             .sorted { $0.id < $1.id }
         return VerifyReport(points: selected.count, chunks: ids.count, bytes: bytes.load(ordering: .relaxed),
-                            damagedChunks: damagedChunks, damagedPoints: damagedPoints, damagedFiles: damagedFiles)
+                            damagedChunks: damagedChunks, damagedPoints: damagedPoints + (remote?.problems ?? []), damagedFiles: damagedFiles)
     }
 }

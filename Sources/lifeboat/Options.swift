@@ -42,6 +42,8 @@ struct RepositoryOptions: ParsableArguments {
             return given
         }
         let repository = try remote.map { try Repository.open(remote: $0, password: ask) } ?? Repository.open(at: path, password: ask)
+        // What is wrong with the bucket's manifests is said on every command that reads them.
+        for problem in repository.remote?.problems ?? [] { FileHandle.standardError.write(Data("warning: \(problem)\n".utf8)) }
         return (repository, given)
     }
 

@@ -165,6 +165,103 @@ struct OffsiteTests {
         #expect(refused.stderr.split(separator: "\n").count == 1, "\(refused.stderr)")
     }
 
+    @Test("an encrypted repository's manifests are sealed in the bucket: no disk path readable; a changed, swapped or rolled-back point is named")
+    func sealedManifests() throws {
+        let store = try ObjectStore.get()
+        let scratch = Scratch()
+        let disk = scratch.file("secret-disk-name.raw")
+        try Disk.make(disk, size: 4 << 20, writes: [(0, Bytes.random(4 << 20, seed: 71))])
+        let repo = try Repository.create(at: scratch.file("repo"), password: "pw")
+        try repo.protect(Machine(name: "hr", disks: Repository.diskNames(for: [disk])))
+        var points: [RecoveryPoint] = []
+        for round in 0..<4 {
+            Disk.patch(disk, writes: [(round << 20, Bytes.random(4096, seed: UInt64(72 + round)))])
+            points.append(try repo.backup("hr", now: Date().addingTimeInterval(Double(round))))
+        }
+        let address = store.newAddress()
+        let target = try store.target(address, cache: scratch.file("cache"))
+        _ = try repo.sync(to: target)
+        let client = target.client
+        let prefix = target.location.prefix
+        func key(_ point: RecoveryPoint, _ file: String = "point.json") -> String { prefix + "machines/hr/points/\(point.id)/\(file)" }
+        for object in try client.list(prefix: prefix + "machines/") {
+            let bytes = try #require(try client.get(object.key))
+            #expect(!bytes.contains(Array("secret-disk-name".utf8)), "\(object.key) is readable")
+            #expect(!bytes.contains(Array(points[0].id.utf8)), "\(object.key) is readable")
+        }
+        func open() throws -> (Repository, [String]) {
+            let remote = try Repository.open(remote: try store.target(address, cache: scratch.file("reader-\(UInt32.random(in: 0...UInt32.max))"))) { "pw" }
+            return (remote, try remote.verify().damagedPoints)
+        }
+        let (clean, none) = try open()
+        let count = try clean.points("hr").count
+        #expect(none.isEmpty && count == 4)
+
+        // Changed: one byte of point 1's manifest.
+        var changed = try #require(try client.get(key(points[1])))
+        changed[changed.count / 2] ^= 1
+        try client.put(key(points[1]), changed)
+        var (remote, problems) = try open()
+        #expect(problems.contains { $0.contains(points[1].id) && $0.contains("altered") }, "\(problems)")
+        #expect(try remote.points("hr").map(\.id) == [points[0].id, points[2].id, points[3].id])
+
+        // Swapped: point 3's manifest under point 2's name.
+        try client.put(key(points[2]), try #require(try client.get(key(points[3]))))
+        (_, problems) = try open()
+        #expect(problems.contains { $0.contains(points[2].id) && $0.contains("altered") }, "\(problems)")
+
+        // Rolled back: point 2 gone while point 3 names it as the one before.
+        for object in try client.list(prefix: prefix + "machines/hr/points/\(points[2].id)/") { try client.delete(object.key) }
+        (remote, problems) = try open()
+        #expect(problems.contains { $0.contains("point \(points[2].id) of hr is missing") && $0.contains(points[3].id) }, "\(problems)")
+        let cli = try CLI.run(["verify", "--repo", address, "--cache-dir", scratch.file("cli-cache")], environment: ["LIFEBOAT_PASSWORD": "pw"])
+        #expect(cli.status == 3 && cli.stdout.contains("DAMAGED"), "\(cli.stdout) \(cli.stderr)")
+        #expect(cli.stderr.contains("warning: point \(points[2].id) of hr is missing"), "\(cli.stderr)")
+    }
+
+    @Test("replicate --sync-to copies each point off-site; status, status --check and the metrics show the off-site RPO")
+    func offsiteRPO() throws {
+        let store = try ObjectStore.get()
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        try Disk.make(disk, size: 8 << 20, writes: [(0, Bytes.random(8 << 20, seed: 81))])
+        let repo = scratch.file("repo")
+        let address = store.newAddress()
+        let environment = ["LIFEBOAT_REPO": repo, "LIFEBOAT_HOT": scratch.file("hot"), "LIFEBOAT_CACHE": scratch.file("cache")]
+        func lifeboat(_ arguments: [String]) throws -> CLI.Result { try CLI.run(arguments, environment: environment) }
+        #expect(try lifeboat(["init"]).status == 0)
+        #expect(try lifeboat(["protect", "files", "--disk", disk, "--rpo", "1h"]).status == 0)
+        let port = 9900 + Int(getpid() % 90)
+        let service = CLI.start(["replicate", "--sync-to", address, "--metrics", "127.0.0.1:\(port)"], environment: environment)
+        defer { if service.isRunning { kill(service.processIdentifier, SIGKILL) } }
+        var metrics = ""
+        for _ in 0..<120 where !metrics.contains("lifeboat_offsite_rpo_compliant{machine=\"files\"} 1") {
+            Thread.sleep(forTimeInterval: 0.5)
+            metrics = (try? sh(["curl", "-fsS", "http://127.0.0.1:\(port)/metrics"])) ?? ""
+        }
+        kill(service.processIdentifier, SIGTERM)
+        service.waitUntilExit()
+        #expect(metrics.contains("lifeboat_offsite_rpo_compliant{machine=\"files\"} 1"), "\(metrics)")
+        #expect(metrics.contains("lifeboat_offsite_last_point_timestamp_seconds{machine=\"files\"}"))
+
+        let check = try lifeboat(["status", "--check", "--json"])
+        #expect(check.status == 0, "\(check.stdout)")
+        let statuses = try #require(try JSONSerialization.jsonObject(with: Data(check.stdout.utf8)) as? [[String: Any]])
+        #expect(statuses.first?["offsiteTarget"] as? String == address + "/")
+        #expect(statuses.first?["offsiteCompliant"] as? Bool == true)
+        let status = try lifeboat(["status"])
+        #expect(status.stdout.contains("files: off-site at \(address)/: newest point"), "\(status.stdout)")
+
+        // A local point newer than the RPO, none off-site: the off-site RPO is breached, and said.
+        #expect(try lifeboat(["configure", "files", "--rpo", "2s"]).status == 0)
+        Thread.sleep(forTimeInterval: 3)
+        #expect(try lifeboat(["backup", "files"]).status == 0)
+        let breached = try lifeboat(["status", "--check"])
+        #expect(breached.status == 1)
+        #expect(breached.stdout.contains("files: off-site RPO 2s breached at \(address)/"), "\(breached.stdout)")
+        #expect(!breached.stdout.contains("files: RPO"), "the local RPO holds: \(breached.stdout)")
+    }
+
     @Test("with --object-lock the store refuses to delete a locked version of a point's pack and manifest")
     func objectLock() throws {
         let store = try ObjectStore.get()
