@@ -84,7 +84,7 @@ struct Shell: MustacheParent {
 /// by name (MustacheParent) rather than by reflection, which took most of its time.
 struct DashboardPage: MustacheParent {
     struct Row: MustacheParent {
-        let name, state, stateTone, lastPoint, age, rpo, rpoTone, rpoText, drill, drillTone: String
+        let name, state, stateTone, lastPoint, age, rpo, rpoTone, rpoText, offsite, offsiteTone, drill, drillTone: String
         let progress: String?
         let problems: [String]
 
@@ -98,6 +98,8 @@ struct DashboardPage: MustacheParent {
             case "rpo": return rpo
             case "rpoTone": return rpoTone
             case "rpoText": return rpoText
+            case "offsite": return offsite
+            case "offsiteTone": return offsiteTone
             case "drill": return drill
             case "drillTone": return drillTone
             case "progress": return progress
@@ -146,6 +148,7 @@ struct DashboardPage: MustacheParent {
                 rpo: status.rpoSeconds.map { DurationText.format(Double($0)) } ?? "-",
                 rpoTone: Self.rpoTone(status).rawValue,
                 rpoText: Self.rpoText(status),
+                offsite: Self.offsiteText(status), offsiteTone: Self.offsiteTone(status).rawValue,
                 drill: drill.map { "\($0.result.rawValue) \(Units.time($0.started))" } ?? "never",
                 drillTone: (drill.map { Tone(passed: $0.result == .passed, failed: $0.result == .failed) } ?? .none).rawValue,
                 progress: Self.progress(status),
@@ -167,6 +170,19 @@ struct DashboardPage: MustacheParent {
         guard status.rpoSeconds != nil else { return .none }
         if status.rpoCompliant == false { return .bad }
         return (status.rpoRatio ?? 0) > 0.8 ? .warn : .ok
+    }
+
+    /// The off-site copy's newest point, by age, against the RPO ("-" when not synced anywhere).
+    static func offsiteText(_ status: ServerStatus) -> String {
+        guard status.offsite != nil else { return "-" }
+        guard let age = status.offsiteAge else { return "no point there yet" }
+        return DurationText.format(age) + " ago" + (status.offsiteRPOCompliant.map { $0 ? ", compliant" : ", breached" } ?? "")
+    }
+
+    static func offsiteTone(_ status: ServerStatus) -> Tone {
+        guard status.offsite != nil else { return .none }
+        if status.offsiteRPOCompliant == false || status.offsite?.lastError != nil { return .bad }
+        return .ok
     }
 
     static func rpoText(_ status: ServerStatus) -> String {
@@ -232,6 +248,9 @@ struct MachinePage {
         add("VM", status.vm.map { "\($0) (\(status.vmState ?? "?"))" })
         add("network", status.network)
         add("IP", status.ip)
+        if let offsite = status.offsite {
+            add("off-site copy", "\(offsite.target): newest point \(offsite.newestPoint ?? "none") (\(DashboardPage.offsiteText(status)))")
+        }
         add("disks", status.disks.map { "\($0.name): \($0.isHot ? "hot" : "on the backup")" }.joined(separator: ", "))
         if let replication = status.replication {
             add("last replication", replication.lastSuccess.map(Units.time))

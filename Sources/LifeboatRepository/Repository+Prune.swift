@@ -20,13 +20,17 @@ public struct GCResult: Sendable, Codable {
     public var removed: Int
     public var bytesFreed: Int
     public var dryRun: Bool
+    /// At an off-site copy: unused packs the store keeps under Object Lock, and those written too
+    /// recently to be sure no sync is still sending the points that use them.
+    public var packsLocked: Int?
+    public var packsRecent: Int?
 }
 
 extension Repository {
     /// Deletes the machine's recovery points that no rule of `policy` keeps. Their chunks stay
     /// until `gc`. Each point disappears at once (one rename) and is then deleted.
     public func prune(_ machine: String, policy: RetentionPolicy, dryRun: Bool = false) throws -> PruneResult {
-        try requireLocal("prune")
+        if let remote { return try offsitePrune(remote, machine: machine, policy: policy, dryRun: dryRun) }
         guard !policy.isEmpty else {
             throw LifeboatError(.invalidArgument, "prune needs at least one --keep-* rule, or every point would go")
         }
@@ -87,7 +91,7 @@ extension Repository {
     /// used too. Any unreadable index or catalogue stops it before it deletes anything.
     /// - Parameter waiting: called once if gc has to wait for running backups.
     public func gc(dryRun: Bool = false, waiting: () -> Void = {}) throws -> GCResult {
-        try requireLocal("gc")
+        if let remote { return try offsiteGC(remote, dryRun: dryRun) }
         var lock = try repositoryLock(.exclusive, wait: false)
         if lock == nil {
             waiting()

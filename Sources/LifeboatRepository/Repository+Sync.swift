@@ -105,12 +105,20 @@ extension Repository {
         // machines/NAME/machine.json, machines/NAME/points/ID/FILE
         var machineFiles: Set<String> = []
         var pointFiles: [String: [String]] = [:]
+        var pruned: Set<String> = []   // "machine/points/ID" with a note that prune removed it
         for object in try remote.client.list(prefix: remote.key("machines/")) {
             let parts = object.key.dropFirst(remote.location.prefix.count).split(separator: "/").map(String.init)
             if parts.count == 3, parts[2] == "machine.json" { machineFiles.insert(parts[1]) }
+            if parts.count == 4, parts[2] == "pruned" { pruned.insert(parts[1] + "/points/" + parts[3]) }
             if parts.count == 5, parts[2] == "points" { pointFiles[parts[1] + "/points/" + parts[3], default: []].append(parts[4]) }
         }
         let visible = pointFiles.filter { $0.value.contains("point.json") }
+        /// True when prune removed the point: its note is there and opens under the repository key.
+        func prunedOnPurpose(_ name: String) -> Bool {
+            let note = "machines/" + name.replacingOccurrences(of: "/points/", with: "/pruned/")
+            guard pruned.contains(name), let stored = try? fetch(note), let opened = try? remote.unseal(stored, name: note, keys: keys) else { return false }
+            return opened == Array("pruned \(name.split(separator: "/").last!)".utf8)
+        }
         for machine in try FileSystem.list(mirror + "/machines") where !machine.hasPrefix(".") && !machineFiles.contains(machine) {
             FileSystem.removeTree(mirror + "/machines/" + machine)
         }
@@ -129,6 +137,7 @@ extension Repository {
                 continue
             }
             for point in try FileSystem.list(folder + "/points") where !point.hasPrefix(".") && visible["\(machine)/points/\(point)"] == nil {
+                if prunedOnPurpose("\(machine)/points/\(point)") { FileSystem.removeTree(folder + "/points/" + point); continue }
                 remote.report("point \(point) of \(machine) was in \(remote.description) when this host last looked and is gone now: someone deleted it or rolled the bucket back")
                 FileSystem.removeTree(folder + "/points/" + point)
             }
@@ -163,7 +172,7 @@ extension Repository {
         }
         for (name, before) in previous {
             let machine = String(name.prefix { $0 != "/" })
-            if visible["\(machine)/points/\(before)"] == nil {
+            if visible["\(machine)/points/\(before)"] == nil && !prunedOnPurpose("\(machine)/points/\(before)") {
                 remote.report("point \(before) of \(machine) is missing from \(remote.description) while point \(name.split(separator: "/").last!) names it as the point before it: someone deleted it or rolled the bucket back")
             }
         }

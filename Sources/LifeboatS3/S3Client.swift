@@ -114,6 +114,13 @@ public struct S3Counts: Sendable, Codable, Equatable {
 public struct S3Object: Sendable, Equatable {
     public let key: String
     public let size: Int
+    public var lastModified: Date? = nil
+}
+
+/// One version of an object (or a delete marker) in a versioned bucket.
+public struct S3Version: Sendable, Equatable {
+    public let key: String
+    public let version: String
 }
 
 /// A small, blocking S3 client over async-http-client (calls wait on the event loop's answer,
@@ -185,13 +192,39 @@ public final class S3Client: Sendable {
 
     /// The version ids of an object, newest first (ListObjectVersions).
     public func versions(of key: String) throws -> [String] {
-        guard let response = try send("GET", key: nil, query: [("versions", ""), ("prefix", key)], what: "list") else { return [] }
-        counts.withLock { $0.lists += 1 }
-        let document = try XMLDocument(data: Data(response.body))
-        return ((try? document.nodes(forXPath: "//*[local-name()='Version']")) ?? []).compactMap { node in
-            guard let element = node as? XMLElement, element.elements(forName: "Key").first?.stringValue == key else { return nil }
-            return element.elements(forName: "VersionId").first?.stringValue
-        }
+        try versions(prefix: key).filter { $0.key == key }.map(\.version)
+    }
+
+    /// Every version and delete marker of the objects whose key starts with `prefix`.
+    public func versions(prefix: String) throws -> [S3Version] {
+        var found: [S3Version] = []
+        var marker: (String, String)? = nil
+        repeat {
+            var query = [("versions", ""), ("prefix", prefix)]
+            if let marker { query += [("key-marker", marker.0), ("version-id-marker", marker.1)] }
+            guard let response = try send("GET", key: nil, query: query, what: "list") else { break }
+            counts.withLock { $0.lists += 1 }
+            let document = try XMLDocument(data: Data(response.body))
+            for node in (try? document.nodes(forXPath: "//*[local-name()='Version' or local-name()='DeleteMarker']")) ?? [] {
+                guard let element = node as? XMLElement, let key = element.elements(forName: "Key").first?.stringValue,
+                      let version = element.elements(forName: "VersionId").first?.stringValue else { continue }
+                found.append(S3Version(key: key, version: version))
+            }
+            let truncated = (try? document.nodes(forXPath: "//*[local-name()='IsTruncated']").first?.stringValue) == "true"
+            let nextKey = (try? document.nodes(forXPath: "//*[local-name()='NextKeyMarker']").first?.stringValue) ?? nil
+            let nextVersion = (try? document.nodes(forXPath: "//*[local-name()='NextVersionIdMarker']").first?.stringValue) ?? nil
+            marker = truncated ? nextKey.map { ($0, nextVersion ?? "") } : nil
+        } while marker != nil
+        return found
+    }
+
+    /// Deletes every version of the object (and its delete markers), so it is gone for good.
+    /// - Throws: `.authentication` (AccessDenied) for a version still under Object Lock; versions
+    ///   deleted before it stay deleted.
+    public func deleteAllVersions(_ key: String) throws {
+        let versions = try versions(of: key)
+        if versions.isEmpty { return try delete(key) }
+        for version in versions { try delete(key, version: version) }
     }
 
     /// Every object whose key starts with `prefix` (ListObjectsV2, 1,000 keys a request).
@@ -208,7 +241,8 @@ public final class S3Client: Sendable {
             for node in (try? document.nodes(forXPath: "//*[local-name()='Contents']")) ?? [] {
                 guard let element = node as? XMLElement,
                       let key = element.elements(forName: "Key").first?.stringValue else { continue }
-                objects.append(S3Object(key: key, size: Int(element.elements(forName: "Size").first?.stringValue ?? "") ?? 0))
+                let modified = element.elements(forName: "LastModified").first?.stringValue.flatMap(Self.parseDate)
+                objects.append(S3Object(key: key, size: Int(element.elements(forName: "Size").first?.stringValue ?? "") ?? 0, lastModified: modified))
             }
             let truncated = (try? document.nodes(forXPath: "//*[local-name()='IsTruncated']").first?.stringValue) == "true"
             token = truncated ? (try? document.nodes(forXPath: "//*[local-name()='NextContinuationToken']").first?.stringValue) ?? nil : nil
@@ -324,6 +358,14 @@ public final class S3Client: Sendable {
         if text.contains("remoteConnectionClosed") || text.contains("Connection reset") { return "connection closed" }
         if text.contains("readTimeout") || text.contains("deadlineExceeded") { return "no answer in time" }
         return text.count > 120 ? String(text.prefix(120)) + "…" : text
+    }
+
+    static func parseDate(_ text: String) -> Date? {
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        if let date = formatter.date(from: text) { return date }
+        formatter.formatOptions = [.withInternetDateTime]
+        return formatter.date(from: text)
     }
 
     package static func iso8601(_ date: Date) -> String {

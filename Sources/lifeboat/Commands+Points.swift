@@ -221,7 +221,9 @@ extension Lifeboat {
             }
             if output.json { return try JSON.print(result) }
             print("\(result.referenced) chunk(s) in use; \(result.removed) unreferenced chunk(s) "
-                + (dryRun ? "would be removed" : "removed, \(Format.bytes(result.bytesFreed)) freed"))
+                + (dryRun ? "would be removed" : "removed, \(Format.bytes(result.bytesFreed)) freed")
+                + (result.packsLocked.map { $0 > 0 ? "; \($0) unused pack(s) kept under Object Lock" : "" } ?? "")
+                + (result.packsRecent.map { $0 > 0 ? "; \($0) unused pack(s) kept as written in the last day" : "" } ?? ""))
         }
     }
 }

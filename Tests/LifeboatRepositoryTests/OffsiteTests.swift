@@ -286,6 +286,54 @@ struct OffsiteTests {
         #expect(try remote.verify().isClean)
     }
 
+    @Test("prune and gc at the target: points go with a note readers trust, unused packs go; under Object Lock both keep what is locked")
+    func pruneAndGCAtTarget() throws {
+        let store = try ObjectStore.get()
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        try Disk.make(disk, size: 8 << 20, writes: [(0, Bytes.random(8 << 20, seed: 91))])
+        let repo = try Repository.create(at: scratch.file("repo"), password: "pw")
+        try repo.protect(Machine(name: "app", disks: Repository.diskNames(for: [disk])))
+        let address = store.newAddress(), locked = store.newAddress()
+        var points: [RecoveryPoint] = []
+        for round in 0..<3 {
+            Disk.patch(disk, writes: [(0, Bytes.random(4 << 20, seed: UInt64(200 + 10 * round)))])   // 4 new chunks each
+            points.append(try repo.backup("app", now: Date().addingTimeInterval(Double(round))))
+            _ = try repo.sync(to: try store.target(address, cache: scratch.file("cache")))
+            _ = try repo.sync(to: try store.target(locked, cache: scratch.file("locked-cache")), objectLockDays: 1)
+        }
+        let env = ["LIFEBOAT_PASSWORD": "pw", "LIFEBOAT_OFFSITE_GC_GRACE": "0"]
+        // A reader that saw all three points before the prune.
+        let before = try Repository.open(remote: try store.target(address, cache: scratch.file("reader"))) { "pw" }
+        #expect(try before.points("app").count == 3)
+
+        let pruned = try CLI.run(["prune", "app", "--keep-last", "1", "--repo", address, "--cache-dir", scratch.file("admin"), "--json"], environment: env)
+        #expect(pruned.status == 0, "\(pruned.stderr)")
+        let result = try JSONDecoder.lifeboat.decode(PruneResult.self, from: Data(pruned.stdout.utf8))
+        #expect(Set(result.removed) == Set(points.prefix(2).map(\.id)))
+        let gc = try CLI.run(["gc", "--repo", address, "--cache-dir", scratch.file("admin"), "--json"], environment: env)
+        #expect(gc.status == 0, "\(gc.stderr)")
+        let collected = try JSONDecoder.lifeboat.decode(GCResult.self, from: Data(gc.stdout.utf8))
+        #expect(collected.removed == 4, "the pack of the second point: the first point's pack holds chunks the third uses: \(collected)")
+        #expect(collected.bytesFreed > 4 << 20)
+        for cache in ["reader", "fresh"] {
+            let remote = try Repository.open(remote: try store.target(address, cache: scratch.file(cache))) { "pw" }
+            #expect(try remote.points("app").map(\.id) == [points[2].id])
+            #expect(try remote.verify().isClean, "pruned on purpose is no roll-back: \(remote.remote!.problems)")
+            _ = try remote.restore(try remote.point("app", nil), disk: "disk", to: scratch.file("out-" + cache))
+            #expect(Disk.contents(scratch.file("out-" + cache)) == Disk.contents(disk))
+        }
+
+        let lockedPrune = try CLI.run(["prune", "app", "--keep-last", "1", "--repo", locked, "--cache-dir", scratch.file("admin2"), "--json"], environment: env)
+        #expect(lockedPrune.status == 0, "\(lockedPrune.stderr)")
+        let lockedResult = try JSONDecoder.lifeboat.decode(PruneResult.self, from: Data(lockedPrune.stdout.utf8))
+        #expect(lockedResult.removed.isEmpty)
+        #expect(lockedResult.kept.filter { $0.reasons.contains("under Object Lock in the bucket") }.count == 2, "\(lockedResult)")
+        let stillThere = try Repository.open(remote: try store.target(locked, cache: scratch.file("locked-reader"))) { "pw" }
+        #expect(try stillThere.points("app").count == 3)
+        #expect(try stillThere.verify().isClean)
+    }
+
     @Test("wrong keys, a missing bucket and an endpoint that is down: one line each, nothing sent")
     func badTargets() throws {
         let store = try ObjectStore.get()
