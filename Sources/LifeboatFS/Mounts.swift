@@ -122,8 +122,8 @@ public enum Mounts {
         try checkMountpoint(path)
         let log = daemonLogPath(for: path)
         try? FileManager.default.createDirectory(atPath: (log as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
-        var arguments = ["mount", path, "--foreground", "--repo", repo.root, "--cache-size", "\(cacheSize)", "--threads", "\(threads)",
-                         "--busy-poll", "\(busyPoll)"]
+        var arguments = ["mount", path, "--foreground"] + repo.commandLineArguments
+            + ["--cache-size", "\(cacheSize)", "--threads", "\(threads)", "--busy-poll", "\(busyPoll)"]
         if allowOther { arguments.append("--allow-other") }
         let daemon = try launcher.start(arguments, log: log)
         return (try waitForDaemon(daemon, log: log, mountpoint: path), log)

@@ -130,7 +130,7 @@ extension Recovery {
     @discardableResult
     public func startFinaliser(_ name: String) throws -> (pid: Int32, log: String) {
         let log = hot.machineDirectory(name) + "/finalise.log"
-        var arguments = ["finalise", name, "--repo", repository.root, "--hot", settings.hotDirectory,
+        var arguments = ["finalise", name] + repository.commandLineArguments + ["--hot", settings.hotDirectory,
                          "--connect", settings.connectURI, "--templates", settings.templates.directory]
         if settings.virtType != .auto { arguments += ["--virt-type", settings.virtType.rawValue] }
         let finaliser = try settings.launcher.start(arguments, log: log)

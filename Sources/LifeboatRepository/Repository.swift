@@ -56,6 +56,13 @@ public final class Repository: Sendable {
     /// What the user calls this repository: its folder, or its s3:// address.
     public var name: String { remote?.description ?? root }
 
+    /// The options with which a lifeboat helper process (a mount, the finaliser) opens this same
+    /// repository: `--repo FOLDER`, or the bucket with its endpoint and this host's cache folder.
+    public var commandLineArguments: [String] {
+        guard let remote else { return ["--repo", root] }
+        return ["--repo", remote.description, "--cache-dir", remote.cacheRoot] + remote.client.settings.commandLineArguments
+    }
+
     /// Refuses work that changes the repository when it is an off-site copy in a bucket.
     func requireLocal(_ what: String) throws {
         if let remote {

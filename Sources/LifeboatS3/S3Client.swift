@@ -35,6 +35,15 @@ public struct S3Location: Sendable, Equatable, CustomStringConvertible {
     public var description: String { "s3://\(bucket)/\(prefix)" }
 }
 
+extension S3Settings {
+    /// The options that give a lifeboat helper process (a mount, the finaliser) these settings;
+    /// keys from the environment reach it through its environment.
+    public var commandLineArguments: [String] {
+        ["--s3-endpoint", endpoint, "--s3-region", region, "--s3-addressing", pathStyle ? "path" : "virtual"]
+            + (credentialsFile.map { ["--s3-credentials", $0] } ?? [])
+    }
+}
+
 /// How to reach the object store: endpoint, region, addressing and credentials.
 public struct S3Settings: Sendable {
     public var endpoint: String
@@ -44,6 +53,8 @@ public struct S3Settings: Sendable {
     public var secretKey: String
     /// How long one request is retried (5xx, SlowDown, no connection) before it fails.
     public var retrySeconds: Double
+    /// The credentials file the keys came from (nil: the environment), for helper processes.
+    public var credentialsFile: String?
 
     public init(endpoint: String, region: String, pathStyle: Bool, accessKey: String, secretKey: String, retrySeconds: Double = 30) {
         self.endpoint = endpoint.hasSuffix("/") ? String(endpoint.dropLast()) : endpoint
@@ -91,8 +102,10 @@ public struct S3Settings: Sendable {
             throw LifeboatError(.invalidArgument, "--s3-addressing must be path or virtual, not \(style)")
         }
         let retry = environment["LIFEBOAT_S3_RETRY_SECONDS"].flatMap(Double.init) ?? 30
-        return S3Settings(endpoint: endpoint, region: region ?? environment["AWS_REGION"] ?? environment["AWS_DEFAULT_REGION"] ?? "us-east-1",
-                          pathStyle: style == "path", accessKey: access, secretKey: secret, retrySeconds: retry)
+        var settings = S3Settings(endpoint: endpoint, region: region ?? environment["AWS_REGION"] ?? environment["AWS_DEFAULT_REGION"] ?? "us-east-1",
+                                  pathStyle: style == "path", accessKey: access, secretKey: secret, retrySeconds: retry)
+        settings.credentialsFile = credentialsFile
+        return settings
     }
 }
 
@@ -139,6 +152,10 @@ public final class S3Client: Sendable {
         configuration.httpVersion = .http1Only
         return HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
     }()
+
+    /// Seconds added to this host's clock when signing: only tests set it
+    /// ($LIFEBOAT_S3_CLOCK_OFFSET), to see what a host with a wrong clock is told.
+    private static let clockOffset = ProcessInfo.processInfo.environment["LIFEBOAT_S3_CLOCK_OFFSET"].flatMap(Double.init) ?? 0
 
     public init(settings: S3Settings, bucket: String) {
         self.settings = settings
@@ -294,7 +311,8 @@ public final class S3Client: Sendable {
             do {
                 var all = headers
                 all.append(("host", host))
-                all += signer.sign(method: method, path: path, query: query, headers: all, payloadHash: payloadHash, date: Date())
+                all += signer.sign(method: method, path: path, query: query, headers: all, payloadHash: payloadHash,
+                                   date: Date().addingTimeInterval(Self.clockOffset))
                 request = try HTTPClient.Request(url: url, method: HTTPMethod(rawValue: method),
                                                  headers: HTTPHeaders(all), body: body.isEmpty && method != "PUT" ? nil : .bytes(body))
             } catch {

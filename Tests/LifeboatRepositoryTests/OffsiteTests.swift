@@ -80,6 +80,7 @@ struct OffsiteTests {
         #expect(incremental.chunks == 1)
         #expect(incremental.bytes <= second.storedBytes * 12 / 10, "sent \(incremental.bytes) for \(second.storedBytes) new stored bytes")
         #expect(incremental.requests.puts == 2 + 3, "one pack, its index and the point's files: \(incremental.requests)")
+        #expect(sent.requests.deletes + again.requests.deletes + incremental.requests.deletes == 0, "sync never deletes: a key that cannot delete will do")
 
         // Read from the bucket through another cache folder, as another host would.
         let remote = try Repository.open(remote: try store.target(address, cache: scratch.file("other-cache")))
@@ -92,6 +93,15 @@ struct OffsiteTests {
         #expect(Disk.contents(out + "-" + second.id) == Disk.contents(disk))
         #expect(Disk.contents(out + "-" + first.id) != Disk.contents(disk))
         #expect(throws: LifeboatError.self) { try remote.backup("web") }
+
+        // A pack changed behind lifeboat's back (same length): verify at the target names the chunk.
+        let target = try store.target(address, cache: scratch.file("cache"))
+        let pack = try #require(try target.client.list(prefix: target.location.prefix + "packs/").first { $0.key.hasSuffix(".pack") })
+        var bytes = try #require(try target.client.get(pack.key))
+        bytes[bytes.count / 3] ^= 0x40
+        try target.client.put(pack.key, bytes)
+        let damaged = try Repository.open(remote: try store.target(address, cache: scratch.file("third-cache"))).verify()
+        #expect(damaged.damagedChunks.count == 1, "\(damaged)")
     }
 
     @Test("kill -9 mid-sync, then sync again: nothing that arrived is sent again, the point appears only at the end")
@@ -332,6 +342,68 @@ struct OffsiteTests {
         let stillThere = try Repository.open(remote: try store.target(locked, cache: scratch.file("locked-reader"))) { "pw" }
         #expect(try stillThere.points("app").count == 3)
         #expect(try stillThere.verify().isClean)
+    }
+
+    @Test("the endpoint going away mid-sync: one line once the retries run out; the next sync sends only what had not arrived")
+    func endpointDownMidSync() throws {
+        let store = try ObjectStore.get()
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        try Disk.make(disk, size: 64 << 20, writes: [(0, Bytes.random(64 << 20, seed: 301))])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        try repo.protect(Machine(name: "erp", disks: Repository.diskNames(for: [disk])))
+        let point = try repo.backup("erp")
+        let address = store.newAddress()
+        let cache = scratch.file("cache")
+        let args = ["sync", "--repo", repo.root, "--to", address, "--cache-dir", cache, "--pack-size", "\(4 << 20)", "--json"]
+        let child = CLI.start(args + ["--bandwidth", "8"], environment: ["LIFEBOAT_S3_RETRY_SECONDS": "3"])
+        var arrived = 0
+        for _ in 0..<3000 where arrived < 2 {
+            arrived = (try? FileManager.default.contentsOfDirectory(atPath: cache + "/packs").filter { !$0.hasPrefix(".") }.count) ?? 0
+            usleep(5_000)
+        }
+        try sh([packageRoot + "/scripts/ceph-rgw", "stop-gateway"])
+        defer { _ = try? sh([packageRoot + "/scripts/ceph-rgw", "start-gateway"]) }
+        child.waitUntilExit()
+        let stderr = String(decoding: (child.standardError as! Pipe).fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        try sh([packageRoot + "/scripts/ceph-rgw", "start-gateway"])
+        #expect(child.terminationStatus != 0)
+        #expect(stderr.contains("cannot be reached") && stderr.split(separator: "\n").count == 1, "\(stderr)")
+        arrived = try FileManager.default.contentsOfDirectory(atPath: cache + "/packs").filter { !$0.hasPrefix(".") }.count
+        #expect(arrived >= 2 && arrived < 16, "packs before the endpoint went: \(arrived)")
+
+        let resumed = try CLI.run(args)
+        #expect(resumed.status == 0, "\(resumed.stderr)")
+        let result = try JSONDecoder.lifeboat.decode(SyncResult.self, from: Data(resumed.stdout.utf8))
+        #expect(result.chunks <= 64 - 4 * arrived, "sent \(result.chunks) of 64 chunks after \(arrived) packs had arrived")
+        let remote = try Repository.open(remote: try store.target(address, cache: scratch.file("reader")))
+        #expect(try remote.verify().isClean)
+        _ = try remote.restore(try remote.point("erp", point.id), disk: "disk", to: scratch.file("out"))
+        #expect(Disk.contents(scratch.file("out")) == Disk.contents(disk))
+    }
+
+    @Test("a wrong clock and a full bucket: one line each")
+    func clockAndQuota() throws {
+        let store = try ObjectStore.get()
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        try Disk.make(disk, size: 8 << 20, writes: [(0, Bytes.random(8 << 20, seed: 311))])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        try repo.protect(Machine(name: "crm", disks: Repository.diskNames(for: [disk])))
+        _ = try repo.backup("crm")
+        let skewed = try CLI.run(["sync", "--repo", repo.root, "--to", store.newAddress(), "--cache-dir", scratch.file("c1")],
+                                 environment: ["LIFEBOAT_S3_CLOCK_OFFSET": "-3600"])
+        #expect(skewed.status != 0)
+        #expect(skewed.stderr.contains("RequestTimeTooSkewed") && skewed.stderr.split(separator: "\n").count == 1, "\(skewed.stderr)")
+
+        let bucket = "quota-\(UInt32.random(in: 0...UInt32.max))"
+        try S3Client(settings: store.settings, bucket: bucket).createBucket(objectLock: false)
+        let conf = ProcessInfo.processInfo.environment["LIFEBOAT_CEPH_CONF"] ?? "/var/tmp/lifeboat-ceph/ceph.conf"
+        try sh(["radosgw-admin", "-c", conf, "quota", "set", "--quota-scope=bucket", "--bucket=\(bucket)", "--max-size=1048576"])
+        try sh(["radosgw-admin", "-c", conf, "quota", "enable", "--quota-scope=bucket", "--bucket=\(bucket)"])
+        let full = try CLI.run(["sync", "--repo", repo.root, "--to", "s3://\(bucket)/x", "--cache-dir", scratch.file("c2")])
+        #expect(full.status != 0)
+        #expect(full.stderr.contains("full") && full.stderr.split(separator: "\n").count == 1, "\(full.stderr)")
     }
 
     @Test("wrong keys, a missing bucket and an endpoint that is down: one line each, nothing sent")
