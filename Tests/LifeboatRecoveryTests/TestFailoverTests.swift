@@ -13,16 +13,19 @@ final class DrillLab {
     var networks: [String] = []
     var repo: String { scratch.file("repo") }
     var hot: String { scratch.file("hot") }
+    /// Settings that replace the lab's own (a second site reads its repository from a bucket).
+    var overrides: [String: String] = [:]
     var environment: [String: String] {
         ["LIFEBOAT_REPO": repo, "LIFEBOAT_HOT": hot, "LIFEBOAT_VIRT_TYPE": "qemu",
-         "LIFEBOAT_TEMPLATES": packageRoot + "/templates"]
+         "LIFEBOAT_TEMPLATES": packageRoot + "/templates"].merging(overrides) { $1 }
     }
 
     /// Machine names are made unique per process: `web` becomes `web-PID`.
-    init(_ names: [String]) throws {
+    init(_ names: [String], overrides: [String: String] = [:]) throws {
         chmod(scratch.path, 0o755)   // QEMU (libvirt-qemu) must reach the overlays and console logs
         machines = names.map { "\($0)-\(getpid())" }
-        try check(["init"])
+        self.overrides = overrides
+        if overrides["LIFEBOAT_REPO"] == nil { try check(["init"] + (overrides["LIFEBOAT_PASSWORD"] != nil ? ["--encrypt"] : [])) }
     }
 
     deinit {
@@ -50,7 +53,7 @@ final class DrillLab {
         return text.split(separator: "\n").compactMap { line in
             let fields = line.split(separator: " ").map(String.init)
             guard let dash = fields.firstIndex(of: "-"), fields.count > dash + 2,
-                  fields[dash + 2] == "lifeboat:" + repo else { return nil }
+                  fields[dash + 2].hasPrefix("lifeboat:" + scratch.path + "/") else { return nil }
             return fields[4]
         }
     }
