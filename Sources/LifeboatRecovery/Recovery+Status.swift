@@ -117,6 +117,10 @@ extension Recovery {
                 + (replication.lastError ?? "?") + (replication.nextAttempt.map { "; next attempt at \(Timestamp.format($0))" } ?? ""))
         }
         (status.rpoRatio, status.rpoCompliant) = RPORule.evaluate(rpoSeconds: machine.rpoSeconds, lastPointTime: last?.time, now: now)
+        if let remote = repository.remote, let failure = remote.lastReadFailure {
+            status.problems.append("reads from \(remote.description) are failing since \(Timestamp.format(failure.time)) (\(failure.message)): "
+                + "what is not in the cache folder cannot be read (a VM gets I/O errors) until the endpoint answers again")
+        }
         if let offsite = repository.offsiteCopy(machine.name) {
             status.offsite = offsite
             status.offsiteAge = offsite.newestPointTime.map { now.timeIntervalSince($0) }

@@ -73,10 +73,15 @@ public final class ObjectRepository: Sendable {
 
     func report(_ problem: String) { found.withLock { $0.append(problem) } }
 
-    public init(location: S3Location, settings: S3Settings, cacheRoot: String? = nil) throws {
+    /// Bytes the chunks kept in the cache folder may take (nil: half the free space there when
+    /// opened, at most 64 GiB); the least recently used go first.
+    public let cacheSize: Int?
+
+    public init(location: S3Location, settings: S3Settings, cacheRoot: String? = nil, cacheSize: Int? = nil) throws {
         self.location = location
         self.client = S3Client(settings: settings, bucket: location.bucket)
         self.cacheRoot = cacheRoot ?? Self.defaultCacheRoot(location, settings)
+        self.cacheSize = cacheSize
         try FileSystem.makeDirectories(self.cacheRoot + "/packs")
     }
 
@@ -147,6 +152,19 @@ public final class ObjectRepository: Sendable {
         return locations
     }
 
+    /// The chunks of the pack indexes this host has cached, without asking the bucket.
+    func cachedPackIndexes() throws -> [ChunkID: PackLocation] {
+        var locations: [ChunkID: PackLocation] = [:]
+        for name in try FileSystem.list(cacheRoot + "/packs") where name.hasPrefix("packs-") {
+            guard let bytes = FileSystem.contents(cacheRoot + "/packs/" + name) else { continue }
+            let pack = name.split(separator: "-").joined(separator: "/")
+            for entry in try PackIndex(decoding: bytes, name: key(pack + ".idx")).entries {
+                locations[entry.id] = PackLocation(pack: pack, offset: entry.offset, length: entry.length)
+            }
+        }
+        return locations
+    }
+
     /// Writes a pack and then its index (a pack without an index is never read: a sync killed
     /// between the two sends the pack's chunks again). Named by the SHA-256 of its bytes.
     func putPack(_ bytes: [UInt8], index: PackIndex, retainUntil: Date?) throws -> String {
@@ -159,12 +177,35 @@ public final class ObjectRepository: Sendable {
         return pack
     }
 
-    /// One stored chunk, with one range GET.
+    /// One stored chunk, with one range GET (retried while the endpoint does not answer, for
+    /// the client's retry time). A read that fails is noted for `status` until one works again.
     func chunk(_ id: ChunkID, at location: PackLocation) throws -> [UInt8] {
-        guard let bytes = try client.get(key(location.pack + ".pack"), range: location.offset..<(location.offset + location.length)) else {
+        let bytes: [UInt8]?
+        do {
+            bytes = try client.get(key(location.pack + ".pack"), range: location.offset..<(location.offset + location.length))
+        } catch {
+            let failure = ReadFailure(time: Date(), message: "\(error)")
+            try? FileSystem.writeAtomically(Array((try? JSONEncoder.lifeboat.encode(failure)) ?? Data()), to: readFailurePath, syncDirectory: false)
+            throw error
+        }
+        guard let bytes else {
             throw LifeboatError(.damaged, "chunk \(id.hex) is missing from the repository: its pack \(key(location.pack)).pack is gone")
         }
+        if FileSystem.exists(readFailurePath) { FileSystem.remove(readFailurePath) }
         return bytes
+    }
+
+    /// A read from the bucket that failed (the endpoint gone, say), as the last reader on this host saw it.
+    public struct ReadFailure: Codable, Sendable {
+        public var time: Date
+        public var message: String
+    }
+
+    var readFailurePath: String { cacheRoot + "/read-failure.json" }
+
+    /// The last failed read of this host's readers (mounts, drills, finalisers), until a read works again.
+    public var lastReadFailure: ReadFailure? {
+        FileSystem.contents(readFailurePath).flatMap { try? JSONDecoder.lifeboat.decode(ReadFailure.self, from: Data($0)) }
     }
 }
 
@@ -175,12 +216,43 @@ final class PackChunkStore: ChunkStore {
     let remote: ObjectRepository
     let locations: [ChunkID: PackLocation]
     let cache: String
+    /// The bound on the cached chunks' bytes, and what they take now (kept in step as chunks come and go).
+    let cacheLimit: Int
+    private let cachedBytes: Locked<Int>
 
     init(remote: ObjectRepository, locations: [ChunkID: PackLocation]) throws {
         self.remote = remote
         self.locations = locations
         self.cache = remote.cacheRoot + "/chunks"
         try FileSystem.makeDirectories(cache)
+        var fs = statvfs()
+        let free = statvfs(cache, &fs) == 0 ? Int(fs.f_bavail) * Int(fs.f_frsize) : 1 << 30
+        cacheLimit = remote.cacheSize ?? min(free / 2, 64 << 30)
+        var total = 0
+        for name in try FileSystem.list(cache) {
+            var st = stat()
+            if stat(cache + "/" + name, &st) == 0 { total += Int(st.st_size) }
+        }
+        cachedBytes = Locked(total)
+    }
+
+    /// Keeps a fetched chunk in the cache folder; the least recently used chunks go when the
+    /// folder would pass its bound (a chunk open elsewhere stays readable until closed).
+    private func keep(_ bytes: [UInt8], at path: String) throws {
+        try FileSystem.writeAtomically(bytes, to: path, syncDirectory: false)
+        let total = cachedBytes.withLock { $0 += bytes.count; return $0 }
+        guard total > cacheLimit else { return }
+        var entries: [(path: String, used: Int, size: Int)] = []
+        for name in try FileSystem.list(cache) where !name.hasPrefix(".") {
+            var st = stat()
+            if stat(cache + "/" + name, &st) == 0 { entries.append((cache + "/" + name, st.st_mtim.tv_sec, Int(st.st_size))) }
+        }
+        var over = entries.reduce(0) { $0 + $1.size } - cacheLimit * 8 / 10
+        var freed = 0
+        for entry in entries.sorted(by: { $0.used < $1.used }) where over > 0 && entry.path != path {
+            if unlink(entry.path) == 0 { over -= entry.size; freed += entry.size }
+        }
+        cachedBytes.withLock { $0 = max(0, $0 - freed) }
     }
 
     private func cachePath(_ id: ChunkID) -> String { cache + "/" + id.hex }
@@ -210,9 +282,11 @@ final class PackChunkStore: ChunkStore {
 
     func open(_ id: ChunkID) throws -> PosixFile {
         let path = cachePath(id)
-        if let file = try? PosixFile(path: path, flags: O_RDONLY) { return file }
-        let bytes = try remote.chunk(id, at: try location(id))
-        try FileSystem.writeAtomically(bytes, to: path)
+        if let file = try? PosixFile(path: path, flags: O_RDONLY) {
+            utimes(path, nil)   // used now: evicted last
+            return file
+        }
+        try keep(try remote.chunk(id, at: try location(id)), at: path)
         return try PosixFile.openForReading(path, what: "cached chunk")
     }
 

@@ -67,12 +67,25 @@ extension Repository {
     /// `remote.cacheRoot/mirror` (points new at the target fetched, points gone from it dropped;
     /// a point appears only once its point.json is there), its chunks read from packs with range GETs.
     public static func open(remote: ObjectRepository, password: () throws -> String? = { nil }) throws -> Repository {
-        guard let configBytes = try remote.configBytes() else {
+        let mirror = remote.cacheRoot + "/mirror"
+        let fetched: [UInt8]?
+        do {
+            fetched = try remote.configBytes()
+        } catch let error as LifeboatError where error.code == .io {
+            // The endpoint does not answer: a host that looked before goes on with what it mirrored
+            // (a drill or a mount starts warm); chunks not in its cache fail until the endpoint is back.
+            guard let configBytes = FileSystem.contents(mirror + "/config.json") else { throw error }
+            let config = try decodeConfig(configBytes, name: remote.description + "config.json")
+            let keys = try keys(config, name: remote.description, password: password)
+            remote.report("\(remote.description) cannot be reached now (\(error.message)): this host reads the manifests it mirrored at its last look")
+            let store = try PackChunkStore(remote: remote, locations: try remote.cachedPackIndexes())
+            return Repository(root: mirror, config: config, keys: keys, store: store, remote: remote)
+        }
+        guard let configBytes = fetched else {
             throw LifeboatError(.notFound, "no repository at \(remote.description): copy points there with 'lifeboat sync --to \(remote.description)'")
         }
         let config = try decodeConfig(configBytes, name: remote.description + "config.json")
         let keys = try keys(config, name: remote.description, password: password)
-        let mirror = remote.cacheRoot + "/mirror"
         try FileSystem.makeDirectories(mirror + "/machines")
         try FileSystem.writeAtomically(configBytes, to: mirror + "/config.json", syncDirectory: false)
         try mirrorManifests(remote, into: mirror, keys: keys)

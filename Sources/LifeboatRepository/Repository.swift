@@ -61,6 +61,7 @@ public final class Repository: Sendable {
     public var commandLineArguments: [String] {
         guard let remote else { return ["--repo", root] }
         return ["--repo", remote.description, "--cache-dir", remote.cacheRoot] + remote.client.settings.commandLineArguments
+            + (remote.cacheSize.map { ["--s3-cache-size", "\($0)"] } ?? [])
     }
 
     /// Refuses work that changes the repository when it is an off-site copy in a bucket.

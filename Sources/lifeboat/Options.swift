@@ -79,10 +79,15 @@ struct S3Options: ParsableArguments {
     var credentials: String?
     @Option(name: .customLong("cache-dir"), help: "Local folder for an S3 repository's indexes, manifests and chunks (default: /var/cache/lifeboat/s3/…).")
     var cacheDir: String?
+    @Option(name: .customLong("s3-cache-size"), help: "Bytes the chunks kept in that folder may take (default: half its free space, at most 64 GiB).")
+    var cacheSize: Int?
 
     func repository(_ address: String) throws -> ObjectRepository {
         let settings = try S3Settings.resolve(endpoint: endpoint, region: region, addressing: addressing, credentialsFile: credentials)
-        return try ObjectRepository(location: try S3Location(parsing: address), settings: settings, cacheRoot: cacheDir)
+        if let cacheSize, cacheSize < 16 << 20 {
+            throw LifeboatError(.invalidArgument, "--s3-cache-size \(cacheSize) is too small: give at least 16 MiB (16777216)")
+        }
+        return try ObjectRepository(location: try S3Location(parsing: address), settings: settings, cacheRoot: cacheDir, cacheSize: cacheSize)
     }
 }
 

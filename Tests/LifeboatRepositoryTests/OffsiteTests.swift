@@ -356,19 +356,20 @@ struct OffsiteTests {
         let address = store.newAddress()
         let cache = scratch.file("cache")
         let args = ["sync", "--repo", repo.root, "--to", address, "--cache-dir", cache, "--pack-size", "\(4 << 20)", "--json"]
-        let child = CLI.start(args + ["--bandwidth", "8"], environment: ["LIFEBOAT_S3_RETRY_SECONDS": "3"])
         var arrived = 0
-        for _ in 0..<3000 where arrived < 2 {
-            arrived = (try? FileManager.default.contentsOfDirectory(atPath: cache + "/packs").filter { !$0.hasPrefix(".") }.count) ?? 0
-            usleep(5_000)
+        try SpareGateway.exclusively {
+            let child = CLI.start(args + ["--bandwidth", "8"],
+                                  environment: ["LIFEBOAT_S3_RETRY_SECONDS": "3", "LIFEBOAT_S3_ENDPOINT": SpareGateway.endpoint])
+            for _ in 0..<3000 where arrived < 2 {
+                arrived = (try? FileManager.default.contentsOfDirectory(atPath: cache + "/packs").filter { !$0.hasPrefix(".") }.count) ?? 0
+                usleep(5_000)
+            }
+            try SpareGateway.stop()
+            child.waitUntilExit()
+            let stderr = String(decoding: (child.standardError as! Pipe).fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            #expect(child.terminationStatus != 0)
+            #expect(stderr.contains("cannot be reached") && stderr.split(separator: "\n").count == 1, "\(stderr)")
         }
-        try sh([packageRoot + "/scripts/ceph-rgw", "stop-gateway"])
-        defer { _ = try? sh([packageRoot + "/scripts/ceph-rgw", "start-gateway"]) }
-        child.waitUntilExit()
-        let stderr = String(decoding: (child.standardError as! Pipe).fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        try sh([packageRoot + "/scripts/ceph-rgw", "start-gateway"])
-        #expect(child.terminationStatus != 0)
-        #expect(stderr.contains("cannot be reached") && stderr.split(separator: "\n").count == 1, "\(stderr)")
         arrived = try FileManager.default.contentsOfDirectory(atPath: cache + "/packs").filter { !$0.hasPrefix(".") }.count
         #expect(arrived >= 2 && arrived < 16, "packs before the endpoint went: \(arrived)")
 
@@ -380,6 +381,71 @@ struct OffsiteTests {
         #expect(try remote.verify().isClean)
         _ = try remote.restore(try remote.point("erp", point.id), disk: "disk", to: scratch.file("out"))
         #expect(Disk.contents(scratch.file("out")) == Disk.contents(disk))
+    }
+
+    @Test("a disk served from the bucket: right bytes through a small evicting cache; a second mount starts warm; the endpoint gone longer than the retries: EIO and status says why, then reads again")
+    func mountFromBucket() throws {
+        let store = try ObjectStore.get()
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        let size = 48 << 20
+        try Disk.make(disk, size: size, writes: [(0, Bytes.random(size, seed: 321))])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        try repo.protect(Machine(name: "nas", disks: Repository.diskNames(for: [disk])))
+        _ = try repo.backup("nas")
+        let address = store.newAddress()
+        _ = try repo.sync(to: try store.target(address, cache: scratch.file("site-a-cache")))
+        let expected = Disk.contents(disk)
+        let cache = scratch.file("cache")
+        let mountpoint = scratch.file("mnt")
+        try FileManager.default.createDirectory(atPath: mountpoint, withIntermediateDirectories: true)
+        let served = mountpoint + "/nas/latest/disk.raw"
+        func mount(_ extra: [String] = []) throws {
+            let result = try CLI.run(["mount", mountpoint, "--repo", address, "--cache-dir", cache] + extra,
+                                     environment: ["LIFEBOAT_S3_ENDPOINT": SpareGateway.endpoint, "LIFEBOAT_S3_RETRY_SECONDS": "2"])
+            #expect(result.status == 0, "\(result.stderr)")
+        }
+        func unmount() { _ = try? CLI.run(["unmount", mountpoint]) }
+        defer { unmount() }
+        func cached() -> Int {
+            ((try? FileManager.default.contentsOfDirectory(atPath: cache + "/chunks")) ?? []).reduce(0) { total, name in
+                total + ((try? FileManager.default.attributesOfItem(atPath: cache + "/chunks/" + name)[.size] as? Int) ?? 0)
+            }
+        }
+        func read(_ range: Range<Int>) throws -> [UInt8] {
+            let handle = try FileHandle(forReadingFrom: URL(fileURLWithPath: served))
+            defer { try? handle.close() }
+            try handle.seek(toOffset: UInt64(range.lowerBound))
+            return Array(try handle.read(upToCount: range.count) ?? Data())
+        }
+        try SpareGateway.exclusively {
+            // 16 MiB of cache for a 48 MiB disk: what is read is right while chunks come and go.
+            try mount(["--s3-cache-size", "\(16 << 20)"])
+            #expect(try read(0..<size) == expected)
+            #expect(cached() <= (16 << 20) + (1 << 20), "the cache folder keeps to its bound: \(cached())")
+            unmount()
+
+            // Warm: what the cache holds is read with the endpoint gone.
+            try mount()
+            #expect(try read(0..<size) == expected)
+            unmount()
+            try SpareGateway.stop()
+            try mount()
+            #expect(try read(0..<size) == expected, "a warm cache serves every byte without the endpoint")
+            unmount()
+
+            // Cold, the endpoint gone longer than the retries: an I/O error, never a wrong byte; status says why.
+            try FileManager.default.removeItem(atPath: cache + "/chunks")
+            try mount()
+            #expect(throws: (any Error).self) { _ = try read(0..<(1 << 20)) }
+            let status = try CLI.run(["status", "--repo", address, "--cache-dir", cache, "--json"],
+                                     environment: ["LIFEBOAT_HOT": scratch.file("hot")])
+            #expect(status.stdout.contains("are failing since"), "\(status.stdout) \(status.stderr)")
+            try SpareGateway.start()
+            #expect(try read(0..<(1 << 20)) == Array(expected[0..<(1 << 20)]), "reads again once the endpoint is back")
+            let after = try CLI.run(["status", "--repo", address, "--cache-dir", cache, "--json"], environment: ["LIFEBOAT_HOT": scratch.file("hot")])
+            #expect(!after.stdout.contains("are failing since"), "\(after.stdout)")
+        }
     }
 
     @Test("a wrong clock and a full bucket: one line each")

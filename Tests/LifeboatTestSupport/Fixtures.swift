@@ -188,3 +188,27 @@ public enum DemoDisk {
         try sh(["debugfs", "-R", "cat /\(name)", "\(path)?offset=\(dataOffset)"])
     }
 }
+
+/// The second radosgw scripts/ceph-rgw starts over the same store, for tests that stop an
+/// endpoint: they hold `outage` while they run, so two of them never stop it at once, and tests
+/// using the first gateway never see it go.
+public enum SpareGateway {
+    nonisolated(unsafe) public static let outage = NSLock()
+
+    public static var endpoint: String {
+        ProcessInfo.processInfo.environment["LIFEBOAT_S3_ENDPOINT_SPARE"] ?? "http://127.0.0.1:7481"
+    }
+
+    public static func stop() throws { try sh([packageRoot + "/scripts/ceph-rgw", "stop-gateway", "spare"]) }
+    public static func start() throws { try sh([packageRoot + "/scripts/ceph-rgw", "start-gateway", "spare"]) }
+
+    /// Runs `body` holding the outage lock; the spare gateway is running again afterwards.
+    public static func exclusively<T>(_ body: () throws -> T) throws -> T {
+        outage.lock()
+        defer {
+            _ = try? start()
+            outage.unlock()
+        }
+        return try body()
+    }
+}
