@@ -49,10 +49,30 @@ struct SiteLossTests {
         let status = try siteB.status(shop)
         #expect(status["lastPoint"] as? String == synced[0]["id"] as? String, "site B knows the synced point from the bucket: \(status)")
 
-        let drill = try siteB.drillJSON([shop, "--wait-for", "LIFEBOAT-READY", "--timeout", "150s"])
-        #expect(drill.status == 0, "\(drill.stderr)")
-        #expect(drill.drill["result"] as? String == "passed")
+        // Wrong keys at site B: one line.
+        let wrong = try CLI.run(["points", shop], environment: siteB.environment.merging(["AWS_SECRET_ACCESS_KEY": "wrong"]) { $1 })
+        #expect(wrong.status != 0 && wrong.stderr.contains("refused the credentials") && wrong.stderr.split(separator: "\n").count == 1, "\(wrong.stderr)")
+
+        // The drill, its cache cold, through an endpoint that goes away for a few seconds while the VM boots.
+        var drillResult: (status: Int32, stdout: String, stderr: String) = (0, "", "")
+        try SpareGateway.exclusively {
+            let process = CLI.start(["test-failover", shop, "--wait-for", "LIFEBOAT-READY", "--timeout", "150s", "--json"],
+                                    environment: siteB.environment.merging(["LIFEBOAT_S3_ENDPOINT": SpareGateway.endpoint]) { $1 })
+            Thread.sleep(forTimeInterval: 2)
+            try SpareGateway.stop()
+            Thread.sleep(forTimeInterval: 4)
+            try SpareGateway.start()
+            let out = (process.standardOutput as! Pipe).fileHandleForReading.readDataToEndOfFile()
+            let err = (process.standardError as! Pipe).fileHandleForReading.readDataToEndOfFile()
+            process.waitUntilExit()
+            drillResult = (process.terminationStatus, String(decoding: out, as: UTF8.self), String(decoding: err, as: UTF8.self))
+        }
+        let drill = (status: drillResult.status,
+                     drill: (try? JSONSerialization.jsonObject(with: Data(drillResult.stdout.utf8))) as? [String: Any] ?? [:])
+        #expect(drill.status == 0, "\(drillResult.stderr)")
+        #expect(drill.drill["result"] as? String == "passed", "the drill survived the endpoint's absence: \(drillResult.stdout)")
         #expect(siteB.console(drill.drill).contains("LIFEBOAT-MARKER: marker synced"), "\(siteB.console(drill.drill))")
+        #expect(!siteB.console(drill.drill).contains("never synced"))
         try siteB.check(["stop-test", shop])
         #expect(!siteB.domainExists("lifeboat-test-" + shop))
 
