@@ -14,6 +14,18 @@ struct RepositoryKeys: Sendable {
         encryption = SymmetricKey(data: master[0..<32])
         id = SymmetricKey(data: master[32..<64])
     }
+
+    /// `bytes` sealed with AES-256-GCM under the chunk key, bound to `context` (what the bytes are and where they belong).
+    func seal(_ bytes: [UInt8], context: String) throws -> [UInt8] {
+        Array(try AES.GCM.seal(bytes, using: encryption, authenticating: Array(context.utf8)).combined!)
+    }
+
+    /// What `seal` sealed; nil when it does not authenticate under this key and `context`.
+    func open(_ stored: [UInt8], context: String) -> [UInt8]? {
+        guard let box = try? AES.GCM.SealedBox(combined: stored),
+              let plain = try? AES.GCM.open(box, using: encryption, authenticating: Array(context.utf8)) else { return nil }
+        return Array(plain)
+    }
 }
 
 /// A frame of a stored chunk: the chunk's id and the frame's number.
@@ -317,19 +329,16 @@ final class ChunkCodec: Sendable {
     /// the repository key and bound to `name` (machine/point/file) in an encrypted repository,
     /// as given otherwise.
     func sealFile(_ bytes: [UInt8], name: String) throws -> [UInt8] {
-        guard let keys else { return bytes }
-        return Array(try AES.GCM.seal(bytes, using: keys.encryption, authenticating: Array("lifeboat-file:\(name)".utf8)).combined!)
+        try keys?.seal(bytes, context: "lifeboat-file:\(name)") ?? bytes
     }
 
     /// The bytes `sealFile` stored. - Throws: `.damaged` when they do not authenticate.
     func openFile(_ stored: [UInt8], name: String) throws -> [UInt8] {
         guard let keys else { return stored }
-        do {
-            return Array(try AES.GCM.open(try AES.GCM.SealedBox(combined: stored), using: keys.encryption,
-                                          authenticating: Array("lifeboat-file:\(name)".utf8)))
-        } catch {
+        guard let plain = keys.open(stored, context: "lifeboat-file:\(name)") else {
             throw LifeboatError(.damaged, "\(name) is damaged or was altered: authentication failed")
         }
+        return plain
     }
 
     /// The digest of frame `k` of a plaintext chunk.

@@ -43,15 +43,18 @@ struct PackIndex: Sendable {
         guard bytes.count >= 16 + 32, Array(bytes[0..<8]) == Self.magic,
               Array(SHA256.hash(data: bytes[0..<(bytes.count - 32)])) == Array(bytes[(bytes.count - 32)...]) else { throw damaged }
         try bytes.withUnsafeBytes { raw in
-            let count = Int(UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self)))
-            guard count >= 0, 16 + count * Self.entrySize + 32 == raw.count else { throw damaged }
+            // The bucket is not trusted: every number is checked before it is used.
+            let declared = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+            guard declared == UInt64((raw.count - 48) / Self.entrySize), (raw.count - 48) % Self.entrySize == 0 else { throw damaged }
+            let count = Int(declared)
             entries.reserveCapacity(count)
             for i in 0..<count {
                 let at = 16 + i * Self.entrySize
                 let id = ChunkID(bytes: UnsafeRawBufferPointer(rebasing: raw[at..<(at + 32)]))
-                let offset = Int(UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: at + 32, as: UInt64.self)))
+                let offset = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: at + 32, as: UInt64.self))
                 let length = Int(UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: at + 40, as: UInt32.self)))
-                entries.append((id, offset, length))
+                guard offset < 1 << 40, length > 0 else { throw damaged }
+                entries.append((id, Int(offset), length))
             }
         }
     }
@@ -103,19 +106,16 @@ public final class ObjectRepository: Sendable {
     /// under the repository key, bound to its key in the bucket (a manifest moved to another
     /// point's name does not open); otherwise as it is.
     static func seal(_ bytes: [UInt8], name: String, keys: RepositoryKeys?) throws -> [UInt8] {
-        guard let keys else { return bytes }
-        return Array(try AES.GCM.seal(bytes, using: keys.encryption, authenticating: Array("lifeboat-object:\(name)".utf8)).combined!)
+        try keys?.seal(bytes, context: "lifeboat-object:\(name)") ?? bytes
     }
 
     /// - Throws: `.damaged` naming the object when it does not authenticate.
     func unseal(_ stored: [UInt8], name: String, keys: RepositoryKeys?) throws -> [UInt8] {
         guard let keys else { return stored }
-        do {
-            return Array(try AES.GCM.open(try AES.GCM.SealedBox(combined: stored), using: keys.encryption,
-                                          authenticating: Array("lifeboat-object:\(name)".utf8)))
-        } catch {
+        guard let plain = keys.open(stored, context: "lifeboat-object:\(name)") else {
             throw LifeboatError(.damaged, "\(location.description)\(name) is damaged or was altered (it does not authenticate under the repository key)")
         }
+        return plain
     }
 
     /// The target's config.json, or nil when there is no repository there yet.
@@ -245,14 +245,17 @@ final class PackChunkStore: ChunkStore {
         var entries: [(path: String, used: Int, size: Int)] = []
         for name in try FileSystem.list(cache) where !name.hasPrefix(".") {
             var st = stat()
-            if stat(cache + "/" + name, &st) == 0 { entries.append((cache + "/" + name, st.st_mtim.tv_sec, Int(st.st_size))) }
+            if stat(cache + "/" + name, &st) == 0 {
+                entries.append((cache + "/" + name, st.st_mtim.tv_sec * 1_000_000_000 + st.st_mtim.tv_nsec, Int(st.st_size)))
+            }
         }
-        var over = entries.reduce(0) { $0 + $1.size } - cacheLimit * 8 / 10
+        let measured = entries.reduce(0) { $0 + $1.size }   // other processes share the folder: count what is there
+        var over = measured - cacheLimit * 8 / 10
         var freed = 0
         for entry in entries.sorted(by: { $0.used < $1.used }) where over > 0 && entry.path != path {
             if unlink(entry.path) == 0 { over -= entry.size; freed += entry.size }
         }
-        cachedBytes.withLock { $0 = max(0, $0 - freed) }
+        cachedBytes.withLock { $0 = max(0, measured - freed) }
     }
 
     private func cachePath(_ id: ChunkID) -> String { cache + "/" + id.hex }
@@ -286,8 +289,17 @@ final class PackChunkStore: ChunkStore {
             utimes(path, nil)   // used now: evicted last
             return file
         }
-        try keep(try remote.chunk(id, at: try location(id)), at: path)
-        return try PosixFile.openForReading(path, what: "cached chunk")
+        let bytes = try remote.chunk(id, at: try location(id))
+        try keep(bytes, at: path)
+        if let file = try? PosixFile(path: path, flags: O_RDONLY) { return file }
+        // Evicted at once by another reader of the folder: an unnamed file of its own serves this read.
+        do {
+            let file = try PosixFile(path: cache, flags: O_TMPFILE | O_RDWR, mode: 0o600)
+            try bytes.withUnsafeBytes { try file.write($0, at: 0) }
+            return file
+        } catch {
+            throw LifeboatError.io(error, "cannot keep chunk \(id.hex) in", cache)
+        }
     }
 
     private func readOnly() -> LifeboatError {

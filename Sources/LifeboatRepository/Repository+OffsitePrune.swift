@@ -20,6 +20,13 @@ extension Repository {
             throw LifeboatError(.busy, "a sync to \(remote.description) is running: run gc after it")
         }
         defer { withExtendedLifetime(lock) {} }
+        // What the bucket holds now, not when this repository was opened: a sync that finished
+        // while gc waited for it published points whose packs must stay.
+        try Self.mirrorManifests(remote, into: root, keys: keys)
+        guard remote.problems.isEmpty else {
+            throw LifeboatError(.damaged, "\(remote.description) has manifests that cannot be read (see verify): gc cannot tell which packs they use, so it deletes nothing")
+        }
+        let locations = try remote.loadPackIndexes()
         var referenced = try liveChunks()
         var bySource: [ChunkID: [ChunkID]] = [:]
         for record in try loadReferenceCatalogue() { bySource[record.source, default: []].append(record.target.chunk) }
@@ -27,9 +34,8 @@ extension Repository {
         while let id = pending.popLast() {
             for target in bySource[id] ?? [] where referenced.insert(target).inserted { pending.append(target) }
         }
-        guard let packStore = store as? PackChunkStore else { return GCResult(referenced: referenced.count, removed: 0, bytesFreed: 0, dryRun: dryRun) }
         var packs: [String: (chunks: Int, used: Bool)] = [:]
-        for (id, location) in packStore.locations {
+        for (id, location) in locations {
             packs[location.pack, default: (0, false)].chunks += 1
             if referenced.contains(id) { packs[location.pack]!.used = true }
         }

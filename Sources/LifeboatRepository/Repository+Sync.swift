@@ -33,6 +33,17 @@ public struct OffsiteCopy: Codable, Sendable, Equatable {
     public var failedAt: Date?
 }
 
+/// True for a name the bucket may give a file or folder of the mirror: one path segment of
+/// letters, digits and `._@+-`, not starting with a dot (so never `.` or `..`). The bucket is not
+/// trusted: anything else is reported and left out, never written.
+func isSafeSegment<S: StringProtocol>(_ name: S) -> Bool {
+    guard let first = name.utf8.first, first != UInt8(ascii: "."), name.utf8.count <= 128 else { return false }
+    return name.utf8.allSatisfy { c in
+        (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x5a) || (c >= 0x61 && c <= 0x7a)
+            || c == UInt8(ascii: ".") || c == UInt8(ascii: "_") || c == UInt8(ascii: "-") || c == UInt8(ascii: "@") || c == UInt8(ascii: "+")
+    }
+}
+
 /// point.json as it travels: the point and the point published before it at the target, so a
 /// point that vanishes from the bucket while a newer one names it is noticed (a roll-back).
 struct PointEnvelope: Codable {
@@ -85,6 +96,15 @@ extension Repository {
             throw LifeboatError(.notFound, "no repository at \(remote.description): copy points there with 'lifeboat sync --to \(remote.description)'")
         }
         let config = try decodeConfig(configBytes, name: remote.description + "config.json")
+        // Pinned: a config.json that changed since this host's last look (another id, other keys,
+        // encryption gone) is not the repository it read before, and is not believed.
+        if let seen = FileSystem.contents(mirror + "/config.json"), seen != configBytes,
+           let before = try? JSONDecoder.lifeboat.decode(RepositoryConfig.self, from: Data(seen)) {
+            let encoder = JSONEncoder.lifeboat
+            if before.id != config.id || (try? encoder.encode(before.encryption)) != (try? encoder.encode(config.encryption)) {
+                throw LifeboatError(.damaged, "the config.json of \(remote.description) is not the one this host read before (another id or other keys): someone replaced it; check the bucket, or read it with a new --cache-dir if that is what you meant")
+            }
+        }
         let keys = try keys(config, name: remote.description, password: password)
         try FileSystem.makeDirectories(mirror + "/machines")
         try FileSystem.writeAtomically(configBytes, to: mirror + "/config.json", syncDirectory: false)
@@ -93,11 +113,13 @@ extension Repository {
         return Repository(root: mirror, config: config, keys: keys, store: store, remote: remote)
     }
 
-    private static func mirrorManifests(_ remote: ObjectRepository, into mirror: String, keys: RepositoryKeys?) throws {
+    static func mirrorManifests(_ remote: ObjectRepository, into mirror: String, keys: RepositoryKeys?) throws {
         func fetch(_ name: String) throws -> [UInt8]? { try remote.client.get(remote.key(name)) }
         for folder in ["dictionaries", "compact"] {   // sealed files of their own: as they are
             for object in try remote.client.list(prefix: remote.key(folder + "/")) {
-                let path = mirror + "/" + object.key.dropFirst(remote.location.prefix.count)
+                let name = object.key.dropFirst(remote.key(folder + "/").count)
+                guard isSafeSegment(name) else { remote.report("\(object.key) in \(remote.description) has a name lifeboat does not write: left out"); continue }
+                let path = mirror + "/" + folder + "/" + name
                 if FileSystem.exists(path) { continue }
                 guard let bytes = try remote.client.get(object.key) else { continue }
                 try FileSystem.makeDirectories(FileSystem.parent(of: path))
@@ -106,6 +128,10 @@ extension Repository {
         }
         try FileSystem.makeDirectories(mirror + "/plans")
         let plans = try remote.client.list(prefix: remote.key("plans/")).map { String($0.key.dropFirst(remote.location.prefix.count)) }
+            .filter { name in
+                guard isSafeSegment(name.dropFirst("plans/".count)) else { remote.report("\(name) in \(remote.description) has a name lifeboat does not write: left out"); return false }
+                return true
+            }
         for name in plans {
             do {
                 guard let stored = try fetch(name) else { continue }
@@ -120,7 +146,11 @@ extension Repository {
         var pointFiles: [String: [String]] = [:]
         var pruned: Set<String> = []   // "machine/points/ID" with a note that prune removed it
         for object in try remote.client.list(prefix: remote.key("machines/")) {
-            let parts = object.key.dropFirst(remote.location.prefix.count).split(separator: "/").map(String.init)
+            let parts = object.key.dropFirst(remote.location.prefix.count).split(separator: "/", omittingEmptySubsequences: false).map(String.init)
+            guard parts.count >= 3, parts.dropFirst().allSatisfy(isSafeSegment), (try? Machine.validate(name: parts[1])) != nil else {
+                remote.report("\(object.key) in \(remote.description) has a name lifeboat does not write: left out")
+                continue
+            }
             if parts.count == 3, parts[2] == "machine.json" { machineFiles.insert(parts[1]) }
             if parts.count == 4, parts[2] == "pruned" { pruned.insert(parts[1] + "/points/" + parts[3]) }
             if parts.count == 5, parts[2] == "points" { pointFiles[parts[1] + "/points/" + parts[3], default: []].append(parts[4]) }
@@ -158,7 +188,10 @@ extension Repository {
         var previous: [String: String] = [:]   // "machine/points/ID" -> the point published before it
         for (name, files) in visible.sorted(by: { $0.key < $1.key }) {
             let machine = String(name.prefix { $0 != "/" })
-            guard usable.contains(machine) else { continue }
+            guard usable.contains(machine) else {
+                remote.report("point \(name.split(separator: "/").last!) of \(machine) is in \(remote.description) without a readable machine.json: left out")
+                continue
+            }
             let final = mirror + "/machines/" + name
             do {
                 guard let stored = try fetch("machines/\(name)/point.json") else { continue }
@@ -211,7 +244,11 @@ extension Repository {
             throw LifeboatError(.busy, "another sync to \(target.description) is running on this host: wait for it to finish")
         }
         let sourceLock = try repositoryLock(.shared, wait: true)  // gc waits: no chunk vanishes mid-sync
-        defer { withExtendedLifetime((lock, sourceLock)) {} }
+        // No compact meanwhile: it could make a chunk refer to one this sync did not plan to send.
+        let compactLock = try FileLock.exclusive(root + "/compact.lock") {
+            "a compact of \(self.root) is running\($0): sync after it"
+        }
+        defer { withExtendedLifetime((lock, sourceLock, compactLock)) {} }
         let retainUntil = objectLockDays.map { started.addingTimeInterval(Double($0) * 86400) }
         try prepareTarget(target)
         var result = SyncResult(target: target.description)
@@ -231,6 +268,17 @@ extension Repository {
         // Which points are missing at the target, and which of their chunks.
         let chosen = names.isEmpty ? try machines().map(\.name) : names
         let references = Dictionary(grouping: try loadReferenceCatalogue(), by: \.source).mapValues { $0.map(\.target.chunk) }
+        /// Every chunk a point reads: its disks' and those their compacted frames refer to.
+        func neededChunks(_ point: RecoveryPoint) throws -> Set<ChunkID> {
+            var needed = Set<ChunkID>()
+            var stack: [ChunkID] = []
+            for disk in point.disks { stack += try self.index(point, disk: disk.name).ids }
+            while let id = stack.popLast() {
+                guard !id.isZero, needed.insert(id).inserted else { continue }
+                stack += references[id] ?? []
+            }
+            return needed
+        }
         var plan: [(RecoveryPoint, [ChunkID])] = []
         var planned = Set<ChunkID>()
         var total = 0
@@ -260,14 +308,37 @@ extension Repository {
         var pack: [UInt8] = []
         var index = PackIndex()
         var waiting: [RecoveryPoint] = []
+        func put() throws {
+            guard !index.entries.isEmpty else { return }
+            let name = try target.putPack(pack, index: index, retainUntil: retainUntil)
+            for entry in index.entries { locations[entry.id] = PackLocation(pack: name, offset: entry.offset, length: entry.length) }
+            result.packs += 1
+            progress.add(pack.count)
+            pack.removeAll(keepingCapacity: true)
+            index = PackIndex()
+        }
+        func add(_ id: ChunkID) throws {
+            let stored = try store.read(id)
+            index.entries.append((id, pack.count, stored.count))
+            pack += stored
+            result.chunks += 1
+            result.bytes += stored.count
+        }
         func flush() throws {
-            if !index.entries.isEmpty {
-                let name = try target.putPack(pack, index: index, retainUntil: retainUntil)
-                for entry in index.entries { locations[entry.id] = PackLocation(pack: name, offset: entry.offset, length: entry.length) }
-                result.packs += 1
-                progress.add(pack.count)
-                pack.removeAll(keepingCapacity: true)
-                index = PackIndex()
+            try put()
+            guard !waiting.isEmpty else { return }
+            // Before a point is published, every pack it needs must still be there: a gc at the
+            // target (from another host, of packs no point used yet) may have removed one.
+            let present = Set(try target.client.list(prefix: target.key("packs/")).map(\.key))
+            var needed = Set<ChunkID>()
+            for point in waiting { needed.formUnion(try neededChunks(point)) }
+            let gone = needed.filter { id in
+                guard let location = locations[id] else { return true }
+                return !present.contains(target.key(location.pack + ".pack"))
+            }
+            if !gone.isEmpty {
+                for id in gone { try add(id) }
+                try put()
             }
             for point in waiting {
                 try publish(point, previous: newestThere[point.machine], to: target, retainUntil: retainUntil)
@@ -279,11 +350,7 @@ extension Repository {
         pack.reserveCapacity(packSize + (16 << 20))
         for (point, chunks) in plan {
             for id in chunks {
-                let stored = try store.read(id)
-                index.entries.append((id, pack.count, stored.count))
-                pack += stored
-                result.chunks += 1
-                result.bytes += stored.count
+                try add(id)
                 if pack.count >= packSize { try flush() }
             }
             waiting.append(point)
@@ -325,8 +392,9 @@ extension Repository {
     private func uploadMachine(_ name: String, to target: ObjectRepository) throws {
         let bytes = try PosixFile.openForReading(machinePath(name) + "/machine.json", what: "machine").readAll()
         let sent = target.cacheRoot + "/sent-machine-" + name + ".json"
-        if FileSystem.contents(sent) == bytes { return }
         let key = "machines/\(name)/machine.json"
+        // Sent before and still there (a bucket emptied since would have lost it).
+        if FileSystem.contents(sent) == bytes, try target.client.exists(target.key(key)) { return }
         try target.client.put(target.key(key), try ObjectRepository.seal(bytes, name: key, keys: keys))
         try FileSystem.writeAtomically(bytes, to: sent, syncDirectory: false)
     }
@@ -339,7 +407,7 @@ extension Repository {
         for file in try FileSystem.list(folder) where !file.hasPrefix(".") {
             guard let bytes = FileSystem.contents(folder + "/" + file) else { continue }
             let sent = target.cacheRoot + "/sent-plans/" + file
-            if FileSystem.contents(sent) == bytes { continue }
+            if FileSystem.contents(sent) == bytes, try target.client.exists(target.key("plans/" + file)) { continue }
             try target.client.put(target.key("plans/" + file), try ObjectRepository.seal(bytes, name: "plans/" + file, keys: keys))
             try FileSystem.writeAtomically(bytes, to: sent, syncDirectory: false)
         }

@@ -284,6 +284,7 @@ public final class S3Client: Sendable {
     private func url(for key: String?, query: [(String, String)]) -> (url: String, host: String, path: String) {
         let endpoint = URL(string: settings.endpoint)!
         var host = endpoint.host!
+        if host.contains(":") && !host.hasPrefix("[") { host = "[" + host + "]" }   // IPv6
         if let port = endpoint.port { host += ":\(port)" }
         var path = settings.pathStyle ? "/" + bucket : ""
         if let key { path += "/" + SignatureV4.encodePath(key) } else if !settings.pathStyle || path.isEmpty { path += "/" }
@@ -320,7 +321,9 @@ public final class S3Client: Sendable {
             }
             let retryable: String
             do {
-                let response = try Self.http.execute(request: request, deadline: .now() + .seconds(600)).wait()
+                // No overall deadline: a large body on a slow link takes its time; a connection
+                // that stops moving fails on the read timeout.
+                let response = try Self.http.execute(request: request).wait()
                 let status = Int(response.status.code)
                 let bytes = response.body.map { Array($0.readableBytesView) } ?? []
                 if (200..<300).contains(status) { return Answer(status: status, body: bytes) }
@@ -336,7 +339,7 @@ public final class S3Client: Sendable {
             } catch {
                 retryable = "cannot be reached (\(Self.describe(error)))"
             }
-            if Date().timeIntervalSince(started) + delay > settings.retrySeconds {
+            if attempt >= 3 && Date().timeIntervalSince(started) + delay > settings.retrySeconds {
                 throw LifeboatError(.io, "the S3 endpoint \(settings.endpoint) \(retryable) for \(Int(Date().timeIntervalSince(started).rounded())) s while lifeboat tried to \(what) \(describe(key)) (\(attempt) attempts): check that it is up, then run the command again")
             }
             counts.withLock { $0.retries += 1 }

@@ -42,6 +42,12 @@ struct RepositoryOptions: ParsableArguments {
             return given
         }
         let repository = try remote.map { try Repository.open(remote: $0, password: ask) } ?? Repository.open(at: path, password: ask)
+        // A password given for a bucket whose config says "not encrypted": its config.json may have
+        // been replaced by whoever holds the bucket, to make readers take forged manifests.
+        if let remote = repository.remote, !repository.config.isEncrypted,
+           passwordFile != nil || passwordStdin || ProcessInfo.processInfo.environment["LIFEBOAT_PASSWORD"] != nil {
+            throw LifeboatError(.damaged, "\(remote.description) says it is not encrypted, yet a password was given: its config.json may have been replaced; check the bucket (unset $LIFEBOAT_PASSWORD if it really is unencrypted)")
+        }
         // What is wrong with the bucket's manifests is said on every command that reads them.
         for problem in repository.remote?.problems ?? [] { FileHandle.standardError.write(Data("warning: \(problem)\n".utf8)) }
         return (repository, given)

@@ -224,6 +224,21 @@ struct OffsiteTests {
         for object in try client.list(prefix: prefix + "machines/hr/points/\(points[2].id)/") { try client.delete(object.key) }
         (remote, problems) = try open()
         #expect(problems.contains { $0.contains("point \(points[2].id) of hr is missing") && $0.contains(points[3].id) }, "\(problems)")
+        // Names the bucket gives that lifeboat will not write are left out and named.
+        try client.put(prefix + "dictionaries/.hidden", [1, 2, 3])
+        (_, problems) = try open()
+        #expect(problems.contains { $0.contains("dictionaries/.hidden") }, "\(problems)")
+        try client.delete(prefix + "dictionaries/.hidden")
+
+        // config.json replaced by one without encryption: a host that read the bucket before refuses it.
+        _ = try Repository.open(remote: try store.target(address, cache: scratch.file("pinned"))) { "pw" }
+        let plain = try Repository.create(at: scratch.file("plain"))
+        try client.put(prefix + "config.json", Disk.contents(plain.root + "/config.json"))
+        #expect(throws: LifeboatError.self) { _ = try Repository.open(remote: try store.target(address, cache: scratch.file("pinned"))) { "pw" } }
+        let forged = try CLI.run(["points", "hr", "--repo", address, "--cache-dir", scratch.file("forged")], environment: ["LIFEBOAT_PASSWORD": "pw"])
+        #expect(forged.status != 0 && forged.stderr.contains("says it is not encrypted"), "\(forged.stderr)")
+        try client.put(prefix + "config.json", Disk.contents(repo.root + "/config.json"))
+
         let cli = try CLI.run(["verify", "--repo", address, "--cache-dir", scratch.file("cli-cache")], environment: ["LIFEBOAT_PASSWORD": "pw"])
         #expect(cli.status == 3 && cli.stdout.contains("DAMAGED"), "\(cli.stdout) \(cli.stderr)")
         #expect(cli.stderr.contains("warning: point \(points[2].id) of hr is missing"), "\(cli.stderr)")
