@@ -167,8 +167,15 @@ public final class S3Client: Sendable {
 
     // MARK: Objects
 
+    /// Bodies larger than this go up in parts (multipart upload): one PUT is limited to 5 GiB, and
+    /// a part that fails is sent again alone. 100 MiB: packs (64 MiB) go in one PUT each.
+    static let multipartThreshold = ProcessInfo.processInfo.environment["LIFEBOAT_S3_MULTIPART_THRESHOLD"].flatMap(Int.init) ?? (100 << 20)
+    /// 16 MiB parts (S3's smallest is 5 MiB, but for the last).
+    static let partSize = max(5 << 20, ProcessInfo.processInfo.environment["LIFEBOAT_S3_PART_SIZE"].flatMap(Int.init) ?? (16 << 20))
+
     /// Writes an object. With `retainUntil`, in Object Lock compliance mode until then.
     public func put(_ key: String, _ body: [UInt8], retainUntil: Date? = nil) throws {
+        if body.count > Self.multipartThreshold { return try putInParts(key, body, retainUntil: retainUntil) }
         var headers: [(String, String)] = [("content-type", "application/octet-stream")]
         if let retainUntil {
             headers.append(("content-md5", Data(Insecure.MD5.hash(data: body)).base64EncodedString()))
@@ -177,6 +184,54 @@ public final class S3Client: Sendable {
         }
         _ = try send("PUT", key: key, headers: headers, body: body, what: "write")
         counts.withLock { $0.puts += 1; $0.bytesSent += body.count }
+    }
+
+    /// A multipart upload: started, sent part by part (each retried on its own), completed; aborted
+    /// when it fails, so no parts are left to pay for.
+    private func putInParts(_ key: String, _ body: [UInt8], retainUntil: Date?) throws {
+        var headers: [(String, String)] = [("content-type", "application/octet-stream")]
+        if let retainUntil {
+            headers.append(("x-amz-object-lock-mode", "COMPLIANCE"))
+            headers.append(("x-amz-object-lock-retain-until-date", Self.iso8601(retainUntil)))
+        }
+        guard let started = try send("POST", key: key, query: [("uploads", "")], headers: headers, what: "write"),
+              let upload = Self.xmlValue(started.body, "UploadId") else {
+            throw LifeboatError(.io, "the S3 endpoint did not start a multipart upload of \(describe(key))")
+        }
+        counts.withLock { $0.puts += 1 }
+        do {
+            var parts: [String] = []
+            var offset = 0
+            while offset < body.count {
+                let part = Array(body[offset..<min(offset + Self.partSize, body.count)])
+                let md5 = retainUntil == nil ? [] : [("content-md5", Data(Insecure.MD5.hash(data: part)).base64EncodedString())]
+                let query = [("partNumber", "\(parts.count + 1)"), ("uploadId", upload)]
+                guard let answer = try send("PUT", key: key, query: query, headers: md5, body: part, what: "write"),
+                      let etag = answer.headers["etag"].first else {
+                    throw LifeboatError(.io, "the S3 endpoint gave no ETag for part \(parts.count + 1) of \(describe(key))")
+                }
+                counts.withLock { $0.puts += 1; $0.bytesSent += part.count }
+                parts.append(etag)
+                offset += part.count
+            }
+            let list = parts.enumerated().map { "<Part><PartNumber>\($0.offset + 1)</PartNumber><ETag>\($0.element)</ETag></Part>" }.joined()
+            let done = try send("POST", key: key, query: [("uploadId", upload)],
+                                body: Array("<CompleteMultipartUpload>\(list)</CompleteMultipartUpload>".utf8), what: "write")
+            counts.withLock { $0.puts += 1 }
+            // An error can come with status 200 once the parts are being joined.
+            if let done, let code = Self.xmlValue(done.body, "Code") {
+                throw LifeboatError(.io, "the S3 endpoint could not complete the upload of \(describe(key)) (\(code))")
+            }
+        } catch {
+            _ = try? send("DELETE", key: key, query: [("uploadId", upload)], what: "abort the upload of")
+            throw error
+        }
+    }
+
+    /// The text of the first element named `name` in an XML answer.
+    private static func xmlValue(_ body: [UInt8], _ name: String) -> String? {
+        guard !body.isEmpty, let document = try? XMLDocument(data: Data(body)) else { return nil }
+        return (try? document.nodes(forXPath: "//*[local-name()='\(name)']").first?.stringValue) ?? nil
     }
 
     /// An object's bytes, or those of `range`; nil when there is no such object.
@@ -279,6 +334,7 @@ public final class S3Client: Sendable {
     private struct Answer {
         let status: Int
         let body: [UInt8]
+        var headers = HTTPHeaders()
     }
 
     private func url(for key: String?, query: [(String, String)]) -> (url: String, host: String, path: String) {
@@ -326,7 +382,7 @@ public final class S3Client: Sendable {
                 let response = try Self.http.execute(request: request).wait()
                 let status = Int(response.status.code)
                 let bytes = response.body.map { Array($0.readableBytesView) } ?? []
-                if (200..<300).contains(status) { return Answer(status: status, body: bytes) }
+                if (200..<300).contains(status) { return Answer(status: status, body: bytes, headers: response.headers) }
                 let code = Self.errorCode(bytes) ?? (method == "HEAD" && status == 404 ? "NoSuchKey" : "HTTP \(status)")
                 if status == 404 && code == "NoSuchKey" && missingIsNil { return nil }
                 if status >= 500 || code == "SlowDown" {

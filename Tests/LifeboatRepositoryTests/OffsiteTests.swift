@@ -487,6 +487,31 @@ struct OffsiteTests {
         #expect(full.stderr.contains("full") && full.stderr.split(separator: "\n").count == 1, "\(full.stderr)")
     }
 
+    @Test("objects larger than the multipart threshold go up in parts, under Object Lock too, and read back whole")
+    func multipartUpload() throws {
+        let store = try ObjectStore.get()
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        try Disk.make(disk, size: 24 << 20, writes: [(0, Bytes.random(24 << 20, seed: 331))])
+        let repo = try Repository.create(at: scratch.file("repo"))
+        try repo.protect(Machine(name: "big", disks: Repository.diskNames(for: [disk])))
+        let point = try repo.backup("big")
+        let address = store.newAddress()
+        // Packs of 12 MiB, sent in parts of 5 MiB once larger than 4 MiB.
+        let synced = try CLI.run(["sync", "--repo", repo.root, "--to", address, "--cache-dir", scratch.file("cache"), "--pack-size", "\(12 << 20)",
+                                  "--object-lock", "1", "--json"],
+                                 environment: ["LIFEBOAT_S3_MULTIPART_THRESHOLD": "\(4 << 20)", "LIFEBOAT_S3_PART_SIZE": "\(5 << 20)"])
+        #expect(synced.status == 0, "\(synced.stderr)")
+        let result = try JSONDecoder.lifeboat.decode(SyncResult.self, from: Data(synced.stdout.utf8))
+        #expect(result.packs == 2)
+        // Each pack: start, 3 parts, complete; its index in one PUT; config, machine, 3 point files.
+        #expect(result.requests.puts == 2 * (1 + 3 + 1) + 2 + 2 + 3, "\(result.requests)")
+        let remote = try Repository.open(remote: try store.target(address, cache: scratch.file("reader")))
+        #expect(try remote.verify().isClean)
+        _ = try remote.restore(try remote.point("big", point.id), disk: "disk", to: scratch.file("out"))
+        #expect(Disk.contents(scratch.file("out")) == Disk.contents(disk))
+    }
+
     @Test("wrong keys, a missing bucket and an endpoint that is down: one line each, nothing sent")
     func badTargets() throws {
         let store = try ObjectStore.get()
