@@ -324,12 +324,16 @@ extension Repository {
             result.chunks += 1
             result.bytes += stored.count
         }
-        func flush() throws {
+        var listed = Date()
+        func flush(last: Bool = false) throws {
             try put()
-            guard !waiting.isEmpty else { return }
-            // Before a point is published, every pack it needs must still be there: a gc at the
-            // target (from another host, of packs no point used yet) may have removed one.
+            guard !waiting.isEmpty, last || Date().timeIntervalSince(listed) > 600 else { return }
+            // Before points are published, every pack they need must still be there: a gc at the
+            // target (from another host, of old packs no visible point used) may have removed one.
+            // Checked with one listing at the end and every 10 minutes of a long sync (not per pack:
+            // a listing of 16,000 packs is 16 requests).
             let present = Set(try target.client.list(prefix: target.key("packs/")).map(\.key))
+            listed = Date()
             var needed = Set<ChunkID>()
             for point in waiting { needed.formUnion(try neededChunks(point)) }
             let gone = needed.filter { id in
@@ -355,7 +359,7 @@ extension Repository {
             }
             waiting.append(point)
         }
-        try flush()
+        try flush(last: true)
         for name in chosen {
             let there = try target.visiblePoints(name)
             let newest = try points(name).last { there.contains($0.id) }
