@@ -164,14 +164,15 @@ extension Recovery {
     /// Stores a checked plan (replacing one of the same name).
     public func applyPlan(_ plan: Plan) throws {
         try FileSystem.makeDirectories(plansDirectory)
-        try FileSystem.writeAtomically(Array(try JSONEncoder.lifeboat.encode(plan)), to: planPath(plan.name))
+        try repository.writeManifest(Array(try JSONEncoder.lifeboat.encode(plan)), "plans/\(plan.name).json")
     }
 
     public func plan(_ name: String) throws -> Plan {
         try Machine.validate(name: name)
-        guard let data = FileSystem.contents(planPath(name)) else {
+        guard let stored = FileSystem.contents(planPath(name)) else {
             throw LifeboatError(.notFound, "no plan named \(name) in \(repository.root): see lifeboat plans, or store it with lifeboat plan apply FILE")
         }
+        let data = try repository.openManifest(stored, name: "plans/\(name).json")
         do { return try JSONDecoder.lifeboat.decode(Plan.self, from: Data(data)) } catch {
             throw LifeboatError(.damaged, "plan \(planPath(name)) cannot be read (\(error)): apply the plan file again")
         }

@@ -74,22 +74,23 @@ extension DiskIndex {
 }
 
 extension Repository {
-    func layoutsPath(_ machine: String, _ id: String, disk: String) -> String { pointPath(machine, id) + "/" + disk + ".layouts" }
+    func layoutsPath(_ machine: String, _ id: String, disk: String) -> String { root + "/" + layoutsName(machine, id, disk: disk) }
+    func layoutsName(_ machine: String, _ id: String, disk: String) -> String { "machines/\(machine)/points/\(id)/\(disk).layouts" }
 
     /// The chunk layouts a point's DISK.layouts gives, each checked against its chunk id (none
     /// when the point has no such file or it cannot be read: the caller reads the headers).
     /// Their inode is unknown: `readFrame` checks them against the chunk file's size.
     public func storedLayouts(_ point: RecoveryPoint, disk: String) -> [ChunkID: ChunkLayout] {
         var layouts: [ChunkID: ChunkLayout] = [:]
-        for table in storedTables(at: layoutsPath(point.machine, point.id, disk: disk)) {
+        for table in storedTables(layoutsName(point.machine, point.id, disk: disk)) {
             if let layout = try? layout(of: table) { layouts[table.id] = layout }
         }
         return layouts
     }
 
-    /// The entries of the layouts file at `path` (none when it is missing or unreadable).
-    func storedTables(at path: String) -> [ChunkTable] {
-        guard let file = try? PosixFile.openForReading(path, what: "layouts"), let bytes = try? file.readAll() else { return [] }
+    /// The entries of the layouts file `name` (none when it is missing or unreadable).
+    func storedTables(_ name: String) -> [ChunkTable] {
+        guard let bytes = try? readManifest(name) else { return [] }
         return DiskLayouts.decode(bytes)
     }
 
@@ -97,11 +98,11 @@ extension Repository {
     /// `DiskLayouts.limit`: `DiskIndex.distinctIDs(limit:)`): entries from
     /// `carried` (the parent point's file, not checked again: readers check), the rest read
     /// from the chunk files (those a backup has just written are in the page cache).
-    func writeLayouts(of ids: [ChunkID], carrying carried: [ChunkTable], to path: String) throws {
+    func writeLayouts(of ids: [ChunkID], carrying carried: [ChunkTable], name: String, at path: String? = nil) throws {
         var known: [ChunkID: ChunkTable] = [:]
         for table in carried { known[table.id] = table }
         for (id, table) in chunkTables(ids.filter { known[$0] == nil }) { known[id] = table }
-        try FileSystem.writeAtomically(DiskLayouts.encode(ids.compactMap { known[$0] }), to: path, syncDirectory: false)
+        try writeManifest(DiskLayouts.encode(ids.compactMap { known[$0] }), name, at: path, syncDirectory: false)
     }
 
     /// After `compact`: rewrites the layouts files that describe chunks it replaced (their
@@ -111,16 +112,16 @@ extension Repository {
         for machine in (try? machineNames()) ?? [] {
             for point in (try? points(machine)) ?? [] {
                 for disk in point.disks {
-                    let path = layoutsPath(machine, point.id, disk: disk.name)
+                    let name = layoutsName(machine, point.id, disk: disk.name)
                     var carried: [ChunkTable] = []
-                    if FileSystem.exists(path) {
+                    if FileSystem.exists(root + "/" + name) {
                         guard !rewritten.isEmpty else { continue }
-                        let tables = storedTables(at: path)
+                        let tables = storedTables(name)
                         carried = tables.filter { !rewritten.contains($0.id) }
                         guard carried.count < tables.count else { continue }
                     }
                     guard let index = try? index(point, disk: disk.name) else { continue }
-                    try? writeLayouts(of: index.distinctIDs(limit: DiskLayouts.limit), carrying: carried, to: path)
+                    try? writeLayouts(of: index.distinctIDs(limit: DiskLayouts.limit), carrying: carried, name: name)
                 }
             }
         }

@@ -12,7 +12,9 @@ public final class IndexReader: Sendable {
     public let chunkSize: Int
     public let diskSize: Int
     public let count: Int
-    private let file: PosixFile
+    private let file: PosixFile?
+    /// Every id, for an index read whole (a sealed one: it opens only whole).
+    private let whole: [ChunkID]?
     private let pages = Locked<[Int: [ChunkID]]>([:])
     private static let idsPerPage = 128
     private static let maxPages = 1024  // 4 MiB of ids: 128 GiB of disk at 1 MiB chunks
@@ -23,6 +25,7 @@ public final class IndexReader: Sendable {
             throw LifeboatError(.damaged, "index \(path) cannot be read (\(error)): the point is damaged")
         }
         self.file = file
+        self.whole = nil
         var header = [UInt8](repeating: 0, count: 32)
         let n = try? header.withUnsafeMutableBytes { try file.read(into: $0, at: 0) }
         func u64(_ offset: Int) -> Int {
@@ -38,8 +41,16 @@ public final class IndexReader: Sendable {
         }
     }
 
+    /// A reader of an index read whole.
+    init(_ index: DiskIndex) {
+        (chunkSize, diskSize, count) = (index.chunkSize, index.diskSize, index.ids.count)
+        (file, whole) = (nil, index.ids)
+    }
+
     /// The distinct ids of the first `limit` chunks that are not holes (one read of that part of the index).
     public func ids(limit: Int) throws -> [ChunkID] {
+        if let whole { return DiskIndex.distinct(whole.prefix(limit)) }
+        guard let file else { return [] }
         let n = min(limit, count)
         let bytes: [UInt8]
         do { bytes = try [UInt8](filling: n * 32) { try file.read(into: $0, at: 32) } } catch {
@@ -54,12 +65,14 @@ public final class IndexReader: Sendable {
     /// The id of chunk `i` if its page of the index is in memory (no read), else nil.
     public func cachedID(at i: Int) -> ChunkID? {
         precondition(i >= 0 && i < count)
+        if let whole { return whole[i] }
         return pages.withLock { $0[i / Self.idsPerPage] }.map { $0[i % Self.idsPerPage] }
     }
 
     /// The id of chunk `i` (zero for a hole).
     public func id(at i: Int) throws -> ChunkID {
         if let id = cachedID(at: i) { return id }
+        guard let file else { throw LifeboatError(.damaged, "index of \(count) chunks has no chunk \(i)") }
         let page = i / Self.idsPerPage
         let first = page * Self.idsPerPage
         let n = min(Self.idsPerPage, count - first)
@@ -83,7 +96,8 @@ public final class IndexReader: Sendable {
 extension Repository {
     /// A lazy reader of one disk's index in a recovery point.
     public func indexReader(_ point: RecoveryPoint, disk: String) throws -> IndexReader {
-        try IndexReader(path: indexPath(point.machine, point.id, disk: disk))
+        if sealsManifests { return IndexReader(try index(point, disk: disk)) }
+        return try IndexReader(path: indexPath(point.machine, point.id, disk: disk))
     }
 
     /// One recovery point, read from its own point.json only.
@@ -92,7 +106,7 @@ extension Repository {
         guard !id.hasPrefix("."), !id.contains("/"), FileSystem.exists(pointPath(machine, id) + "/point.json") else {
             throw LifeboatError(.notFound, "machine \(machine) has no recovery point \(id)")
         }
-        return try decode(RecoveryPoint.self, pointPath(machine, id) + "/point.json")
+        return try decodeManifest(RecoveryPoint.self, "machines/\(machine)/points/\(id)/point.json")
     }
 
     /// True when the point exists (is not pruned), without reading it.
@@ -100,9 +114,9 @@ extension Repository {
         !id.hasPrefix(".") && !id.contains("/") && FileSystem.exists(pointPath(machine, id) + "/point.json")
     }
 
-    /// The bytes of a point's point.json, as stored.
+    /// The bytes of a point's point.json (opened, when the repository seals manifests).
     public func pointManifest(_ machine: String, _ id: String) throws -> [UInt8] {
-        try PosixFile.openForReading(pointPath(machine, id) + "/point.json", what: "point").readAll()
+        try readManifest("machines/\(machine)/points/\(id)/point.json")
     }
 
     /// Names of protected machines, without reading their settings.

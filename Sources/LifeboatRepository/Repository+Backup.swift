@@ -25,7 +25,7 @@ extension Repository {
         let machine = try self.machine(name)
         let chunkSize = self.chunkSize(of: machine)
         progress.setLimit((machine.bandwidth ?? 0) << 20)
-        return try writePoint(name, chunkSize: chunkSize, now: now) { previous, known, staging in
+        return try writePoint(name, chunkSize: chunkSize, now: now) { previous, known, staging, id in
             var sources: [(disk: MachineDisk, file: PosixFile, size: Int)] = []
             for configured in machine.disks {
                 let disk = MachineDisk(name: configured.name, path: overrides[configured.name] ?? configured.path)
@@ -67,7 +67,7 @@ extension Repository {
                 }
                 disks.append(disk)
                 bytesRead += read
-                try writeDiskFiles(index, disk: disk.name, machine: name, previous: previous, into: staging)
+                try writeDiskFiles(index, disk: disk.name, machine: name, previous: previous, id: id, into: staging)
             }
             return PointDraft(disks: disks, bytesRead: bytesRead, consistency: consistent ? "consistent" : "changed-during-backup")
         }
@@ -87,7 +87,7 @@ extension Repository {
         let machine = try self.machine(name)
         let chunkSize = self.chunkSize(of: machine)
         progress.setLimit((machine.bandwidth ?? 0) << 20)
-        return try writePoint(name, chunkSize: chunkSize, now: now) { previous, known, staging in
+        return try writePoint(name, chunkSize: chunkSize, now: now) { previous, known, staging, id in
             progress.start(total: captures.reduce(0) { $0 + $1.size })
             var disks: [PointDisk] = []
             var bytesRead = 0
@@ -102,7 +102,7 @@ extension Repository {
                 Trace.mark("disk \(capture.name) read")
                 disks.append(disk)
                 bytesRead += read
-                try writeDiskFiles(index, disk: disk.name, machine: name, previous: previous, into: staging)
+                try writeDiskFiles(index, disk: disk.name, machine: name, previous: previous, id: id, into: staging)
             }
             try checkBeforeCommit()
             var draft = PointDraft(disks: disks, bytesRead: bytesRead, consistency: details.consistency)
@@ -122,7 +122,7 @@ extension Repository {
     /// The locking, staging and commit every point shares: `makeDisks` writes the indexes into
     /// `staging`; the point becomes visible only once every chunk and index is durable.
     private func writePoint(_ name: String, chunkSize: Int, now: Date,
-                            makeDisks: (_ previous: RecoveryPoint?, _ known: ChunkSet, _ staging: String) throws -> PointDraft) throws -> RecoveryPoint {
+                            makeDisks: (_ previous: RecoveryPoint?, _ known: ChunkSet, _ staging: String, _ id: String) throws -> PointDraft) throws -> RecoveryPoint {
         let started = Date()   // (the callers have read the machine: it exists)
         let machineLock = try FileLock.exclusive(machinePath(name) + "/backup.lock") {
             "a backup of machine \(name) is already running\($0): wait for it to finish"
@@ -134,9 +134,11 @@ extension Repository {
         Trace.mark("locks, previous point, known chunks")
         let pointsDir = pointsPath(name)
         let staging = pointsDir + "/" + FileSystem.temporaryName()
+        // Chosen before the disks are read: a sealed manifest is bound to its point's name.
+        let id = Self.pointID(for: now, existing: Set(try FileSystem.list(pointsDir)))
         try FileSystem.makeDirectory(staging)
         do {
-            var draft = try makeDisks(previous, known, staging)
+            var draft = try makeDisks(previous, known, staging, id)
             Trace.mark("disks read and stored")
             for index in draft.disks.indices {
                 if let old = previous?.disks.first(where: { $0.name == draft.disks[index].name }), old.size != draft.disks[index].size {
@@ -144,7 +146,7 @@ extension Repository {
                 }
             }
             var point = RecoveryPoint(
-                id: Self.pointID(for: now, existing: Set(try FileSystem.list(pointsDir))), machine: name, time: now,
+                id: id, machine: name, time: now,
                 consistency: draft.consistency, parent: previous?.id,
                 chunkSize: chunkSize, disks: draft.disks, bytesRead: draft.bytesRead,
                 seconds: Date().timeIntervalSince(started))
@@ -158,7 +160,8 @@ extension Repository {
                     try writeFile(try codec.sealFile(bytes, name: "\(name)/\(point.id)/\(file)"), staging + "/" + file)
                 }
             }
-            try writeFile(Array(try JSONEncoder.lifeboat.encode(point)), staging + "/point.json")
+            try writeFile(try sealManifest(Array(try JSONEncoder.lifeboat.encode(point)), name: "machines/\(name)/points/\(id)/point.json"),
+                          staging + "/point.json")
             try store.sync()  // every chunk the point names is durable before the point is visible
             Trace.mark("synced")
             try FileSystem.rename(staging, pointsDir + "/" + point.id)
@@ -173,11 +176,13 @@ extension Repository {
 
     /// Writes a disk's index and its layouts file (entries for the chunks the parent's file
     /// described are taken from it) into a point being assembled.
-    private func writeDiskFiles(_ index: DiskIndex, disk: String, machine: String, previous: RecoveryPoint?, into staging: String) throws {
-        try writeFile(index.encoded(), staging + "/" + disk + ".idx")
+    private func writeDiskFiles(_ index: DiskIndex, disk: String, machine: String, previous: RecoveryPoint?,
+                                id: String, into staging: String) throws {
+        try writeFile(try sealManifest(index.encoded(), name: indexName(machine, id, disk: disk)), staging + "/" + disk + ".idx")
         Trace.mark("disk \(disk): index written")
-        let carried = previous.map { storedTables(at: layoutsPath(machine, $0.id, disk: disk)) } ?? []
-        try writeLayouts(of: index.distinctIDs(limit: DiskLayouts.limit), carrying: carried, to: staging + "/" + disk + ".layouts")
+        let carried = previous.map { storedTables(layoutsName(machine, $0.id, disk: disk)) } ?? []
+        try writeLayouts(of: index.distinctIDs(limit: DiskLayouts.limit), carrying: carried,
+                         name: layoutsName(machine, id, disk: disk), at: staging + "/" + disk + ".layouts")
         Trace.mark("disk \(disk): layouts written (\(carried.count) carried from the parent point)")
     }
 

@@ -45,6 +45,7 @@ extension Repository {
         if !dryRun {
             let dir = pointsPath(machine)
             for id in removed {
+                if sealsManifests { try writePrunedNote(machine, id) }
                 let trash = dir + "/" + FileSystem.temporaryName()
                 try FileSystem.rename(dir + "/" + id, trash)
                 try FileSystem.syncDirectory(dir)
@@ -53,6 +54,31 @@ extension Repository {
         }
         withExtendedLifetime(lock) {}
         return PruneResult(kept: kept, removed: removed, dryRun: dryRun)
+    }
+
+    // MARK: Roll-back
+
+    func prunedNoteName(_ machine: String, _ id: String) -> String { "machines/\(machine)/pruned/\(id)" }
+
+    /// Says, sealed, that prune removed `id`: a point gone without it was deleted by someone
+    /// else (or the repository rolled back), which `verify` names.
+    func writePrunedNote(_ machine: String, _ id: String) throws {
+        try FileSystem.makeDirectories(machinePath(machine) + "/pruned")
+        try writeManifest(Array("pruned \(id)".utf8), prunedNoteName(machine, id))
+    }
+
+    /// Points of `machine` that vanished while a newer one names them as the point before it,
+    /// with no note that prune removed them: a deleted point or a rolled-back repository. Only
+    /// repositories that seal manifests keep such notes (and only their points cannot be forged).
+    public func rolledBackPoints(_ machine: String) throws -> [String] {
+        guard sealsManifests else { return [] }
+        let points = try self.points(machine)
+        let ids = Set(points.map(\.id))
+        return points.compactMap { point in
+            guard let parent = point.parent, !ids.contains(parent),
+                  (try? readManifest(prunedNoteName(machine, parent))) != Array("pruned \(parent)".utf8) else { return nil }
+            return "point \(parent) of \(machine) is missing from \(root) while point \(point.id) names it as the point before it: someone deleted it or rolled the repository back"
+        }
     }
 
     // MARK: Holds

@@ -394,7 +394,7 @@ extension Repository {
 
     /// machine.json, when it differs from what this host last sent there.
     private func uploadMachine(_ name: String, to target: ObjectRepository) throws {
-        let bytes = try PosixFile.openForReading(machinePath(name) + "/machine.json", what: "machine").readAll()
+        let bytes = try readManifest("machines/\(name)/machine.json")
         let sent = target.cacheRoot + "/sent-machine-" + name + ".json"
         let key = "machines/\(name)/machine.json"
         // Sent before and still there (a bucket emptied since would have lost it).
@@ -409,7 +409,7 @@ extension Repository {
         guard FileSystem.exists(folder) else { return }
         try FileSystem.makeDirectories(target.cacheRoot + "/sent-plans")
         for file in try FileSystem.list(folder) where !file.hasPrefix(".") {
-            guard let bytes = FileSystem.contents(folder + "/" + file) else { continue }
+            guard let bytes = try? readManifest("plans/" + file) else { continue }
             let sent = target.cacheRoot + "/sent-plans/" + file
             if FileSystem.contents(sent) == bytes, try target.client.exists(target.key("plans/" + file)) { continue }
             try target.client.put(target.key("plans/" + file), try ObjectRepository.seal(bytes, name: "plans/" + file, keys: keys))
@@ -423,11 +423,13 @@ extension Repository {
         let folder = pointPath(point.machine, point.id)
         let files = try FileSystem.list(folder).filter { !$0.hasPrefix(".") && $0 != "point.json" }.sorted() + ["point.json"]
         for file in files {
-            var bytes = try PosixFile.openForReading(folder + "/" + file, what: "point file").readAll()
+            let key = "machines/\(point.machine)/points/\(point.id)/\(file)"
+            // Manifests go opened (the bucket's seal binds them to their key there); attachments as kept here.
+            let manifest = file == "point.json" || file.hasSuffix(".idx") || file.hasSuffix(".layouts")
+            var bytes = manifest ? try readManifest(key) : try PosixFile.openForReading(folder + "/" + file, what: "point file").readAll()
             if file == "point.json" {
                 bytes = Array(try JSONEncoder.lifeboat.encode(PointEnvelope(previous: previous, point: Data(bytes))))
             }
-            let key = "machines/\(point.machine)/points/\(point.id)/\(file)"
             try target.client.put(target.key(key), try ObjectRepository.seal(bytes, name: key, keys: keys), retainUntil: retainUntil)
         }
     }

@@ -44,7 +44,10 @@ extension Repository {
             if let point {
                 selected.append(try self.point(name, point))
             } else {
-                do { selected += try points(name) } catch let error as LifeboatError where error.code == .damaged {
+                do {
+                    selected += try points(name)
+                    damagedPoints += try rolledBackPoints(name)
+                } catch let error as LifeboatError where error.code == .damaged {
                     damagedPoints.append(error.message)
                 }
             }

@@ -31,8 +31,12 @@ public final class Repository: Sendable {
     /// 1 MiB chunks and about 105 MiB of 256 KiB ones (measured by hand on bench-replicate's disk, docs/REPLICATION.md).
     public static let replicationChunkSize = 256 << 10
 
-    /// The format this lifeboat writes: 2 since chunks carry a mode per frame (docs/FORMAT.md).
-    public static let format = 2
+    /// The newest format this lifeboat writes (docs/FORMAT.md): 2 since chunks carry a mode per
+    /// frame; 3 for encrypted repositories whose manifests are sealed (`sealsManifests`).
+    public static let format = 3
+    /// The format of new unencrypted repositories, and the one a backup or compact raises older
+    /// ones to (manifests written plaintext stay so: such repositories are read as before).
+    static let chunkFormat = 2
 
     public let root: String
     public let config: RepositoryConfig
@@ -118,7 +122,7 @@ public final class Repository: Sendable {
             // 64 KiB frames of the bench image: 2.4% smaller than plain level 1 at its speed.
             (compression.hashLog, compression.minMatch) = (16, 5)
         }
-        let config = RepositoryConfig(format: format, id: UUID().uuidString.lowercased(), chunkSize: chunkSize, frameSize: frameSize,
+        let config = RepositoryConfig(format: password == nil ? chunkFormat : format, id: UUID().uuidString.lowercased(), chunkSize: chunkSize, frameSize: frameSize,
                                       compression: compression, encryption: wrapping)
         if let remote {
             try remote.client.put(remote.key("config.json"), Array(try JSONEncoder.lifeboat.encode(config)))
@@ -209,9 +213,9 @@ public final class Repository: Sendable {
     /// Chunks of the second format go only into a repository that says so: lifeboat versions that
     /// know only the first then refuse it in one sentence instead of calling chunks damaged.
     func upgradeFormat() throws {
-        guard config.format < Self.format else { return }
+        guard config.format < Self.chunkFormat else { return }
         var upgraded = config
-        upgraded.format = Self.format
+        upgraded.format = Self.chunkFormat
         try FileSystem.writeAtomically(Array(try JSONEncoder.lifeboat.encode(upgraded)), to: root + "/config.json")
     }
 
@@ -228,7 +232,7 @@ public final class Repository: Sendable {
     /// Rewrites a machine's settings.
     public func save(_ machine: Machine) throws {
         try requireLocal("saving a machine")
-        try FileSystem.writeAtomically(Array(try JSONEncoder.lifeboat.encode(machine)), to: machinePath(machine.name) + "/machine.json")
+        try writeManifest(Array(try JSONEncoder.lifeboat.encode(machine)), "machines/\(machine.name)/machine.json")
     }
 
     /// Disk names from paths: the file name without extension, made unique with a suffix.
@@ -253,7 +257,7 @@ public final class Repository: Sendable {
         guard FileSystem.exists(path) else {
             throw LifeboatError(.notFound, "no machine named \(name) in \(root): see 'lifeboat machines'")
         }
-        return try decode(Machine.self, path)
+        return try decodeManifest(Machine.self, "machines/\(name)/machine.json")
     }
 
     public func machines() throws -> [Machine] {
@@ -293,7 +297,7 @@ public final class Repository: Sendable {
                 if FileSystem.isStaleTemporary(name) { FileSystem.removeTree(dir + "/" + name) }
                 continue
             }
-            points.append(try decode(RecoveryPoint.self, dir + "/" + name + "/point.json"))
+            points.append(try decodeManifest(RecoveryPoint.self, "machines/\(machine)/points/\(name)/point.json"))
         }
         return points.sorted { ($0.time, $0.id) < ($1.time, $1.id) }
     }
@@ -315,7 +319,9 @@ public final class Repository: Sendable {
     public func index(_ point: RecoveryPoint, disk: String) throws -> DiskIndex {
         let path = indexPath(point.machine, point.id, disk: disk)
         do {
-            return try DiskIndex(decoding: try PosixFile(path: path, flags: O_RDONLY).readAll(), path: path)
+            return try DiskIndex(decoding: try readManifest(indexName(point.machine, point.id, disk: disk)), path: path)
+        } catch let error as LifeboatError where error.code == .damaged {
+            throw error
         } catch {
             throw LifeboatError(.damaged, "index \(path) cannot be read (\((error as? Errno)?.lifeboatText ?? "\(error)")): the point is damaged")
         }
@@ -494,12 +500,50 @@ public final class Repository: Sendable {
         }
     }
 
-    func decode<T: Decodable>(_ type: T.Type, _ path: String) throws -> T {
-        let bytes = try PosixFile.openForReading(path, what: "file").readAll()
+    // MARK: Manifests
+
+    /// True when this repository keeps its manifests (machine.json, point.json, DISK.idx,
+    /// DISK.layouts, plans, prune notes) sealed with AES-256-GCM under the repository key, each
+    /// bound to its path from the root, so that one moved under another name does not open:
+    /// encrypted repositories made by format 3 on. Older ones are read as before (plaintext).
+    /// A bucket's mirror holds the manifests it opened.
+    public var sealsManifests: Bool { keys != nil && config.format >= 3 && remote == nil }
+
+    func indexName(_ machine: String, _ id: String, disk: String) -> String { "machines/\(machine)/points/\(id)/\(disk).idx" }
+
+    /// A manifest's bytes as they are stored at `name` (its path from the root).
+    public func sealManifest(_ bytes: [UInt8], name: String) throws -> [UInt8] {
+        sealsManifests ? try codec.sealFile(bytes, name: "manifest:" + name) : bytes
+    }
+
+    /// Opens the stored bytes of the manifest at `name`.
+    /// - Throws: `.damaged` naming it when it does not authenticate (altered, or moved from another name).
+    public func openManifest(_ stored: [UInt8], name: String) throws -> [UInt8] {
+        guard sealsManifests else { return stored }
+        do { return try codec.openFile(stored, name: "manifest:" + name) } catch {
+            throw LifeboatError(.damaged, "\(root)/\(name) is damaged or was altered (it does not authenticate under the repository key, or belongs under another name)")
+        }
+    }
+
+    /// The manifest at `name` (its path from the root), opened.
+    /// - Throws: `.notFound` when it is missing, `.damaged` when it does not authenticate.
+    public func readManifest(_ name: String) throws -> [UInt8] {
+        try openManifest(try PosixFile.openForReading(root + "/" + name, what: "file").readAll(), name: name)
+    }
+
+    /// Writes the manifest `name` (its path from the root) at `path` (its final place, or a
+    /// staging folder's file that is renamed there), sealed when the repository seals manifests.
+    public func writeManifest(_ bytes: [UInt8], _ name: String, at path: String? = nil, syncDirectory: Bool = true) throws {
+        try FileSystem.writeAtomically(try sealManifest(bytes, name: name), to: path ?? root + "/" + name, syncDirectory: syncDirectory)
+    }
+
+    /// The JSON manifest at `name`, opened and decoded.
+    func decodeManifest<T: Decodable>(_ type: T.Type, _ name: String) throws -> T {
+        let bytes = try readManifest(name)
         do {
             return try JSONDecoder.lifeboat.decode(type, from: Data(bytes))
         } catch {
-            throw LifeboatError(.damaged, "\(path) is damaged: \(error)")
+            throw LifeboatError(.damaged, "\(root)/\(name) is damaged: \(error)")
         }
     }
 

@@ -188,6 +188,93 @@ struct BackupRestoreTests {
         }
     }
 
+    @Test("an encrypted repository seals its manifests: no disk path, address or point id readable; a changed, swapped or rolled-back one is named; format 2 ones are read as before")
+    func sealedManifests() throws {
+        let scratch = Scratch()
+        let diskPath = scratch.file("payroll-secret-disk.raw")
+        try Disk.make(diskPath, size: 2 << 20, writes: [(0, Bytes.random(2 << 20, seed: 0x51))])
+        let repo = try Repository.create(at: scratch.file("repo"), password: "correct horse", chunkSize: chunk)
+        #expect(repo.sealsManifests && repo.config.format == 3)
+        var machine = Machine(name: "hr", disks: [MachineDisk(name: "vda", path: diskPath)])
+        machine.ip = "10.77.31.9"
+        try repo.protect(machine)
+        var points: [RecoveryPoint] = []
+        for seed in [0x52, 0x54, 0x58, 0x60] {
+            Disk.patch(diskPath, writes: [(seed << 12, Bytes.random(4096, seed: UInt64(seed)))])
+            points.append(try repo.backup("hr"))
+        }
+        let root = scratch.file("repo")
+        let folder = root + "/machines/hr/points/"
+        // Nothing a manifest says is readable in the files: paths, the address, point ids, times.
+        let secrets = [diskPath, "10.77.31.9", "payroll", points[0].id, "consistent", "\"disks\""]
+        let files = [root + "/machines/hr/machine.json"] + points.flatMap { point in
+            ["point.json", "vda.idx", "vda.layouts"].map { folder + point.id + "/" + $0 }
+        }
+        for file in files {
+            let stored = Disk.contents(file)
+            #expect(!stored.isEmpty, "\(file) is there")
+            for secret in secrets {
+                #expect(!stored.windows(ofCount: secret.utf8.count).contains { $0.elementsEqual(Array(secret.utf8)) }, "\(secret) in \(file)")
+            }
+            #expect(Array(stored.prefix(8)) != DiskIndex.magic)
+        }
+        // Read back whole with the key: points, indexes, layouts, the restored disk.
+        let reopened = try Repository.open(at: root) { "correct horse" }
+        #expect(try reopened.machine("hr").ip == "10.77.31.9")
+        #expect(try reopened.points("hr").map(\.id) == points.map(\.id))
+        #expect(!reopened.storedLayouts(points[3], disk: "vda").isEmpty)
+        #expect(try reopened.indexReader(points[3], disk: "vda").id(at: 0) == (try reopened.index(points[3], disk: "vda")).ids[0])
+        _ = try reopened.restore(points[3], disk: "vda", to: scratch.file("out.raw"))
+        #expect(Disk.contents(scratch.file("out.raw")) == Disk.contents(diskPath))
+        #expect(try reopened.verify().isClean)
+
+        // Swapped: point 1's manifest put under point 2's name does not open there.
+        let saved = Disk.contents(folder + points[2].id + "/point.json")
+        try Data(Disk.contents(folder + points[1].id + "/point.json")).write(to: URL(fileURLWithPath: folder + points[2].id + "/point.json"))
+        do { _ = try reopened.points("hr"); Issue.record("a swapped manifest was read") } catch let error as LifeboatError {
+            #expect(error.code == .damaged && error.message.contains("machines/hr/points/\(points[2].id)/point.json"))
+        }
+        #expect(try !reopened.verify().isClean)
+        try Data(saved).write(to: URL(fileURLWithPath: folder + points[2].id + "/point.json"))
+        // Changed: one byte of an index.
+        var index = Disk.contents(folder + points[3].id + "/vda.idx")
+        index[index.count / 2] ^= 1
+        try Data(index).write(to: URL(fileURLWithPath: folder + points[3].id + "/vda.idx"))
+        do { _ = try reopened.index(points[3], disk: "vda"); Issue.record("a changed index was read") } catch let error as LifeboatError {
+            #expect(error.code == .damaged && error.message.contains("vda.idx") && error.message.contains("altered"))
+        }
+        index[index.count / 2] ^= 1
+        try Data(index).write(to: URL(fileURLWithPath: folder + points[3].id + "/vda.idx"))
+
+        // Pruned on purpose: no alarm. Deleted behind lifeboat's back: named by verify.
+        let pruned = try reopened.prune("hr", policy: RetentionPolicy(last: 3))
+        #expect(pruned.removed == [points[0].id])
+        #expect(try reopened.rolledBackPoints("hr").isEmpty)
+        #expect(try reopened.verify().isClean)
+        try FileManager.default.removeItem(atPath: folder + points[1].id)
+        let problems = try reopened.rolledBackPoints("hr")
+        #expect(problems.count == 1 && problems[0].contains("point \(points[1].id) of hr is missing") && problems[0].contains(points[2].id))
+        #expect(try reopened.verify().damagedPoints == problems)
+        // A prune note forged with another key, or copied under another name, does not excuse it.
+        try FileManager.default.copyItem(atPath: root + "/machines/hr/pruned/" + points[0].id, toPath: root + "/machines/hr/pruned/" + points[1].id)
+        #expect(try reopened.rolledBackPoints("hr").count == 1)
+
+        // A format-2 encrypted repository (made before manifests were sealed) is read and written as before.
+        let old = try Repository.create(at: scratch.file("old"), password: "pw", chunkSize: chunk)
+        var config = old.config
+        config.format = 2
+        try FileSystem.writeAtomically(Array(try JSONEncoder.lifeboat.encode(config)), to: scratch.file("old") + "/config.json")
+        let older = try Repository.open(at: scratch.file("old")) { "pw" }
+        #expect(!older.sealsManifests)
+        try older.protect(Machine(name: "hr", disks: [MachineDisk(name: "vda", path: diskPath)]))
+        let point = try older.backup("hr")
+        let plain = Disk.contents(scratch.file("old") + "/machines/hr/points/\(point.id)/point.json")
+        #expect((try? JSONDecoder.lifeboat.decode(RecoveryPoint.self, from: Data(plain)))?.id == point.id, "plaintext, as before")
+        #expect(try Repository.open(at: scratch.file("old")) { "pw" }.config.format == 2, "a backup does not raise it to 3")
+        _ = try older.restore(point, disk: "vda", to: scratch.file("old.raw"))
+        #expect(Disk.contents(scratch.file("old.raw")) == Disk.contents(diskPath))
+    }
+
     @Test("encrypted chunks hold no plaintext; the right password reads them, a wrong one fails cleanly")
     func encryption() throws {
         let scratch = Scratch()
