@@ -235,13 +235,15 @@ package enum FileSystem {
     }
 
     /// Writes `bytes` to `path` atomically: temporary name, fsync, rename, fsync of the directory.
-    package static func writeAtomically(_ bytes: [UInt8], to path: String, syncDirectory: Bool = true) throws {
+    /// - Parameter durable: false for a cache's files: no fsync (after a crash a file may be
+    ///   there short or empty; its reader checks its length).
+    package static func writeAtomically(_ bytes: [UInt8], to path: String, syncDirectory: Bool = true, durable: Bool = true) throws {
         let dir = parent(of: path)
         let tmp = dir + "/" + temporaryName()
         do {
             let file = try PosixFile(path: tmp, flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o600)
             try bytes.withUnsafeBytes { raw in try file.write(raw, at: 0) }
-            try file.sync()
+            if durable { try file.sync() }
         } catch {
             unlink(tmp)
             throw LifeboatError.io(error, "cannot write", path)

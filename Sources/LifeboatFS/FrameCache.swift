@@ -221,6 +221,10 @@ public final class FrameCache: Sendable {
         adopt(layouts)
     }
 
+    /// Takes layouts a point's DISK.layouts gives, now (a disk served from a bucket: its first
+    /// reads then fetch just their frames, and frames kept in the cache folder are found).
+    func adoptLayouts(_ layouts: [ChunkID: ChunkLayout]) { adopt(layouts) }
+
     /// Keeps the layouts of chunks it has none of, up to what the layout cache holds; returns
     /// the chunks whose layouts it kept.
     @discardableResult

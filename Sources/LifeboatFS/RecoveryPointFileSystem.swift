@@ -159,6 +159,7 @@ public final class RecoveryPointFileSystem: FuseFileSystem {
             do {
                 let disk = DiskFile(index: try repository.indexReader(point, disk: diskName), label: "\(name)/\(id)/\(diskName).raw")
                 file = .disk(disk)
+                if repository.remote != nil { cache.adoptLayouts(repository.storedLayouts(point, disk: diskName)) }
                 warmLayouts(of: disk, point: point, name: diskName)
             } catch {
                 log("cannot open \(name)/\(id)/\(diskName).raw: \(error)")
@@ -256,17 +257,28 @@ public final class RecoveryPointFileSystem: FuseFileSystem {
     private func startReadahead(_ disk: DiskFile, from offset: Int) {
         // Whole chunks, one read each, a few chunks ahead of the reader, on several threads.
         let chunkSize = disk.index.chunkSize
-        let window = 8 * chunkSize
+        // From a bucket further ahead: each fetch waits a round trip, and spans more chunks.
+        let window = (repository.remote == nil ? 8 : 32) * chunkSize
         let start = (offset / chunkSize) * chunkSize
         guard let range = disk.claimReadahead(start..<min(disk.index.diskSize, start + window)) else { return }
         let frames = (chunkSize + repository.config.frameSize - 1) / repository.config.frameSize
-        for chunk in (range.lowerBound / chunkSize)..<((range.upperBound + chunkSize - 1) / chunkSize) {
-            guard let id = try? disk.id(chunk), !id.isZero else { continue }
-            guard readaheadSlots.wait(timeout: .now()) == .success else { return }
-            readahead.async { [self] in
-                defer { readaheadSlots.signal() }
-                cache.prefetch(id, frames: frames)
+        let ids = ((range.lowerBound / chunkSize)..<((range.upperBound + chunkSize - 1) / chunkSize)).compactMap { chunk in
+            (try? disk.id(chunk)).flatMap { $0.isZero ? nil : $0 }
+        }
+        let decode: @Sendable () -> Void = { [self] in
+            for id in ids {
+                guard readaheadSlots.wait(timeout: .now()) == .success else { return }
+                readahead.async { [self] in
+                    defer { readaheadSlots.signal() }
+                    cache.prefetch(id, frames: frames)
+                }
             }
+        }
+        guard repository.remote != nil else { return decode() }
+        // From a bucket: the window's chunks first come in a few large range GETs, then are decoded.
+        readahead.async { [self] in
+            repository.fetchAhead(ids)
+            decode()
         }
     }
 

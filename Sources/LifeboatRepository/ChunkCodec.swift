@@ -8,9 +8,12 @@ import Foundation
 struct RepositoryKeys: Sendable {
     let encryption: SymmetricKey
     let id: SymmetricKey
+    /// The repository seals its manifests (its key says so: `KeyWrapping`).
+    var sealedManifests = false
 
-    init(master: [UInt8]) {
+    init(master: [UInt8], sealedManifests: Bool = false) {
         precondition(master.count == 64)
+        self.sealedManifests = sealedManifests
         encryption = SymmetricKey(data: master[0..<32])
         id = SymmetricKey(data: master[32..<64])
     }
@@ -525,21 +528,30 @@ public struct KeyWrapping: Codable, Sendable {
     /// base64 of AES-GCM nonce | ciphertext | tag over the 64-byte master key.
     var wrappedKey: String
 
-    static func create(master: [UInt8], password: String) throws -> KeyWrapping {
+    /// What the wrapped key of a repository that seals its manifests is bound to: config.json is
+    /// not authenticated, so a `format` lowered in it cannot turn the sealing off (readers go by
+    /// the key, which only the password opens).
+    static let sealedManifestsContext = Array("lifeboat-sealed-manifests".utf8)
+
+    static func create(master: [UInt8], password: String, sealedManifests: Bool) throws -> KeyWrapping {
         var wrapping = KeyWrapping(salt: Data(secureRandomBytes(16)).base64EncodedString(), logN: 15, r: 8, p: 1, wrappedKey: "")
         let key = try wrapping.derive(password)
-        wrapping.wrappedKey = try AES.GCM.seal(master, using: key).combined!.base64EncodedString()
+        wrapping.wrappedKey = try (sealedManifests ? AES.GCM.seal(master, using: key, authenticating: sealedManifestsContext)
+                                                   : AES.GCM.seal(master, using: key)).combined!.base64EncodedString()
         return wrapping
     }
 
-    func unwrap(password: String) throws -> [UInt8] {
+    /// The master key, and whether it was wrapped for a repository that seals its manifests.
+    func unwrap(password: String) throws -> (master: [UInt8], sealedManifests: Bool) {
         guard let box = Data(base64Encoded: wrappedKey), let sealed = try? AES.GCM.SealedBox(combined: box) else {
             throw LifeboatError(.damaged, "the repository's key in config.json is damaged")
         }
-        guard let master = try? AES.GCM.open(sealed, using: try derive(password)), master.count == 64 else {
-            throw LifeboatError(.authentication, "wrong password for this repository: check $LIFEBOAT_PASSWORD or --password-file")
+        let key = try derive(password)
+        if let master = try? AES.GCM.open(sealed, using: key), master.count == 64 { return (Array(master), false) }
+        if let master = try? AES.GCM.open(sealed, using: key, authenticating: Self.sealedManifestsContext), master.count == 64 {
+            return (Array(master), true)
         }
-        return Array(master)
+        throw LifeboatError(.authentication, "wrong password for this repository: check $LIFEBOAT_PASSWORD or --password-file")
     }
 
     private func derive(_ password: String) throws -> SymmetricKey {

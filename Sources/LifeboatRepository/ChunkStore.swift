@@ -30,6 +30,24 @@ protocol ChunkStore: Sendable {
     func stage(_ id: ChunkID, _ bytes: UnsafeRawBufferPointer) throws -> String
     /// Puts a staged version in place of the chunk, in one step: readers see the old or the new file.
     func replace(_ id: ChunkID, with staged: String) throws
+    /// Bytes `range` of a stored chunk `storedSize` bytes long, when the store fetches a part for
+    /// less than the whole chunk (a bucket: a range GET of one frame); nil: read it from `open`.
+    func readPart(_ id: ChunkID, _ range: Range<Int>, storedSize: Int) throws -> [UInt8]?
+    /// Gets chunks a sequential reader will want next, the way the store does that best. Best effort.
+    func fetchAhead(_ ids: [ChunkID])
+    /// The distinct chunks of `ids` (not holes) in the order to read them, in runs that one
+    /// request fetches (`fetchRun`), for a store that reads neighbours together (a bucket's
+    /// packs); nil: read them one at a time, in their order.
+    func readRuns(_ ids: [ChunkID]) -> [[ChunkID]]?
+    /// The stored bytes of the chunks of one run of `readRuns` (those it leaves out are read one by one).
+    func fetchRun(_ ids: [ChunkID]) throws -> [ChunkID: [UInt8]]
+}
+
+extension ChunkStore {
+    func readPart(_ id: ChunkID, _ range: Range<Int>, storedSize: Int) throws -> [UInt8]? { nil }
+    func fetchAhead(_ ids: [ChunkID]) {}
+    func readRuns(_ ids: [ChunkID]) -> [[ChunkID]]? { nil }
+    func fetchRun(_ ids: [ChunkID]) throws -> [ChunkID: [UInt8]] { [:] }
 }
 
 /// `chunks/ab/abcd…`: one file per chunk, in 256 folders by the first byte of the id.

@@ -180,16 +180,21 @@ public final class ObjectRepository: Sendable {
     /// One stored chunk, with one range GET (retried while the endpoint does not answer, for
     /// the client's retry time). A read that fails is noted for `status` until one works again.
     func chunk(_ id: ChunkID, at location: PackLocation) throws -> [UInt8] {
+        try bytes(location.offset..<(location.offset + location.length), ofPack: location.pack, for: "chunk \(id.hex)")
+    }
+
+    /// Bytes `range` of a pack, with one range GET (several neighbouring chunks, or one frame of one).
+    func bytes(_ range: Range<Int>, ofPack pack: String, for what: String) throws -> [UInt8] {
         let bytes: [UInt8]?
         do {
-            bytes = try client.get(key(location.pack + ".pack"), range: location.offset..<(location.offset + location.length))
+            bytes = try client.get(key(pack + ".pack"), range: range)
         } catch {
             let failure = ReadFailure(time: Date(), message: "\(error)")
             try? FileSystem.writeAtomically(Array((try? JSONEncoder.lifeboat.encode(failure)) ?? Data()), to: readFailurePath, syncDirectory: false)
             throw error
         }
         guard let bytes else {
-            throw LifeboatError(.damaged, "chunk \(id.hex) is missing from the repository: its pack \(key(location.pack)).pack is gone")
+            throw LifeboatError(.damaged, "\(what) is missing from the repository: its pack \(key(pack)).pack is gone")
         }
         if FileSystem.exists(readFailurePath) { FileSystem.remove(readFailurePath) }
         return bytes
@@ -202,6 +207,17 @@ public final class ObjectRepository: Sendable {
     }
 
     var readFailurePath: String { cacheRoot + "/read-failure.json" }
+
+    /// Adds this process's requests to the totals kept in the cache folder (`requests.json`),
+    /// for benchmarks and the curious: what reading from the bucket cost.
+    public func recordRequests() {
+        let path = cacheRoot + "/requests.json"
+        guard let lock = try? FileLock(path: cacheRoot + "/requests.lock", mode: .exclusive, wait: true) else { return }
+        var total = FileSystem.contents(path).flatMap { try? JSONDecoder.lifeboat.decode(S3Counts.self, from: Data($0)) } ?? S3Counts()
+        total.add(client.requestCounts)
+        try? FileSystem.writeAtomically(Array((try? JSONEncoder.lifeboat.encode(total)) ?? Data()), to: path, syncDirectory: false)
+        withExtendedLifetime(lock) {}
+    }
 
     /// The last failed read of this host's readers (mounts, drills, finalisers), until a read works again.
     public var lastReadFailure: ReadFailure? {
@@ -239,7 +255,7 @@ final class PackChunkStore: ChunkStore {
     /// Keeps a fetched chunk in the cache folder; the least recently used chunks go when the
     /// folder would pass its bound (a chunk open elsewhere stays readable until closed).
     private func keep(_ bytes: [UInt8], at path: String) throws {
-        try FileSystem.writeAtomically(bytes, to: path, syncDirectory: false)
+        try FileSystem.writeAtomically(bytes, to: path, syncDirectory: false, durable: false)
         let total = cachedBytes.withLock { $0 += bytes.count; return $0 }
         guard total > cacheLimit else { return }
         var entries: [(path: String, used: Int, size: Int)] = []
@@ -272,8 +288,9 @@ final class PackChunkStore: ChunkStore {
     func all() throws -> Set<ChunkID> { Set(locations.keys) }
 
     func read(_ id: ChunkID) throws -> [UInt8] {
-        if let cached = FileSystem.contents(cachePath(id)) { return cached }
-        return try remote.chunk(id, at: try location(id))
+        let location = try location(id)
+        if let cached = FileSystem.contents(cachePath(id)), cached.count == location.length { return cached }
+        return try remote.chunk(id, at: location)
     }
 
     func readDirect(_ id: ChunkID, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
@@ -283,13 +300,92 @@ final class PackChunkStore: ChunkStore {
         return bytes.count
     }
 
+    /// Largest range GET of neighbouring chunks when reading ahead.
+    static let aheadSpan = 16 << 20
+
+    /// One frame's stored bytes with a range GET of just them (a cold random read of a served
+    /// disk takes a 64 KiB frame, not its 1 MiB chunk), kept in the cache folder as `ID@OFFSET`.
+    /// Nil when the chunk is cached whole (read from there) or `storedSize` is not what the
+    /// bucket holds (a stale layout: the chunk is read whole).
+    func readPart(_ id: ChunkID, _ range: Range<Int>, storedSize: Int) throws -> [UInt8]? {
+        let whole = cachePath(id)
+        guard let location = locations[id], !FileSystem.exists(whole), location.length == storedSize,
+              !range.isEmpty, range.upperBound <= storedSize else { return nil }
+        let path = whole + "@" + String(range.lowerBound)
+        if let cached = FileSystem.contents(path), cached.count == range.count {
+            utimes(path, nil)
+            return cached
+        }
+        let bytes = try remote.bytes((location.offset + range.lowerBound)..<(location.offset + range.upperBound),
+                                     ofPack: location.pack, for: "chunk \(id.hex)")
+        try keep(bytes, at: path)
+        return bytes
+    }
+
+    /// Fetches the chunks of `ids` not cached yet with few range GETs (`readRuns`), and keeps
+    /// each in the cache folder, where `open` finds it.
+    /// At most a quarter of the cache folder's bound at a time, so that what it fetched is not
+    /// evicted before the reader gets there.
+    func fetchAhead(_ ids: [ChunkID]) {
+        var budget = cacheLimit / 4
+        for run in readRuns(ids) ?? [] where budget > 0 && (run.count > 1 || !FileSystem.exists(cachePath(run[0]))) {
+            for (id, bytes) in (try? fetchRun(run)) ?? [:] {
+                try? keep(bytes, at: cachePath(id))
+                budget -= bytes.count
+            }
+        }
+    }
+
+    /// Chunks cached whole come first, one each (read from the cache folder); the others in
+    /// pack order, in runs of neighbours one range GET fetches: the same pack, gaps under
+    /// 256 KiB (not worth a request of their own), at most 16 MiB.
+    func readRuns(_ ids: [ChunkID]) -> [[ChunkID]]? {
+        var cached: [[ChunkID]] = []
+        var fetched: [(id: ChunkID, location: PackLocation)] = []
+        var seen = Set<ChunkID>()
+        for id in ids where !id.isZero && seen.insert(id).inserted {
+            if let location = locations[id], !FileSystem.exists(cachePath(id)) { fetched.append((id, location)) } else { cached.append([id]) }
+        }
+        fetched.sort { ($0.location.pack, $0.location.offset) < ($1.location.pack, $1.location.offset) }
+        var runs = cached
+        var run: [(id: ChunkID, location: PackLocation)] = []
+        for entry in fetched {
+            if let first = run.first, let last = run.last,
+               last.location.pack != entry.location.pack
+                || entry.location.offset - (last.location.offset + last.location.length) > 256 << 10
+                || entry.location.offset + entry.location.length - first.location.offset > Self.aheadSpan {
+                runs.append(run.map(\.id))
+                run.removeAll()
+            }
+            run.append(entry)
+        }
+        if !run.isEmpty { runs.append(run.map(\.id)) }
+        return runs
+    }
+
+    /// One range GET for a run of `readRuns` (nothing for a chunk cached whole: it is read from there).
+    func fetchRun(_ ids: [ChunkID]) throws -> [ChunkID: [UInt8]] {
+        let located = ids.compactMap { id in locations[id].map { (id: id, location: $0) } }
+        guard let first = located.first, let last = located.last, located.count > 1 || !FileSystem.exists(cachePath(first.id)) else { return [:] }
+        let start = first.location.offset, end = last.location.offset + last.location.length
+        let bytes = try remote.bytes(start..<end, ofPack: first.location.pack, for: located.count == 1 ? "chunk \(first.id.hex)" : "\(located.count) chunks")
+        var result: [ChunkID: [UInt8]] = [:]
+        for (id, location) in located {
+            let from = location.offset - start
+            result[id] = Array(bytes[from..<(from + location.length)])
+        }
+        return result
+    }
+
     func open(_ id: ChunkID) throws -> PosixFile {
         let path = cachePath(id)
-        if let file = try? PosixFile(path: path, flags: O_RDONLY) {
+        let location = try location(id)
+        // (Cache files are written without fsync: one cut short by a crash is fetched again.)
+        if let file = try? PosixFile(path: path, flags: O_RDONLY), (try? file.size()) == location.length {
             utimes(path, nil)   // used now: evicted last
             return file
         }
-        let bytes = try remote.chunk(id, at: try location(id))
+        let bytes = try remote.chunk(id, at: location)
         try keep(bytes, at: path)
         if let file = try? PosixFile(path: path, flags: O_RDONLY) { return file }
         // Evicted at once by another reader of the folder: an unnamed file of its own serves this read.

@@ -135,7 +135,9 @@ extension Repository {
         let pointsDir = pointsPath(name)
         let staging = pointsDir + "/" + FileSystem.temporaryName()
         // Chosen before the disks are read: a sealed manifest is bound to its point's name.
-        let id = Self.pointID(for: now, existing: Set(try FileSystem.list(pointsDir)))
+        // (Never the id of a pruned point: its note would excuse this one's deletion.)
+        let pruned = (try? FileSystem.list(machinePath(name) + "/pruned")) ?? []
+        let id = Self.pointID(for: now, existing: Set(try FileSystem.list(pointsDir) + pruned))
         try FileSystem.makeDirectory(staging)
         do {
             var draft = try makeDisks(previous, known, staging, id)

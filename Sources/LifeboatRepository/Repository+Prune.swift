@@ -47,7 +47,10 @@ extension Repository {
             for id in removed {
                 if sealsManifests { try writePrunedNote(machine, id) }
                 let trash = dir + "/" + FileSystem.temporaryName()
-                try FileSystem.rename(dir + "/" + id, trash)
+                do { try FileSystem.rename(dir + "/" + id, trash) } catch {
+                    FileSystem.remove(root + "/" + prunedNoteName(machine, id))
+                    throw error
+                }
                 try FileSystem.syncDirectory(dir)
                 FileSystem.removeTree(trash)
             }
@@ -74,9 +77,12 @@ extension Repository {
         guard sealsManifests else { return [] }
         let points = try self.points(machine)
         let ids = Set(points.map(\.id))
+        func pruned(_ id: String) -> Bool { (try? readManifest(prunedNoteName(machine, id))) == Array("pruned \(id)".utf8) }
         return points.compactMap { point in
-            guard let parent = point.parent, !ids.contains(parent),
-                  (try? readManifest(prunedNoteName(machine, parent))) != Array("pruned \(parent)".utf8) else { return nil }
+            if pruned(point.id) {
+                return "point \(point.id) of \(machine) was pruned and is back in \(root): someone put an old copy of it there"
+            }
+            guard let parent = point.parent, !ids.contains(parent), !pruned(parent) else { return nil }
             return "point \(parent) of \(machine) is missing from \(root) while point \(point.id) names it as the point before it: someone deleted it or rolled the repository back"
         }
     }

@@ -106,9 +106,14 @@ extension Repository {
     private func write(_ index: DiskIndex, disk: String, path: String, compareFirst: Bool, progress: ProgressMeter,
                        open: @escaping @Sendable () throws -> any BlockWriter) throws -> Int {
         let written = Atomic<Int>(0)
-        let work = ParallelWork(count: index.ids.count, threads: Self.directReadWorkers)
+        // From a bucket: chunks in pack order, neighbours fetched together (`readRuns`), each
+        // written wherever the disk has it; holes last. Elsewhere: chunk by chunk, in disk order.
+        let runs = compareFirst ? nil : store.readRuns(index.ids)
+        var positions: [ChunkID: [Int]] = [:]
+        if runs != nil { for (i, id) in index.ids.enumerated() { positions[id, default: []].append(i) } }
+        let work = ParallelWork(count: runs.map { $0.count + 1 } ?? index.ids.count, threads: Self.directReadWorkers)
         let codec = self.codec, store = self.store, references = self.references
-        try work.run { work in
+        try work.run { [positions] work in
             let current = UnsafeMutableRawBufferPointer.allocate(byteCount: index.chunkSize, alignment: 4096)
             let wanted = UnsafeMutableRawBufferPointer.allocate(byteCount: index.chunkSize, alignment: 4096)
             // Stored chunks are read once each: around the page cache (room for one more block,
@@ -117,7 +122,8 @@ extension Repository {
             let stored = UnsafeMutableRawBufferPointer.allocate(byteCount: storedSize, alignment: 4096)
             defer { current.deallocate(); wanted.deallocate(); stored.deallocate() }
             let file = try open()
-            while let i = work.take() {
+            /// Writes chunk `i` of the disk (its stored bytes `fetched` when a run brought them).
+            func one(_ i: Int, fetched: [UInt8]?) throws {
                 let offset = i * index.chunkSize
                 let length = index.length(ofChunk: i)
                 let id = index.ids[i]
@@ -127,17 +133,22 @@ extension Repository {
                     let have = UnsafeMutableRawBufferPointer(rebasing: current[0..<length])
                     do { _ = try file.read(into: have, at: offset) } catch { throw LifeboatError.io(error, "cannot read", path) }
                     let matches = id.isZero ? UnsafeRawBufferPointer(have).isAllZero : codec.id(of: UnsafeRawBufferPointer(have)) == id
-                    if matches { moved = false; continue }
+                    if matches { moved = false; return }
                 } else if id.isZero {
-                    continue  // a hole in the new file
+                    return  // a hole in the new file
                 }
                 let out = UnsafeMutableRawBufferPointer(rebasing: wanted[0..<length])
                 if id.isZero {
                     out.initializeMemory(as: UInt8.self, repeating: 0)
                 } else {
                     do {
-                        let storedLength = try store.readDirect(id, into: stored)
-                        let n = try codec.decode(UnsafeRawBufferPointer(rebasing: stored[0..<storedLength]), id: id, into: out, references: references)
+                        let n: Int
+                        if let fetched {
+                            n = try fetched.withUnsafeBytes { try codec.decode($0, id: id, into: out, references: references) }
+                        } else {
+                            let storedLength = try store.readDirect(id, into: stored)
+                            n = try codec.decode(UnsafeRawBufferPointer(rebasing: stored[0..<storedLength]), id: id, into: out, references: references)
+                        }
                         guard n == length else { throw LifeboatError(.damaged, "chunk \(id.hex) has the wrong length") }
                     } catch let error as LifeboatError {
                         throw LifeboatError(.damaged, "\(error.message) (disk \(disk) at offset \(offset)); nothing wrong was written: try another point")
@@ -145,6 +156,17 @@ extension Repository {
                 }
                 do { try file.write(UnsafeRawBufferPointer(out), at: offset) } catch { throw LifeboatError.io(error, "cannot write", path) }
                 written.add(length, ordering: .relaxed)
+            }
+            while let w = work.take() {
+                guard let runs else { try one(w, fetched: nil); continue }
+                guard w < runs.count else {
+                    for i in positions[ChunkID.zero] ?? [] { try one(i, fetched: nil) }
+                    continue
+                }
+                let fetched = try store.fetchRun(runs[w])
+                for id in runs[w] {
+                    for i in positions[id] ?? [] { try one(i, fetched: fetched[id]) }
+                }
             }
             do { try file.flush() } catch { throw LifeboatError.io(error, "cannot flush", path) }
         }

@@ -52,11 +52,14 @@ struct PointEnvelope: Codable {
 }
 
 extension Repository {
-    func offsitePath(_ machine: String) -> String { machinePath(machine) + "/offsite.json" }
+    /// machines/NAME/offsite.json (a manifest: sealed where manifests are, so that nobody makes a
+    /// stale copy look current).
+    func offsiteName(_ machine: String) -> String { "machines/\(machine)/offsite.json" }
 
-    /// The machine's off-site copy as the last sync left it; nil when it was never synced.
+    /// The machine's off-site copy as the last sync left it; nil when it was never synced (or
+    /// its record does not open: then the off-site RPO counts as breached).
     public func offsiteCopy(_ machine: String) -> OffsiteCopy? {
-        guard let bytes = FileSystem.contents(offsitePath(machine)) else { return nil }
+        guard let bytes = try? readManifest(offsiteName(machine)) else { return nil }
         return try? JSONDecoder.lifeboat.decode(OffsiteCopy.self, from: Data(bytes))
     }
 
@@ -66,7 +69,7 @@ extension Repository {
         if copy.target != target { copy = OffsiteCopy(target: target) }
         copy.lastError = error
         copy.failedAt = now
-        try? FileSystem.writeAtomically(Array((try? JSONEncoder.lifeboat.encode(copy)) ?? Data()), to: offsitePath(machine), syncDirectory: false)
+        try? writeManifest(Array((try? JSONEncoder.lifeboat.encode(copy)) ?? Data()), offsiteName(machine), syncDirectory: false)
     }
 
     /// 64 MiB: 16 packs and 16 pack indexes per GiB stored, 32 PUTs (docs/FORMAT.md, "Object storage").
@@ -364,7 +367,7 @@ extension Repository {
             let there = try target.visiblePoints(name)
             let newest = try points(name).last { there.contains($0.id) }
             let copy = OffsiteCopy(target: target.description, newestPoint: newest?.id, newestPointTime: newest?.time, syncedAt: Date())
-            try FileSystem.writeAtomically(Array(try JSONEncoder.lifeboat.encode(copy)), to: offsitePath(name), syncDirectory: false)
+            try writeManifest(Array(try JSONEncoder.lifeboat.encode(copy)), offsiteName(name), syncDirectory: false)
         }
         result.requests = target.client.requestCounts
         result.seconds = Date().timeIntervalSince(started)
@@ -409,7 +412,10 @@ extension Repository {
         guard FileSystem.exists(folder) else { return }
         try FileSystem.makeDirectories(target.cacheRoot + "/sent-plans")
         for file in try FileSystem.list(folder) where !file.hasPrefix(".") {
-            guard let bytes = try? readManifest("plans/" + file) else { continue }
+            let bytes: [UInt8]
+            do { bytes = try readManifest("plans/" + file) } catch {
+                throw LifeboatError(.damaged, "plan \(root)/plans/\(file) cannot be read (\(error)): apply it again, or remove it, then sync")
+            }
             let sent = target.cacheRoot + "/sent-plans/" + file
             if FileSystem.contents(sent) == bytes, try target.client.exists(target.key("plans/" + file)) { continue }
             try target.client.put(target.key("plans/" + file), try ObjectRepository.seal(bytes, name: "plans/" + file, keys: keys))

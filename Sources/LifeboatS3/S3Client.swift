@@ -121,6 +121,11 @@ public struct S3Counts: Sendable, Codable, Equatable {
     public var retries = 0
 
     public init() {}
+
+    public mutating func add(_ other: S3Counts) {
+        (puts, gets, lists, deletes, heads) = (puts + other.puts, gets + other.gets, lists + other.lists, deletes + other.deletes, heads + other.heads)
+        (bytesSent, bytesReceived, retries) = (bytesSent + other.bytesSent, bytesReceived + other.bytesReceived, retries + other.retries)
+    }
 }
 
 /// One object of a listing.

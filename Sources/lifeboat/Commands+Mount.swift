@@ -118,5 +118,6 @@ enum MountService {
         defer { session.close() }
         try session.run(threads: threads, busyPoll: .microseconds(busyPoll))
         Terminal.writeError("\(Format.time(Date())) unmounted \(path)\n")
+        repo.remote?.recordRequests()
     }
 }

@@ -463,6 +463,52 @@ struct OffsiteTests {
         }
     }
 
+    @Test("reads from the bucket: a frame costs one range GET of that frame; read-ahead and restore fetch neighbouring chunks together, in pack order")
+    func rangeReads() throws {
+        let store = try ObjectStore.get()
+        let scratch = Scratch()
+        let disk = scratch.file("disk.raw")
+        let size = 48 << 20
+        try Disk.make(disk, size: size, writes: [(0, Bytes.random(size, seed: 0x4321))])
+        let expected = Disk.contents(disk)
+        let repo = try Repository.create(at: scratch.file("repo"), password: "pw")
+        try repo.protect(Machine(name: "arc", disks: Repository.diskNames(for: [disk])))
+        let point = try repo.backup("arc")
+        let address = store.newAddress()
+        _ = try repo.sync(to: try store.target(address, cache: scratch.file("site-a-cache")))
+        let remote = try Repository.open(remote: try store.target(address, cache: scratch.file("cache"))) { "pw" }
+        let client = try #require(remote.remote).client
+        let served = try remote.point("arc", point.id)
+        let ids = try remote.index(served, disk: "disk").ids
+        let layouts = remote.storedLayouts(served, disk: "disk")
+        #expect(layouts.count == 48, "DISK.layouts came with the manifests")
+        func frame(_ k: Int, ofChunk i: Int) throws -> [UInt8] {
+            try [UInt8](filling: 64 << 10) { try remote.readFrame(k, of: ids[i], layout: layouts[ids[i]], into: $0, references: nil).length }
+        }
+        func gets(_ body: () throws -> Void) rethrows -> (gets: Int, bytes: Int) {
+            let before = client.requestCounts
+            try body()
+            let after = client.requestCounts
+            return (after.gets - before.gets, after.bytesReceived - before.bytesReceived)
+        }
+        // A cold 4 KiB read needs one frame: one GET of about 64 KiB, not of the 1 MiB chunk.
+        var read: [UInt8] = []
+        let cold = try gets { read = try frame(5, ofChunk: 7) }
+        #expect(read == Array(expected[((7 << 20) + 5 * 65536)..<((7 << 20) + 6 * 65536)]))
+        #expect(cold.gets == 1 && cold.bytes < 80 << 10, "\(cold)")
+        #expect(try gets { _ = try frame(5, ofChunk: 7) }.gets == 0, "kept in the cache folder")
+        // Read-ahead of 32 chunks: a few GETs of neighbours (16 MiB at most each), kept whole.
+        let ahead = try gets { remote.fetchAhead(Array(ids[8..<40])) }
+        #expect(ahead.gets <= 3 && ahead.bytes >= 32 << 20, "\(ahead)")
+        #expect(try gets { read = try frame(3, ofChunk: 20) }.gets == 0, "read ahead whole")
+        #expect(read == Array(expected[((20 << 20) + 3 * 65536)..<((20 << 20) + 4 * 65536)]))
+        // A restore (what finalisation runs) takes what is cached from there and the rest in
+        // pack order, neighbours together: 16 chunks left to fetch, in 2 runs.
+        let restore = try gets { _ = try remote.restore(served, disk: "disk", to: scratch.file("out")) }
+        #expect(Disk.contents(scratch.file("out")) == expected)
+        #expect(restore.gets <= 4 && restore.bytes < 17 << 20, "\(restore)")
+    }
+
     @Test("a wrong clock and a full bucket: one line each")
     func clockAndQuota() throws {
         let store = try ObjectStore.get()

@@ -255,16 +255,29 @@ struct BackupRestoreTests {
         let problems = try reopened.rolledBackPoints("hr")
         #expect(problems.count == 1 && problems[0].contains("point \(points[1].id) of hr is missing") && problems[0].contains(points[2].id))
         #expect(try reopened.verify().damagedPoints == problems)
-        // A prune note forged with another key, or copied under another name, does not excuse it.
+        // A prune note copied under another name does not excuse it.
         try FileManager.default.copyItem(atPath: root + "/machines/hr/pruned/" + points[0].id, toPath: root + "/machines/hr/pruned/" + points[1].id)
         #expect(try reopened.rolledBackPoints("hr").count == 1)
+        try FileManager.default.removeItem(atPath: root + "/machines/hr/pruned/" + points[1].id)
+        // A pruned point's folder put back (an old copy) is named too.
+        try FileManager.default.copyItem(atPath: folder + points[2].id, toPath: scratch.file("kept"))
+        _ = try reopened.prune("hr", policy: RetentionPolicy(last: 1))
+        try FileManager.default.copyItem(atPath: scratch.file("kept"), toPath: folder + points[2].id)
+        #expect(try reopened.rolledBackPoints("hr") == ["point \(points[2].id) of hr was pruned and is back in \(root): someone put an old copy of it there"])
+        // config.json is not authenticated: a format lowered there does not turn the sealing off
+        // (the wrapped key says the repository seals its manifests).
+        var lowered = reopened.config
+        lowered.format = 2
+        try FileSystem.writeAtomically(Array(try JSONEncoder.lifeboat.encode(lowered)), to: root + "/config.json")
+        let downgraded = try Repository.open(at: root) { "correct horse" }
+        #expect(downgraded.sealsManifests)
+        let later = try downgraded.backup("hr")
+        #expect(Array(Disk.contents(folder + later.id + "/point.json").prefix(1)) != Array("{".utf8), "still sealed")
+        #expect(try downgraded.points("hr").last?.id == later.id)
 
-        // A format-2 encrypted repository (made before manifests were sealed) is read and written as before.
-        let old = try Repository.create(at: scratch.file("old"), password: "pw", chunkSize: chunk)
-        var config = old.config
-        config.format = 2
-        try FileSystem.writeAtomically(Array(try JSONEncoder.lifeboat.encode(config)), to: scratch.file("old") + "/config.json")
-        let older = try Repository.open(at: scratch.file("old")) { "pw" }
+        // An encrypted repository made before manifests were sealed (format 2) is read and written as before.
+        let older = try Repository.create(at: scratch.file("old"), password: "pw", chunkSize: chunk, sealManifests: false)
+        #expect(try Repository.open(at: scratch.file("old")) { "pw" }.config.format == 2)
         #expect(!older.sealsManifests)
         try older.protect(Machine(name: "hr", disks: [MachineDisk(name: "vda", path: diskPath)]))
         let point = try older.backup("hr")
