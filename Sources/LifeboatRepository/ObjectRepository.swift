@@ -225,8 +225,9 @@ public final class ObjectRepository: Sendable {
     }
 }
 
-/// Chunks of an object repository, read with one range GET each. Chunks a reader opens (mounts
-/// read parts of them) are kept in a local cache folder; whole-chunk reads (restore, verify)
+/// Chunks of an object repository, read with range GETs: a chunk, one frame of it (`readPart`),
+/// or neighbours in a pack (`fetchAhead`, `readRuns`). What mounts read is kept in a local
+/// cache folder (whole chunks, and frames as `ID@OFFSET`); whole-chunk reads (restore, verify)
 /// are not. Read-only: everything that writes chunks refuses.
 final class PackChunkStore: ChunkStore {
     let remote: ObjectRepository

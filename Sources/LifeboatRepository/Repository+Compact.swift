@@ -260,6 +260,28 @@ extension Repository {
         return live
     }
 
+    /// `chunks` and every chunk their compacted frames refer to, directly or through others
+    /// (`catalogue`: `loadReferenceCatalogue`): what gc keeps, what sync sends.
+    func closingOverReferences(_ chunks: Set<ChunkID>, catalogue: [ReferenceRecord]) -> Set<ChunkID> {
+        closingOverReferences(chunks, references: Self.referenceMap(catalogue))
+    }
+
+    /// Referring chunk -> the chunks its frames refer to.
+    static func referenceMap(_ catalogue: [ReferenceRecord]) -> [ChunkID: [ChunkID]] {
+        var bySource: [ChunkID: [ChunkID]] = [:]
+        for record in catalogue { bySource[record.source, default: []].append(record.target.chunk) }
+        return bySource
+    }
+
+    func closingOverReferences(_ chunks: Set<ChunkID>, references bySource: [ChunkID: [ChunkID]]) -> Set<ChunkID> {
+        var closed = chunks
+        var pending = Array(chunks)
+        while let id = pending.popLast() {
+            for target in bySource[id] ?? [] where closed.insert(target).inserted { pending.append(target) }
+        }
+        return closed
+    }
+
     // MARK: The reference catalogue
 
     private static let catalogueMagic = Array("LBREFS1\0".utf8)

@@ -27,13 +27,7 @@ extension Repository {
             throw LifeboatError(.damaged, "\(remote.description) has manifests that cannot be read (see verify): gc cannot tell which packs they use, so it deletes nothing")
         }
         let locations = try remote.loadPackIndexes()
-        var referenced = try liveChunks()
-        var bySource: [ChunkID: [ChunkID]] = [:]
-        for record in try loadReferenceCatalogue() { bySource[record.source, default: []].append(record.target.chunk) }
-        var pending = Array(referenced)
-        while let id = pending.popLast() {
-            for target in bySource[id] ?? [] where referenced.insert(target).inserted { pending.append(target) }
-        }
+        let referenced = closingOverReferences(try liveChunks(), catalogue: try loadReferenceCatalogue())
         var packs: [String: (chunks: Int, used: Bool)] = [:]
         for (id, location) in locations {
             packs[location.pack, default: (0, false)].chunks += 1

@@ -129,17 +129,12 @@ extension Repository {
             waiting()
             lock = try repositoryLock(.exclusive, wait: true)
         }
-        var referenced = try liveChunks()
+        let live = try liveChunks()
         let catalogue: [ReferenceRecord]
         do { catalogue = try loadReferenceCatalogue() } catch let error as LifeboatError {
             throw LifeboatError(.damaged, "\(error.message): gc cannot tell which chunks compacted chunks refer to, so it deletes nothing")
         }
-        var bySource: [ChunkID: [ChunkID]] = [:]
-        for record in catalogue { bySource[record.source, default: []].append(record.target.chunk) }
-        var pending = Array(referenced)
-        while let id = pending.popLast() {
-            for target in bySource[id] ?? [] where referenced.insert(target).inserted { pending.append(target) }
-        }
+        let referenced = closingOverReferences(live, catalogue: catalogue)
         let stored = try store.all()
         var removed = 0, freed = 0
         for id in stored where !referenced.contains(id) {

@@ -270,17 +270,13 @@ extension Repository {
 
         // Which points are missing at the target, and which of their chunks.
         let chosen = names.isEmpty ? try machines().map(\.name) : names
-        let references = Dictionary(grouping: try loadReferenceCatalogue(), by: \.source).mapValues { $0.map(\.target.chunk) }
+        let references = Self.referenceMap(try loadReferenceCatalogue())
         /// Every chunk a point reads: its disks' and those their compacted frames refer to.
         func neededChunks(_ point: RecoveryPoint) throws -> Set<ChunkID> {
-            var needed = Set<ChunkID>()
-            var stack: [ChunkID] = []
-            for disk in point.disks { stack += try self.index(point, disk: disk.name).ids }
-            while let id = stack.popLast() {
-                guard !id.isZero, needed.insert(id).inserted else { continue }
-                stack += references[id] ?? []
-            }
-            return needed
+            var ids = Set<ChunkID>()
+            for disk in point.disks { ids.formUnion(try self.index(point, disk: disk.name).ids) }
+            ids.remove(.zero)
+            return closingOverReferences(ids, references: references)
         }
         var plan: [(RecoveryPoint, [ChunkID])] = []
         var planned = Set<ChunkID>()

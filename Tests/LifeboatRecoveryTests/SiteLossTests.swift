@@ -102,6 +102,25 @@ struct SiteLossTests {
         if copied.count == 16 << 20 {
             #expect(Array(copied[(1 << 20)..<(7 << 20)]) == dataBytes, "the data disk in site B's hot storage holds the synced bytes")
         }
+
+        // Protection follows the machine to site B: the running recovery VM is protected into a
+        // new local repository there (the bucket stays read-only), and its first point holds the data.
+        let local = siteB.environment.merging(["LIFEBOAT_REPO": siteB.scratch.file("site-b-repo")]) { $1 }
+        func atSiteB(_ arguments: [String]) throws -> String {
+            let result = try CLI.run(arguments, environment: local)
+            #expect(result.status == 0, "lifeboat \(arguments.joined(separator: " ")): \(result.stderr)")
+            return result.stdout
+        }
+        _ = try atSiteB(["init", "--encrypt"])
+        _ = try atSiteB(["protect", shop, "--domain", shop])
+        let point = (try? JSONSerialization.jsonObject(with: Data(try atSiteB(["backup", shop, "--json"]).utf8))) as? [String: Any] ?? [:]
+        let disks = (point["disks"] as? [[String: Any]] ?? []).compactMap { $0["name"] as? String }
+        #expect(disks.count == 2, "both disks of the recovery VM: \(point)")
+        if let second = disks.last {
+            _ = try atSiteB(["restore", shop, "--disk", second, "--to", siteB.scratch.file("restored")])
+            let restored = Disk.contents(siteB.scratch.file("restored") + "/\(second).raw")
+            #expect(restored.count == 16 << 20 && Array(restored[(1 << 20)..<(7 << 20)]) == dataBytes, "site B's own point holds the data disk")
+        }
     }
 }
 }
