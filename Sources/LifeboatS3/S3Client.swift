@@ -122,6 +122,16 @@ public struct S3Counts: Sendable, Codable, Equatable {
 
     public init() {}
 
+    /// What was counted since `earlier` (the same client's counts then).
+    public func since(_ earlier: S3Counts) -> S3Counts {
+        var delta = self
+        (delta.puts, delta.gets, delta.lists, delta.deletes, delta.heads) = (puts - earlier.puts, gets - earlier.gets, lists - earlier.lists,
+                                                                           deletes - earlier.deletes, heads - earlier.heads)
+        (delta.bytesSent, delta.bytesReceived, delta.retries) = (bytesSent - earlier.bytesSent, bytesReceived - earlier.bytesReceived,
+                                                                 retries - earlier.retries)
+        return delta
+    }
+
     public mutating func add(_ other: S3Counts) {
         (puts, gets, lists, deletes, heads) = (puts + other.puts, gets + other.gets, lists + other.lists, deletes + other.deletes, heads + other.heads)
         (bytesSent, bytesReceived, retries) = (bytesSent + other.bytesSent, bytesReceived + other.bytesReceived, retries + other.retries)

@@ -126,10 +126,10 @@ extension Lifeboat {
 
     struct Sync: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Copy recovery points to an off-site repository in S3 object storage (only the chunks it lacks).",
-            discussion: "The target is created with this repository's keys when it does not exist yet. A stopped sync resends only the pack it was writing; a point is visible at the target once all it needs is there.")
+            abstract: "Copy recovery points to an off-site repository in S3 object storage, or from one into a local repository (only the chunks the target lacks).",
+            discussion: "The target is created with the source's keys when it does not exist yet. A stopped sync resends only the pack it was writing; a point is visible at the target once all it needs is there. From a bucket (--repo s3://…) --to names a local folder.")
         @OptionGroup var repository: RepositoryOptions
-        @Option(help: "The target: s3://BUCKET/PREFIX (the --s3-* options say how to reach it).") var to: String
+        @Option(help: "The target: s3://BUCKET/PREFIX (the --s3-* options say how to reach it), or a local folder when --repo is a bucket.") var to: String
         @Argument(help: "Machines to copy (default: all).") var machines: [String] = []
         @Option(help: "MiB per second the sync may send (default: no limit).") var bandwidth: Double?
         @Option(help: "Write packs and points under S3 Object Lock (compliance mode) for so many days.") var objectLock: Int?
@@ -140,17 +140,27 @@ extension Lifeboat {
         func validate() throws {
             if let bandwidth, bandwidth <= 0 { throw ValidationError("--bandwidth must be a positive number of MiB per second") }
             if let objectLock, objectLock <= 0 { throw ValidationError("--object-lock must be a positive number of days") }
-            guard S3Location.isS3(to) else {
-                throw ValidationError("--to must be an s3://BUCKET/PREFIX address (a local copy: copy the repository folder)")
-            }
         }
 
         func run() throws {
             let repo = try repository.open()
-            let target = try repository.s3.repository(to)
             let progress = ProgressMeter(limit: Int((bandwidth ?? 0) * 1_048_576))
-            let result = try Terminal.withProgress("sync", progress) {
-                try repo.sync(to: target, machines: machines, objectLockDays: objectLock, progress: progress, packSize: packSize)
+            let result: SyncResult
+            switch (repo.remote != nil, S3Location.isS3(to)) {
+            case (false, true):
+                let target = try repository.s3.repository(to)
+                result = try Terminal.withProgress("sync", progress) {
+                    try repo.sync(to: target, machines: machines, objectLockDays: objectLock, progress: progress, packSize: packSize)
+                }
+            case (true, false):
+                if objectLock != nil { throw ValidationError("--object-lock is for a target in a bucket") }
+                result = try Terminal.withProgress("sync", progress) {
+                    try repo.sync(toLocal: to, machines: machines, progress: progress)
+                }
+            case (false, false):
+                throw ValidationError("--to must be an s3://BUCKET/PREFIX address when --repo is a local folder (a local copy: copy the repository folder)")
+            case (true, true):
+                throw ValidationError("from a bucket --to names a local folder: copy between buckets with the store's own replication")
             }
             if output.json { return try JSON.print(result) }
             let rate = result.seconds > 0 ? Format.bytes(Int(Double(result.bytes) / result.seconds)) + "/s" : "-"

@@ -509,6 +509,59 @@ struct OffsiteTests {
         #expect(restore.gets <= 4 && restore.bytes < 17 << 20, "\(restore)")
     }
 
+    @Test("sync from the bucket into a local repository: its points there, manifests sealed, byte-identical; again: nothing; a later point: only its new chunks")
+    func syncDown() throws {
+        let store = try ObjectStore.get()
+        let scratch = Scratch()
+        let disk = scratch.file("erp-payroll.raw")
+        try Disk.make(disk, size: 24 << 20, writes: [(0, Bytes.random(12 << 20, seed: 0x5101))])
+        let repo = try Repository.create(at: scratch.file("site-a"), password: "pw")
+        try repo.protect(Machine(name: "erp", disks: Repository.diskNames(for: [disk])))
+        let first = try repo.backup("erp")
+        Disk.patch(disk, writes: [(3 << 20, Bytes.random(1 << 20, seed: 0x5102))])
+        let second = try repo.backup("erp")
+        _ = try repo.prune("erp", policy: RetentionPolicy(last: 1))   // the bucket gets the second alone
+        let address = store.newAddress()
+        _ = try repo.sync(to: try store.target(address, cache: scratch.file("a-cache")))
+        let bucket = try Repository.open(remote: try store.target(address, cache: scratch.file("b-cache"))) { "pw" }
+
+        let local = scratch.file("site-b")
+        let copied = try bucket.sync(toLocal: local)
+        #expect(copied.points == ["erp/\(second.id)"] && copied.chunks == 12, "\(copied)")
+        #expect(copied.requests.gets <= 3, "neighbours in one range GET each: \(copied.requests)")
+        let siteB = try Repository.open(at: local) { "pw" }
+        #expect(siteB.sealsManifests && siteB.config.id == repo.config.id)
+        #expect(try siteB.points("erp").map(\.id) == [second.id])
+        let point = Disk.contents(local + "/machines/erp/points/\(second.id)/point.json")
+        #expect(!point.isEmpty && !point.windows(ofCount: 7).contains { $0.elementsEqual(Array("payroll".utf8)) }, "sealed at site B too")
+        _ = try siteB.restore(try siteB.point("erp", second.id), disk: "erp-payroll", to: scratch.file("out.raw"))
+        #expect(Disk.contents(scratch.file("out.raw")) == Disk.contents(disk))
+        #expect(try siteB.verify().isClean, "the point before it, pruned in the bucket, is not taken for a roll-back")
+
+        // Again, from the command line: nothing to copy.
+        let again = try CLI.run(["sync", "--repo", address, "--cache-dir", scratch.file("b-cache"), "--to", local, "--json"],
+                                environment: ["LIFEBOAT_PASSWORD": "pw"])
+        #expect(again.status == 0, "\(again.stderr)")
+        let answer = (try? JSONSerialization.jsonObject(with: Data(again.stdout.utf8))) as? [String: Any] ?? [:]
+        #expect((answer["points"] as? [String])?.isEmpty == true && answer["chunks"] as? Int == 0 && answer["pointsAlreadyThere"] as? Int == 1, "\(again.stdout)")
+        Disk.patch(disk, writes: [(5 << 20, Bytes.random(1 << 20, seed: 0x5130))])
+        let third = try repo.backup("erp")
+        _ = try repo.sync(to: try store.target(address, cache: scratch.file("a-cache")))
+        let later = try Repository.open(remote: try store.target(address, cache: scratch.file("b-cache"))) { "pw" }.sync(toLocal: local)
+        #expect(later.points == ["erp/\(third.id)"], "\(later)")
+        #expect(later.chunks == 1, "\(later)")
+        _ = try siteB.restore(try siteB.point("erp", third.id), disk: "erp-payroll", to: scratch.file("out3.raw"))
+        #expect(Disk.contents(scratch.file("out3.raw")) == Disk.contents(disk))
+        _ = first
+
+        // Another repository's folder is refused in one line; so is a local target from a local repository.
+        let other = try Repository.create(at: scratch.file("other"), password: "pw")
+        _ = other
+        #expect(throws: LifeboatError.self) { _ = try bucket.sync(toLocal: scratch.file("other")) }
+        let refused = try CLI.run(["sync", "--repo", scratch.file("site-a"), "--to", scratch.file("elsewhere")], environment: ["LIFEBOAT_PASSWORD": "pw"])
+        #expect(refused.status != 0 && refused.stderr.contains("--to must be an s3://"), "\(refused.stderr)")
+    }
+
     @Test("a wrong clock and a full bucket: one line each")
     func clockAndQuota() throws {
         let store = try ObjectStore.get()
