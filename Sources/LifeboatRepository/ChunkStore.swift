@@ -41,6 +41,9 @@ protocol ChunkStore: Sendable {
     func readRuns(_ ids: [ChunkID]) -> [[ChunkID]]?
     /// The stored bytes of the chunks of one run of `readRuns` (those it leaves out are read one by one).
     func fetchRun(_ ids: [ChunkID]) throws -> [ChunkID: [UInt8]]
+    /// Drops a copy the store keeps of a chunk that did not decode (a cache's), so that the next
+    /// read gets it from where it lives; false when there is no such copy (the chunk is damaged).
+    func forget(_ id: ChunkID) -> Bool
 }
 
 extension ChunkStore {
@@ -48,6 +51,7 @@ extension ChunkStore {
     func fetchAhead(_ ids: [ChunkID]) {}
     func readRuns(_ ids: [ChunkID]) -> [[ChunkID]]? { nil }
     func fetchRun(_ ids: [ChunkID]) throws -> [ChunkID: [UInt8]] { [:] }
+    func forget(_ id: ChunkID) -> Bool { false }
 }
 
 /// `chunks/ab/abcd…`: one file per chunk, in 256 folders by the first byte of the id.

@@ -319,8 +319,18 @@ final class PackChunkStore: ChunkStore {
         }
         let bytes = try remote.bytes((location.offset + range.lowerBound)..<(location.offset + range.upperBound),
                                      ofPack: location.pack, for: "chunk \(id.hex)")
-        try keep(bytes, at: path)
+        try? keep(bytes, at: path)   // a cache that cannot be written costs the next read a GET, not this one its bytes
         return bytes
+    }
+
+    /// Drops what the cache folder holds of a chunk (it did not decode: a file a crash left
+    /// wrong), so that the next read fetches it from the bucket.
+    func forget(_ id: ChunkID) -> Bool {
+        var dropped = false
+        for name in (try? FileSystem.list(cache)) ?? [] where name == id.hex || name.hasPrefix(id.hex + "@") {
+            dropped = unlink(cache + "/" + name) == 0 || dropped
+        }
+        return dropped
     }
 
     /// Fetches the chunks of `ids` not cached yet with few range GETs (`readRuns`), and keeps
@@ -365,14 +375,20 @@ final class PackChunkStore: ChunkStore {
     }
 
     /// One range GET for a run of `readRuns` (nothing for a chunk cached whole: it is read from there).
+    /// (The pack indexes come from the bucket: entries of one run that overlap, or are of
+    /// another pack, are not trusted to stay inside what arrived.)
     func fetchRun(_ ids: [ChunkID]) throws -> [ChunkID: [UInt8]] {
         let located = ids.compactMap { id in locations[id].map { (id: id, location: $0) } }
-        guard let first = located.first, let last = located.last, located.count > 1 || !FileSystem.exists(cachePath(first.id)) else { return [:] }
-        let start = first.location.offset, end = last.location.offset + last.location.length
+        guard let first = located.first, located.count > 1 || !FileSystem.exists(cachePath(first.id)) else { return [:] }
+        let start = located.map(\.location.offset).min()!, end = located.map { $0.location.offset + $0.location.length }.max()!
+        guard located.allSatisfy({ $0.location.pack == first.location.pack }), end - start <= 2 * Self.aheadSpan else {
+            throw LifeboatError(.damaged, "the pack indexes of \(remote.description) place chunks \(first.id.hex) … in more than one pack or far apart: remove the cache folder's packs/ and try again")
+        }
         let bytes = try remote.bytes(start..<end, ofPack: first.location.pack, for: located.count == 1 ? "chunk \(first.id.hex)" : "\(located.count) chunks")
         var result: [ChunkID: [UInt8]] = [:]
         for (id, location) in located {
             let from = location.offset - start
+            guard from >= 0, from + location.length <= bytes.count else { continue }   // read one by one, and named there
             result[id] = Array(bytes[from..<(from + location.length)])
         }
         return result
@@ -387,8 +403,8 @@ final class PackChunkStore: ChunkStore {
             return file
         }
         let bytes = try remote.chunk(id, at: location)
-        try keep(bytes, at: path)
-        if let file = try? PosixFile(path: path, flags: O_RDONLY) { return file }
+        try? keep(bytes, at: path)
+        if let file = try? PosixFile(path: path, flags: O_RDONLY), (try? file.size()) == location.length { return file }
         // Evicted at once by another reader of the folder: an unnamed file of its own serves this read.
         do {
             let file = try PosixFile(path: cache, flags: O_TMPFILE | O_RDWR, mode: 0o600)

@@ -70,6 +70,11 @@ extension Repository {
         try writeManifest(Array("pruned \(id)".utf8), prunedNoteName(machine, id))
     }
 
+    /// True when prune removed point `id` here (its sealed note is there and opens).
+    func wasPruned(_ machine: String, _ id: String) -> Bool {
+        sealsManifests && (try? readManifest(prunedNoteName(machine, id))) == Array("pruned \(id)".utf8)
+    }
+
     /// Points of `machine` that vanished while a newer one names them as the point before it,
     /// with no note that prune removed them: a deleted point or a rolled-back repository. Only
     /// repositories that seal manifests keep such notes (and only their points cannot be forged).
@@ -77,7 +82,7 @@ extension Repository {
         guard sealsManifests else { return [] }
         let points = try self.points(machine)
         let ids = Set(points.map(\.id))
-        func pruned(_ id: String) -> Bool { (try? readManifest(prunedNoteName(machine, id))) == Array("pruned \(id)".utf8) }
+        func pruned(_ id: String) -> Bool { wasPruned(machine, id) }
         return points.compactMap { point in
             if pruned(point.id) {
                 return "point \(point.id) of \(machine) was pruned and is back in \(root): someone put an old copy of it there"

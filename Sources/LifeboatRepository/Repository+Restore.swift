@@ -111,7 +111,8 @@ extension Repository {
         let runs = compareFirst ? nil : store.readRuns(index.ids)
         var positions: [ChunkID: [Int]] = [:]
         if runs != nil { for (i, id) in index.ids.enumerated() { positions[id, default: []].append(i) } }
-        let work = ParallelWork(count: runs.map { $0.count + 1 } ?? index.ids.count, threads: Self.directReadWorkers)
+        // (Runs hold up to 16 MiB each twice over while they are split: four at a time.)
+        let work = ParallelWork(count: runs.map { $0.count + 1 } ?? index.ids.count, threads: runs == nil ? Self.directReadWorkers : 4)
         let codec = self.codec, store = self.store, references = self.references
         try work.run { [positions] work in
             let current = UnsafeMutableRawBufferPointer.allocate(byteCount: index.chunkSize, alignment: 4096)

@@ -17,6 +17,9 @@ extension Repository {
         guard let remote else {
             throw LifeboatError(.invalidArgument, "\(root) is a local repository: sync copies it to a bucket (--to s3://…), or from a bucket to a folder")
         }
+        guard remote.problems.isEmpty else {
+            throw LifeboatError(.damaged, "\(remote.description) has manifests that cannot be trusted (see 'lifeboat verify --repo \(remote.description)'): sync copies nothing from it")
+        }
         let started = Date()
         let requestsBefore = remote.client.requestCounts
         let target = try localTarget(path)
@@ -30,7 +33,7 @@ extension Repository {
             }
         }
         var result = SyncResult(target: target.root)
-        let references = Self.referenceMap(try loadReferenceCatalogue())
+        let referring = Self.referenceMap(try loadReferenceCatalogue())
         let chosen = names.isEmpty ? try machineNames() : names
         var plan: [(RecoveryPoint, [ChunkID])] = []
         var planned = Set<ChunkID>()
@@ -42,22 +45,28 @@ extension Repository {
             }
             let there = Set(try target.pointIDs(name))
             for point in try points(name) {
-                if there.contains(point.id) { result.pointsAlreadyThere += 1; continue }
+                // (One pruned there stays pruned: its retention is that repository's business.)
+                if there.contains(point.id) || target.wasPruned(name, point.id) { result.pointsAlreadyThere += 1; continue }
                 var ids = Set<ChunkID>()
                 for disk in point.disks { ids.formUnion(try index(point, disk: disk.name).ids) }
                 ids.remove(.zero)
-                let missing = closingOverReferences(ids, references: references).filter { !planned.contains($0) && !target.store.contains($0) }
+                let missing = closingOverReferences(ids, references: referring).filter { !planned.contains($0) && !target.store.contains($0) }
                 planned.formUnion(missing)
                 plan.append((point, Array(missing)))
             }
         }
         let packs = store as? PackChunkStore
         progress.start(total: plan.reduce(0) { total, entry in entry.1.reduce(total) { $0 + (packs?.locations[$1]?.length ?? 0) } })
+        // Every chunk is decoded before it is stored: what the bucket (or this host's cache) gave
+        // is checked against its id, or it would sit in the repository as if it were sound.
+        let plaintext = UnsafeMutableRawBufferPointer.allocate(byteCount: plan.reduce(config.chunkSize) { max($0, $1.0.chunkSize) }, alignment: 16)
+        defer { plaintext.deallocate() }
         for (point, missing) in plan {
-            for run in store.readRuns(missing) ?? missing.map { [$0] } {
+            for run in store.readRuns(missing) ?? missing.map({ [$0] }) {
                 var fetched = try store.fetchRun(run)
                 for id in run where fetched[id] == nil { fetched[id] = try store.read(id) }   // cached here whole
                 for (id, bytes) in fetched {
+                    _ = try bytes.withUnsafeBytes { try codec.decode($0, id: id, into: plaintext, references: references) }
                     try bytes.withUnsafeBytes { try target.store.write(id, $0) }
                     result.chunks += 1
                     result.bytes += bytes.count
@@ -86,9 +95,14 @@ extension Repository {
             return Repository(root: path, config: there, keys: keys)
         }
         if FileSystem.exists(path) {
-            guard FileSystem.isDirectory(path), try FileSystem.list(path).isEmpty else {
+            // Empty, or what a copy stopped before config.json left (empty folders).
+            let names = Set(try FileSystem.list(path))
+            guard FileSystem.isDirectory(path), names.isSubset(of: ["chunks", "machines"]),
+                  (try? FileSystem.list(path + "/machines"))?.isEmpty ?? true else {
                 throw LifeboatError(.alreadyExists, "\(path) is not empty and holds no repository: give an empty or new folder")
             }
+            FileSystem.removeTree(path + "/chunks")
+            FileSystem.removeTree(path + "/machines")
         } else {
             try FileSystem.makeDirectories(path)
         }

@@ -367,14 +367,26 @@ public final class Repository: Sendable {
     /// - Throws: `.damaged` naming the chunk when it is missing or does not match its id.
     public func readFrame(_ k: Int, of id: ChunkID, layout known: ChunkLayout?, into buffer: UnsafeMutableRawBufferPointer,
                           deep: Bool = false, references: ReferenceReader?) throws -> (layout: ChunkLayout, length: Int) {
-        // A store that fetches parts (a bucket) reads just the frame where the layout is known.
+        // A store that fetches parts (a bucket) reads just the frame where the layout is known;
+        // its plaintext digest is checked whatever the mode (a layout that does not fit the
+        // bytes the bucket has must not decode into wrong bytes: a GET costs far more than the hash).
         if let known, k < known.frameCount,
            let stored = try store.readPart(id, known.storedRange(ofFrame: k), storedSize: known.storedSize),
            let length = try? stored.withUnsafeBytes({
-               try codec.decodeFrame(k, of: known, stored: $0, into: buffer, deep: deep, references: references)
+               try codec.decodeFrame(k, of: known, stored: $0, into: buffer, deep: true, references: references)
            }) {
             return (known, length)
         }
+        do {
+            return try readFrameFromFile(k, of: id, layout: known, into: buffer, deep: deep, references: references)
+        } catch let error as LifeboatError where error.code == .damaged && store.forget(id) {
+            // A copy a cache kept did not decode (left wrong by a crash): once more from the source.
+            return try readFrameFromFile(k, of: id, layout: nil, into: buffer, deep: deep, references: references)
+        }
+    }
+
+    private func readFrameFromFile(_ k: Int, of id: ChunkID, layout known: ChunkLayout?, into buffer: UnsafeMutableRawBufferPointer,
+                                   deep: Bool, references: ReferenceReader?) throws -> (layout: ChunkLayout, length: Int) {
         let file = try openForParts(id)
         if var known, let st = try? file.stat(), Int(st.st_size) == known.storedSize {
             if known.inode == UInt64(st.st_ino) {

@@ -498,10 +498,20 @@ struct OffsiteTests {
         #expect(cold.gets == 1 && cold.bytes < 80 << 10, "\(cold)")
         #expect(try gets { _ = try frame(5, ofChunk: 7) }.gets == 0, "kept in the cache folder")
         // Read-ahead of 32 chunks: a few GETs of neighbours (16 MiB at most each), kept whole.
-        let ahead = try gets { remote.fetchAhead(Array(ids[8..<40])) }
+        let ahead = gets { remote.fetchAhead(Array(ids[8..<40])) }
         #expect(ahead.gets <= 3 && ahead.bytes >= 32 << 20, "\(ahead)")
         #expect(try gets { read = try frame(3, ofChunk: 20) }.gets == 0, "read ahead whole")
         #expect(read == Array(expected[((20 << 20) + 3 * 65536)..<((20 << 20) + 4 * 65536)]))
+        // A cached chunk left wrong (same length: the cache is written without fsync) is dropped
+        // and fetched again: the right bytes, never an error or a wrong byte.
+        let cachedChunk = scratch.file("cache") + "/chunks/" + ids[21].hex
+        var garbage = Disk.contents(cachedChunk)
+        #expect(garbage.count > 4096)
+        for i in stride(from: 0, to: garbage.count, by: 512) { garbage[i] ^= 0x5a }
+        try Data(garbage).write(to: URL(fileURLWithPath: cachedChunk))
+        let refetched = try gets { read = try frame(2, ofChunk: 21) }
+        #expect(read == Array(expected[((21 << 20) + 2 * 65536)..<((21 << 20) + 3 * 65536)]))
+        #expect(refetched.gets == 1, "\(refetched)")
         // A restore (what finalisation runs) takes what is cached from there and the rest in
         // pack order, neighbours together: 16 chunks left to fetch, in 2 runs.
         let restore = try gets { _ = try remote.restore(served, disk: "disk", to: scratch.file("out")) }
@@ -553,6 +563,12 @@ struct OffsiteTests {
         _ = try siteB.restore(try siteB.point("erp", third.id), disk: "erp-payroll", to: scratch.file("out3.raw"))
         #expect(Disk.contents(scratch.file("out3.raw")) == Disk.contents(disk))
         _ = first
+        // What site B pruned stays pruned: the next copy does not bring it back.
+        #expect(try siteB.prune("erp", policy: RetentionPolicy(last: 1)).removed == [second.id])
+        let afterPrune = try Repository.open(remote: try store.target(address, cache: scratch.file("b-cache"))) { "pw" }.sync(toLocal: local)
+        #expect(afterPrune.points.isEmpty && afterPrune.chunks == 0 && afterPrune.pointsAlreadyThere == 2, "\(afterPrune)")
+        #expect(try siteB.points("erp").map(\.id) == [third.id])
+        #expect(try siteB.verify().isClean)
 
         // Another repository's folder is refused in one line; so is a local target from a local repository.
         let other = try Repository.create(at: scratch.file("other"), password: "pw")
@@ -584,6 +600,25 @@ struct OffsiteTests {
         let full = try CLI.run(["sync", "--repo", repo.root, "--to", "s3://\(bucket)/x", "--cache-dir", scratch.file("c2")])
         #expect(full.status != 0)
         #expect(full.stderr.contains("full") && full.stderr.split(separator: "\n").count == 1, "\(full.stderr)")
+
+        // A key that may only read: sync is refused in one line, nothing lost; reading works (all site B needs).
+        let address = store.newAddress()
+        let point = try repo.backup("crm")
+        _ = try repo.sync(to: try store.target(address, cache: scratch.file("c3")))
+        let subuser = "lifeboat:ro\(UInt32.random(in: 0...UInt32.max))"
+        let made = try sh(["radosgw-admin", "-c", conf, "subuser", "create", "--uid=lifeboat", "--subuser=\(subuser)", "--access=read",
+                           "--key-type=s3", "--gen-access-key", "--gen-secret"])
+        defer { _ = try? sh(["radosgw-admin", "-c", conf, "subuser", "rm", "--subuser=\(subuser)", "--purge-keys"]) }
+        let keys = ((try? JSONSerialization.jsonObject(with: Data(made.utf8)) as? [String: Any])?["keys"] as? [[String: Any]] ?? [])
+            .first { $0["user"] as? String == subuser }
+        let readOnly = ["AWS_ACCESS_KEY_ID": keys?["access_key"] as? String ?? "", "AWS_SECRET_ACCESS_KEY": keys?["secret_key"] as? String ?? ""]
+        Disk.patch(disk, writes: [(0, Bytes.random(1 << 20, seed: 0x3140))])
+        let later = try repo.backup("crm")
+        let refused = try CLI.run(["sync", "--repo", repo.root, "--to", address, "--cache-dir", scratch.file("c4")], environment: readOnly)
+        #expect(refused.status != 0 && refused.stderr.contains("AccessDenied") && refused.stderr.split(separator: "\n").count == 1,
+                "\(refused.stderr)")
+        let listed = try CLI.run(["points", "crm", "--repo", address, "--cache-dir", scratch.file("c5")], environment: readOnly)
+        #expect(listed.status == 0 && listed.stdout.contains(point.id) && !listed.stdout.contains(later.id), "\(listed.stdout) \(listed.stderr)")
     }
 
     @Test("objects larger than the multipart threshold go up in parts, under Object Lock too, and read back whole")
