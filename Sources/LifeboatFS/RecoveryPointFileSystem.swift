@@ -33,7 +33,8 @@ public final class RecoveryPointFileSystem: FuseFileSystem {
     private let points = Locked<[String: RecoveryPoint]>([:])
     private let readahead = DispatchQueue(label: "lifeboat.readahead", attributes: .concurrent)
     private let readaheadSlots = DispatchSemaphore(value: 6)
-    private let fetchingAhead = DispatchQueue(label: "lifeboat.fetch-ahead")
+    private let fetchingAhead = DispatchQueue(label: "lifeboat.fetch-ahead", attributes: .concurrent)
+    private let fetchAheadSlots = DispatchSemaphore(value: 2)
     private let log: @Sendable (String) -> Void
 
     /// - Parameters:
@@ -277,9 +278,11 @@ public final class RecoveryPointFileSystem: FuseFileSystem {
         }
         guard repository.remote != nil else { return decode() }
         // From a bucket: the window's chunks first come in a few large range GETs, then are
-        // decoded; one window at a time per mount (each is up to 32 MiB in flight).
+        // decoded; two windows at a time per mount (each is up to 32 MiB in flight).
         fetchingAhead.async { [self] in
+            fetchAheadSlots.wait()
             repository.fetchAhead(ids)
+            fetchAheadSlots.signal()
             decode()
         }
     }
