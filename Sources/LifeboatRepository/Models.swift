@@ -21,6 +21,12 @@ public struct RepositoryConfig: Codable, Sendable {
     }
 
     public var isEncrypted: Bool { encryption != nil }
+
+    /// True when `other` was made with the same key material (the same wrapped key, or both unencrypted).
+    func hasSameKeys(as other: RepositoryConfig) -> Bool {
+        let encoder = JSONEncoder.lifeboat
+        return (try? encoder.encode(encryption)) == (try? encoder.encode(other.encryption))
+    }
 }
 
 /// One disk of a machine: a raw image file or a block device.

@@ -339,7 +339,7 @@ final class PackChunkStore: ChunkStore {
     /// evicted before the reader gets there.
     func fetchAhead(_ ids: [ChunkID]) {
         var budget = cacheLimit / 4
-        for run in readRuns(ids) ?? [] where budget > 0 && (run.count > 1 || !FileSystem.exists(cachePath(run[0]))) {
+        for run in readRuns(ids) ?? [] where budget > 0 {   // (fetchRun skips a chunk cached whole)
             for (id, bytes) in (try? fetchRun(run)) ?? [:] {
                 try? keep(bytes, at: cachePath(id))
                 budget -= bytes.count

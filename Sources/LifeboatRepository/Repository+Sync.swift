@@ -103,8 +103,7 @@ extension Repository {
         // encryption gone) is not the repository it read before, and is not believed.
         if let seen = FileSystem.contents(mirror + "/config.json"), seen != configBytes,
            let before = try? JSONDecoder.lifeboat.decode(RepositoryConfig.self, from: Data(seen)) {
-            let encoder = JSONEncoder.lifeboat
-            if before.id != config.id || (try? encoder.encode(before.encryption)) != (try? encoder.encode(config.encryption)) {
+            if before.id != config.id || !before.hasSameKeys(as: config) {
                 throw LifeboatError(.damaged, "the config.json of \(remote.description) is not the one this host read before (another id or other keys): someone replaced it; check the bucket, or read it with a new --cache-dir if that is what you meant")
             }
         }
@@ -379,8 +378,7 @@ extension Repository {
             return
         }
         let there = try Self.decodeConfig(bytes, name: target.description + "config.json")
-        let encoder = JSONEncoder.lifeboat
-        guard (try? encoder.encode(there.encryption)) == (try? encoder.encode(config.encryption)) else {
+        guard there.hasSameKeys(as: config) else {
             throw LifeboatError(.invalidState, "the repository at \(target.description) was made with other keys than \(root): sync to a new prefix (sync creates it with this repository's keys)")
         }
     }
@@ -427,8 +425,7 @@ extension Repository {
         for file in files {
             let key = "machines/\(point.machine)/points/\(point.id)/\(file)"
             // Manifests go opened (the bucket's seal binds them to their key there); attachments as kept here.
-            let manifest = file == "point.json" || file.hasSuffix(".idx") || file.hasSuffix(".layouts")
-            var bytes = manifest ? try readManifest(key) : try PosixFile.openForReading(folder + "/" + file, what: "point file").readAll()
+            var bytes = Self.isPointManifest(file) ? try readManifest(key) : try PosixFile.openForReading(folder + "/" + file, what: "point file").readAll()
             if file == "point.json" {
                 bytes = Array(try JSONEncoder.lifeboat.encode(PointEnvelope(previous: previous, point: Data(bytes))))
             }

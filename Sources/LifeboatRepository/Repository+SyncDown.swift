@@ -88,8 +88,7 @@ extension Repository {
         if FileSystem.exists(path + "/config.json") {
             let there = try Self.decodeConfig(try PosixFile.openForReading(path + "/config.json", what: "repository config").readAll(),
                                               name: path + "/config.json")
-            let encoder = JSONEncoder.lifeboat
-            guard there.id == config.id, (try? encoder.encode(there.encryption)) == (try? encoder.encode(config.encryption)) else {
+            guard there.id == config.id, there.hasSameKeys(as: config) else {
                 throw LifeboatError(.invalidState, "the repository at \(path) was not made from \(name) (another id or other keys): copy into a new folder (sync creates it)")
             }
             return Repository(root: path, config: there, keys: keys)
@@ -126,8 +125,7 @@ extension Repository {
             for file in files {
                 let name = "machines/\(point.machine)/points/\(point.id)/\(file)"
                 let bytes = try PosixFile.openForReading(folder + "/" + file, what: "point file").readAll()
-                let manifest = file == "point.json" || file.hasSuffix(".idx") || file.hasSuffix(".layouts")
-                try FileSystem.writeAtomically(manifest ? try target.sealManifest(bytes, name: name) : bytes, to: staging + "/" + file,
+                try FileSystem.writeAtomically(Self.isPointManifest(file) ? try target.sealManifest(bytes, name: name) : bytes, to: staging + "/" + file,
                                                syncDirectory: false)
             }
             if let parent = point.parent, target.sealsManifests, !target.hasPoint(point.machine, parent) {

@@ -535,6 +535,10 @@ public final class Repository: Sendable {
     /// A bucket's mirror holds the manifests it opened.
     public var sealsManifests: Bool { keys?.sealedManifests == true && remote == nil }
 
+    /// True for the files of a point folder that are manifests (sealed as such); the others
+    /// (domain.xml, nvram, tpm-state) are attachments, sealed on their own (`attachment`).
+    static func isPointManifest(_ file: String) -> Bool { file == "point.json" || file.hasSuffix(".idx") || file.hasSuffix(".layouts") }
+
     func indexName(_ machine: String, _ id: String, disk: String) -> String { "machines/\(machine)/points/\(id)/\(disk).idx" }
 
     /// A manifest's bytes as they are stored at `name` (its path from the root).
